@@ -1,0 +1,242 @@
+"""Authentication (tokens from the config and from the database) and permission checks.
+
+Tokens are never stored or logged in plaintext: config tokens may be given as `sha256:<hex>`,
+database tokens are stored as their SHA-256. Presented tokens are hashed and compared with
+`hmac.compare_digest`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from batlehub.errors import Forbidden, Unauthorized
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from batlehub.config import RegistrySettings, Settings
+    from batlehub.db import Database
+
+log = logging.getLogger(__name__)
+
+TOKEN_PREFIX = "bh_"
+FIRST_START_DESCRIPTION = "first-start admin token"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is asking. `user_id` is None for anonymous requests."""
+
+    user_id: str | None
+    role: str
+    token_id: str | None = None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.user_id is None
+
+
+ANONYMOUS = Identity(user_id=None, role="anonymous")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_from_header(header: str | None) -> str | None:
+    """The token in `Authorization: Bearer <token>` or `Basic base64(user:<token>)`, else None."""
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    scheme = scheme.lower()
+    value = value.strip()
+    if scheme == "bearer" and value:
+        return value
+    if scheme == "basic" and value:
+        try:
+            decoded = base64.b64decode(value, validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            raise Unauthorized("malformed Basic credentials") from None
+        _, sep, password = decoded.partition(":")
+        if not sep or not password:
+            raise Unauthorized("malformed Basic credentials")
+        return password
+    raise Unauthorized(f"unsupported authorization scheme {scheme!r}; use Bearer or Basic")
+
+
+class Authenticator:
+    """Turns a presented token into an `Identity`."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.db = db
+        # hash -> (role, user_id). Plaintext config tokens are hashed at start and forgotten.
+        self._config_tokens: dict[str, tuple[str, str]] = {}
+        for auth in settings.auth:
+            for entry in auth.tokens:
+                digest = entry.value[7:].lower() if entry.value.startswith("sha256:") else hash_token(entry.value)
+                self._config_tokens[digest] = (entry.role, entry.user_id)
+
+    @property
+    def has_config_tokens(self) -> bool:
+        return bool(self._config_tokens)
+
+    async def authenticate(self, authorization: str | None) -> Identity:
+        """The identity for an `Authorization` header; ANONYMOUS without one.
+
+        Raises `Unauthorized` for a token that is unknown, revoked or expired: a client that sends
+        a bad credential is told so rather than silently treated as anonymous.
+        """
+        token = token_from_header(authorization)
+        if token is None:
+            return ANONYMOUS
+        identity = await self.identify(token)
+        if identity is None:
+            raise Unauthorized("invalid or expired token")
+        return identity
+
+    async def identify(self, token: str) -> Identity | None:
+        digest = hash_token(token)
+        for known, (role, user_id) in self._config_tokens.items():
+            if hmac.compare_digest(known, digest):
+                return Identity(user_id=user_id, role=role)
+        row = await self.db.fetchrow(
+            "SELECT id, token_hash, user_id, role, expires, revoked FROM tokens WHERE token_hash = $1", digest
+        )
+        if row is None or not hmac.compare_digest(row["token_hash"], digest):
+            return None
+        if row["revoked"] or (row["expires"] is not None and row["expires"] < time.time()):
+            return None
+        return Identity(user_id=row["user_id"], role=row["role"], token_id=row["id"])
+
+    async def touch(self, identity: Identity) -> None:
+        """Record `last_used` for a database token (best effort)."""
+        if identity.token_id:
+            await self.db.execute("UPDATE tokens SET last_used = $1 WHERE id = $2", time.time(), identity.token_id)
+
+    async def create_token(
+        self, user_id: str, role: str, expires_in_days: float | None = None, description: str = ""
+    ) -> tuple[dict[str, Any], str]:
+        """Create a database token; return its public record and the plaintext (shown once)."""
+        token = new_token()
+        now = time.time()
+        record = {
+            "id": uuid.uuid4().hex,
+            "user_id": user_id,
+            "role": role,
+            "created": now,
+            "expires": now + expires_in_days * 86400 if expires_in_days else None,
+            "last_used": None,
+            "description": description,
+        }
+        await self.db.execute(
+            "INSERT INTO tokens (id, token_hash, user_id, role, created, expires, description)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            record["id"],
+            hash_token(token),
+            user_id,
+            role,
+            now,
+            record["expires"],
+            description,
+        )
+        return record, token
+
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        return await self.db.fetch(
+            "SELECT id, user_id, role, created, expires, last_used, description FROM tokens"
+            " WHERE revoked = 0 ORDER BY created"
+        )
+
+    async def revoke_token(self, token_id: str) -> bool:
+        return await self.db.execute("UPDATE tokens SET revoked = 1 WHERE id = $1 AND revoked = 0", token_id) > 0
+
+    async def revoke_by_value(self, token: str) -> bool:
+        return (
+            await self.db.execute(
+                "UPDATE tokens SET revoked = 1 WHERE token_hash = $1 AND revoked = 0", hash_token(token)
+            )
+            > 0
+        )
+
+    async def ensure_first_start_token(self, data_dir: Path) -> Path | None:
+        """With no tokens configured and no first-start token yet, create an admin token and write
+        it to `<data_dir>/admin.token` (mode 0600). Returns the path when one was created."""
+        if self._config_tokens:
+            return None
+        existing = await self.db.fetchval(
+            "SELECT COUNT(*) FROM tokens WHERE description = $1 AND revoked = 0", FIRST_START_DESCRIPTION
+        )
+        if existing:
+            return None
+        _, token = await self.create_token("admin", "admin", None, FIRST_START_DESCRIPTION)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / "admin.token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        os.chmod(path, 0o600)
+        return path
+
+
+def has_permission(identity: Identity, registry: RegistrySettings, permission: str) -> bool:
+    granted = registry.rbac.get(identity.role, ())
+    return "*" in granted or permission in granted
+
+
+def check_permission(identity: Identity, registry: RegistrySettings, permission: str) -> None:
+    """Raise `Unauthorized` (no token) or `Forbidden` (a token without the permission)."""
+    if has_permission(identity, registry, permission):
+        return
+    if identity.anonymous:
+        raise Unauthorized(
+            f"authentication required to {_verb(permission)} in registry {registry.name!r}",
+            headers={"WWW-Authenticate": 'Basic realm="batlehub"'},
+        )
+    raise Forbidden(f"user {identity.user_id!r} may not {_verb(permission)} in registry {registry.name!r}")
+
+
+def require(request: web.Request, permission: str) -> Identity:
+    """Check `permission` for the current request in its registry; return the caller's identity.
+
+    For registry handlers: the registry is found through the request's (sub-)application.
+    """
+    from batlehub import appkeys
+
+    identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
+    registry = request.config_dict[appkeys.REGISTRY_SETTINGS]
+    check_permission(identity, registry, permission)
+    return identity
+
+
+def require_admin(request: web.Request) -> Identity:
+    from batlehub import appkeys
+
+    identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
+    if identity.anonymous:
+        raise Unauthorized("authentication required", headers={"WWW-Authenticate": 'Bearer realm="batlehub"'})
+    if identity.role != "admin":
+        raise Forbidden("admin role required")
+    return identity
+
+
+def _verb(permission: str) -> str:
+    return {
+        "releases:read": "read packages",
+        "source:read": "download artifacts",
+        "releases:publish": "publish",
+        "releases:delete": "unpublish or delete",
+    }.get(permission, permission)

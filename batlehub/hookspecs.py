@@ -1,0 +1,81 @@
+"""Hook specifications: the only way plugins extend BatleHub.
+
+Every hook may be implemented sync or async; core resolves results with
+`batlehub.plugins.gather_hook`. Built-ins (`batlehub.builtin.*`) implement these exactly as a
+third-party distribution would, through the `batlehub` entry-point group.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from batlehub.config import Settings
+    from batlehub.interfaces import CacheBackendType, RegistryFormatType, StorageBackendType
+
+hookspec = pluggy.HookspecMarker("batlehub")
+
+
+# --- registration: what a plugin provides --------------------------------------------------------
+
+
+@hookspec
+def register_registry_formats() -> list[RegistryFormatType]:
+    """Called once when the server (or `check-config`, `plugins`) starts.
+
+    Return descriptors of the registry formats this plugin provides, or None/[] for none. Each
+    `[[registries]] type` is matched against `RegistryFormatType.name`; two plugins providing the
+    same name is a start-up error.
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def register_cache_backends() -> list[CacheBackendType]:
+    """Called once at start. Return descriptors of cache backends (`[cache] type`), or None/[]."""
+    raise NotImplementedError
+
+
+@hookspec
+def register_storage_backends() -> list[StorageBackendType]:
+    """Called once at start. Return descriptors of storage backends (`[storage] type`), or None/[]."""
+    raise NotImplementedError
+
+
+# --- lifecycle ------------------------------------------------------------------------------------
+
+
+@hookspec
+def startup(app: web.Application, settings: Settings) -> None:
+    """Called after every backend is open and the registries have started, before the server
+    accepts requests. May be async. Exceptions abort the start. The return value is ignored."""
+
+
+@hookspec
+def shutdown(app: web.Application) -> None:
+    """Called while the server shuts down, before backends close. May be async. Exceptions are
+    logged and ignored. The return value is ignored."""
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_publish(registry: str, package: str, version: str, user_id: str | None, size: int) -> None:
+    """Called after a version became visible (its transaction committed). May be async.
+    Exceptions are logged, never undo the publish. The return value is ignored."""
+
+
+@hookspec
+def on_unpublish(registry: str, package: str, version: str | None, user_id: str | None) -> None:
+    """Called after a version (or, with `version=None`, a whole package) was removed. May be
+    async. Exceptions are logged. The return value is ignored."""
+
+
+def _all_specs() -> dict[str, Any]:
+    """Every hookspec in this module, by name (used by the meta-tests)."""
+    return {name: obj for name, obj in globals().items() if hasattr(obj, "batlehub_spec")}

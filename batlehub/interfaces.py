@@ -1,0 +1,297 @@
+"""The seams of BatleHub: one `typing.Protocol` per kind of backend, and the descriptors that
+plugins return from the `register_*` hooks.
+
+Change an interface by adding to it (a new optional method, a new Protocol), never by silently
+changing a signature: third-party plugins implement these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from aiohttp import ClientSession, web
+
+    from batlehub.auth import Authenticator
+    from batlehub.config import RegistrySettings, Settings
+    from batlehub.db import Database
+
+
+# --- values passed across the seams -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class IpBlock:
+    """An IP address that is refused until `expires_at` (epoch seconds)."""
+
+    ip: str
+    reason: str
+    expires_at: float
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Banner:
+    """The global message shown to every client (npm prints it from the `npm-notice` header)."""
+
+    message: str
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class WindowCount:
+    """Result of one atomic increment of a fixed-window counter."""
+
+    count: int
+    """The counter's value after this increment."""
+    reset_in_secs: float
+    """Seconds until the window ends and the counter starts again from zero."""
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """What a storage backend reports after a successful `put`.
+
+    Digests are computed from the bytes actually written, as lowercase hex.
+    """
+
+    key: str
+    size: int
+    sha512: str
+    sha256: str
+    sha1: str
+
+
+@dataclass(frozen=True)
+class BlobStat:
+    key: str
+    size: int
+    modified: float
+    """Last modification, epoch seconds."""
+
+
+# --- cache backend ------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class CacheBackend(Protocol):
+    """All shared, short-lived state: everything that every replica must see the same way.
+
+    A backend that keeps state per process (`memory`) is only correct for a single process;
+    `postgres` and `redis` are shared. Every method is safe to call from many tasks at once.
+    Keys are opaque strings chosen by callers (e.g. `npm:packument:npm:lodash`).
+    """
+
+    async def open(self) -> None:
+        """Connect and create whatever the backend needs. Called once, at app start."""
+
+    async def close(self) -> None:
+        """Release connections. Called once, at app shutdown."""
+
+    async def ping(self) -> None:
+        """Return if the backend answers; raise any exception if it does not (used by health)."""
+
+    # metadata cache
+    async def get(self, key: str) -> bytes | None:
+        """The value stored under `key` if it is still fresh (its TTL has not run out), else None."""
+
+    async def get_stale(self, key: str) -> bytes | None:
+        """The value stored under `key` even if its TTL ran out, as long as the backend still has it.
+
+        Backends keep expired values for at least `stale_retention_secs` passed to `set`.
+        """
+
+    async def set(
+        self, key: str, value: bytes, ttl_secs: float | None = None, stale_retention_secs: float = 86400.0
+    ) -> None:
+        """Store `value`, fresh for `ttl_secs` (None: until invalidated), then stale for a while."""
+
+    async def invalidate(self, key: str) -> None:
+        """Forget `key` entirely (neither fresh nor stale reads return it)."""
+
+    # rate-limit counters
+    async def incr_window(self, key: str, window_secs: float) -> WindowCount:
+        """Atomically add one to the counter of the current fixed window of `window_secs` for `key`.
+
+        One round trip; concurrent callers on any replica never lose an increment.
+        """
+
+    # IP violations and blocks
+    async def record_violation(self, ip: str, window_secs: float) -> int:
+        """Count one violation for `ip`; return the number recorded in the last `window_secs`."""
+
+    async def block_ip(self, block: IpBlock) -> None:
+        """Refuse `block.ip` until `block.expires_at`. Replaces an existing block of that IP."""
+
+    async def get_block(self, ip: str) -> IpBlock | None:
+        """The block in force for `ip`, or None (expired blocks are never returned)."""
+
+    async def list_blocks(self) -> list[IpBlock]:
+        """Every block in force, in no particular order."""
+
+    async def unblock_ip(self, ip: str) -> bool:
+        """Lift the block of `ip` and forget its violations; True if there was a block."""
+
+    # global banner
+    async def get_banner(self) -> Banner | None:
+        """The banner, or None when none is set."""
+
+    async def set_banner(self, banner: Banner | None) -> None:
+        """Set the banner, or clear it with None."""
+
+    # leases (short locks with an owner)
+    async def acquire_lease(self, key: str, owner: str, ttl_secs: float) -> bool:
+        """Take the lease `key` for `owner` unless someone else holds it; True if taken.
+
+        The lease lapses by itself after `ttl_secs`, so a crashed holder never blocks others for long.
+        """
+
+    async def release_lease(self, key: str, owner: str) -> bool:
+        """Release `key` only if `owner` holds it (atomically); True if released."""
+
+    async def extend_lease(self, key: str, owner: str, ttl_secs: float) -> bool:
+        """Push the lease's expiry to now + `ttl_secs` only if `owner` holds it; True if extended."""
+
+
+# --- storage backend ----------------------------------------------------------------------------
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    """Where artifacts (tarballs, ...) live. Keys are relative, `/`-separated, validated with
+    `batlehub.storage.validate_key` (no `..`, no absolute paths, no backslash, no NUL).
+
+    Writes are all-or-nothing: a reader never sees a partial object under its key.
+    """
+
+    async def open(self) -> None:
+        """Connect / create the root. Called once, at app start."""
+
+    async def close(self) -> None:
+        """Release resources. Called once, at app shutdown."""
+
+    async def ping(self) -> None:
+        """Return if storage is usable; raise otherwise (used by health)."""
+
+    async def put(
+        self,
+        key: str,
+        chunks: AsyncIterator[bytes],
+        *,
+        max_size: int | None = None,
+        expected: Mapping[str, str] | None = None,
+    ) -> StoredBlob:
+        """Stream `chunks` into `key`, hashing as it goes, and return size and digests.
+
+        `max_size`: raise `PayloadTooLarge` as soon as more bytes arrive, storing nothing.
+        `expected`: algorithm (`sha512`, `sha256`, `sha1`) -> lowercase hex digest; any mismatch
+        raises `IntegrityError` and stores nothing. An existing object under `key` is replaced.
+        """
+
+    def get(self, key: str, start: int | None = None, end: int | None = None) -> AsyncIterator[bytes]:
+        """Stream the object's bytes, optionally only `[start, end)`. Raises `NotFound` if missing
+        (before yielding anything)."""
+
+    async def stat(self, key: str) -> BlobStat | None:
+        """Size and modification time, or None if there is no such object."""
+
+    async def delete(self, key: str) -> bool:
+        """Remove the object; True if it existed."""
+
+    def list(self, prefix: str = "") -> AsyncIterator[BlobStat]:
+        """Every object whose key starts with `prefix`."""
+
+    # optional capabilities: return None when not supported
+
+    def local_path(self, key: str) -> Path | None:
+        """A file on this machine holding the object (lets the server use sendfile), or None."""
+
+    async def presigned_url(self, key: str, expires_secs: int = 300) -> str | None:
+        """A short-lived URL that serves the object without the hub, or None."""
+
+
+# --- registry formats ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegistryServices:
+    """What a registry format gets to do its work. All fields are shared, long-lived objects."""
+
+    settings: Settings
+    db: Database
+    cache: CacheBackend
+    storage: StorageBackend
+    auth: Authenticator
+    http: Callable[[], ClientSession]
+    """Returns the shared upstream HTTP client session (created lazily, pooled, keep-alive)."""
+    pm: Any
+    """The pluggy plugin manager, to fire event hooks such as `on_publish`."""
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """One configured registry (`[[registries]]` entry) of some format."""
+
+    name: str
+
+    def make_app(self) -> web.Application:
+        """An aiohttp application with this registry's routes; mounted at `/registries/{name}/`."""
+
+    async def startup(self) -> None:
+        """Called once the app's services are open (e.g. to warm packages). May return at once
+        and run work in the background; must not raise for upstream trouble."""
+
+    async def shutdown(self) -> None:
+        """Stop background work."""
+
+
+# --- descriptors returned by the register_* hooks -----------------------------------------------
+
+
+@dataclass(frozen=True)
+class CacheBackendType:
+    """A kind of cache backend that `[cache] type = name` selects."""
+
+    name: str
+    description: str
+    factory: Callable[[Mapping[str, Any], Settings], CacheBackend]
+    """Called with the `[cache]` section (all keys, `type` included) and the whole settings."""
+    shared: bool = True
+    """False when state is per process, so several replicas would not see each other's state."""
+    config_keys: frozenset[str] = field(default_factory=frozenset)
+    """Keys the section may hold besides `type`; others are reported as unknown."""
+
+
+@dataclass(frozen=True)
+class StorageBackendType:
+    """A kind of storage backend that `[storage] type = name` selects."""
+
+    name: str
+    description: str
+    factory: Callable[[Mapping[str, Any], Settings], StorageBackend]
+    shared: bool = True
+    """False when objects live on this machine only (e.g. `filesystem` on a local disk)."""
+    capabilities: frozenset[str] = field(default_factory=frozenset)
+    """Any of "local_path", "presigned_url"."""
+    config_keys: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class RegistryFormatType:
+    """A kind of registry that `[[registries]] type = name` selects."""
+
+    name: str
+    description: str
+    validate: Callable[[Mapping[str, Any]], list[str]]
+    """Given the format's own keys of one `[[registries]]` entry (`RegistrySettings.options`: every
+    key but type, name, rbac, rate_limit, quota), return its problems as `"key: message"` with key
+    paths relative to the entry (unknown keys included); [] if valid."""
+    factory: Callable[[RegistrySettings, RegistryServices], Registry]
+    """Build the registry. `RegistrySettings.options` has passed `validate`."""
+
+
+# Hook results may be plain values or awaitables; `batlehub.plugins.gather_hook` resolves both.
+MaybeAwaitable = Any | Awaitable[Any]
