@@ -1,0 +1,103 @@
+"""Who is the client, and what is our own external address.
+
+Forwarding headers (`X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`) are
+believed only from a direct peer inside `[server] trusted_proxies`; from anyone else they are
+ignored, so nobody escapes an IP block or frames another address by sending a header.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from batlehub.config import Settings
+
+log = logging.getLogger(__name__)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_warned_peers: set[str] = set()
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    text = text.strip().strip('"')
+    if text.startswith("[") and "]" in text:  # "[::1]:1234"
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # "1.2.3.4:5678"
+        text = text.split(":", 1)[0]
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_trusted(ip: str | None, trusted: Sequence[Network]) -> bool:
+    if not ip or not trusted:
+        return False
+    parsed = _parse_ip(ip)
+    return parsed is not None and any(parsed in net for net in trusted)
+
+
+def client_ip(peer: str | None, headers: web.Request | object, trusted: Sequence[Network]) -> str:
+    """The client's address: walk `X-Forwarded-For` from the right past trusted hops when the
+    direct peer is trusted; otherwise the direct peer itself."""
+    get = headers.get if hasattr(headers, "get") else (lambda _k, _d=None: None)  # type: ignore[attr-defined]
+    peer_ip = _parse_ip(peer) if peer else None
+    peer_text = str(peer_ip) if peer_ip else (peer or "unknown")
+    has_forwarding = bool(get("X-Forwarded-For") or get("X-Real-IP"))
+    if not is_trusted(peer_text, trusted):
+        if has_forwarding and peer_text not in _warned_peers:
+            _warned_peers.add(peer_text)
+            log.warning(
+                "ignoring X-Forwarded-For/X-Real-IP from %s: not in server.trusted_proxies "
+                "(add your load balancer's address there, or every client looks like it)",
+                peer_text,
+            )
+        return peer_text
+    forwarded = get("X-Forwarded-For")
+    if forwarded:
+        hops = [h for h in (p.strip() for p in forwarded.split(",")) if h]
+        for hop in reversed(hops):
+            ip = _parse_ip(hop)
+            if ip is None:
+                break  # garbage in the chain: stop believing it here
+            if not any(ip in net for net in trusted):
+                return str(ip)
+        else:
+            if hops:
+                ip = _parse_ip(hops[0])
+                if ip is not None:
+                    return str(ip)
+    real_ip = get("X-Real-IP")
+    if real_ip:
+        ip = _parse_ip(real_ip)
+        if ip is not None:
+            return str(ip)
+    return peer_text
+
+
+def external_base_url(request: web.Request) -> str:
+    """Our own base URL as the client sees it, without a trailing slash: `[server] public_url`
+    if set, else scheme (trusted `X-Forwarded-Proto`) + Host."""
+    from batlehub import appkeys
+
+    settings: Settings = request.config_dict[appkeys.SETTINGS]
+    if settings.server.public_url:
+        return settings.server.public_url.rstrip("/")
+    scheme = request.scheme
+    host = request.host
+    if is_trusted(request.remote, settings.server.trusted_proxies):
+        proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        if proto in ("http", "https"):
+            scheme = proto
+        fwd_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        if fwd_host:
+            host = fwd_host
+    return f"{scheme}://{host}"

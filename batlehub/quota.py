@@ -1,0 +1,81 @@
+"""Strict per-user quotas, checked and counted in the same transaction that makes a version
+visible: no number of concurrent publishes on any number of replicas can pass the limit, and a
+failed publish leaves the counter as it was (its transaction rolls the increment back)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from batlehub.errors import BatleHubError
+
+if TYPE_CHECKING:
+    from batlehub.config import RegistrySettings
+    from batlehub.db import Connection
+
+_UNLIMITED = 2**62
+
+
+class QuotaExceeded(BatleHubError):
+    status = 403
+
+
+async def consume(conn: Connection, registry: RegistrySettings, user_id: str | None, size: int) -> str | None:
+    """Count one version of `size` bytes against `user_id` inside the caller's transaction.
+
+    Raises `QuotaExceeded` when over quota and enforcement is "block"; returns a warning text when
+    over quota and enforcement is "warn"; returns None otherwise.
+    """
+    if user_id is None:
+        user_id = "anonymous"
+    await conn.execute(
+        "INSERT INTO quota_usage (registry, user_id, bytes, versions) VALUES ($1, $2, 0, 0)"
+        " ON CONFLICT (registry, user_id) DO NOTHING",
+        registry.name,
+        user_id,
+    )
+    quota = registry.quota
+    max_bytes = quota.max_bytes_per_user if quota and quota.max_bytes_per_user else _UNLIMITED
+    max_versions = quota.max_versions_per_user if quota and quota.max_versions_per_user else _UNLIMITED
+    row = await conn.fetchrow(
+        "UPDATE quota_usage SET bytes = bytes + $3, versions = versions + 1"
+        " WHERE registry = $1 AND user_id = $2 AND bytes + $3 <= $4 AND versions + 1 <= $5"
+        " RETURNING bytes, versions",
+        registry.name,
+        user_id,
+        size,
+        max_bytes,
+        max_versions,
+    )
+    if row is not None:
+        return None
+    message = (
+        f"quota exceeded for user {user_id!r} in registry {registry.name!r}"
+        f" (limits: {_fmt(quota.max_bytes_per_user if quota else 0)} bytes,"
+        f" {_fmt(quota.max_versions_per_user if quota else 0)} versions)"
+    )
+    if quota is not None and quota.enforcement == "warn":
+        await conn.execute(
+            "UPDATE quota_usage SET bytes = bytes + $3, versions = versions + 1 WHERE registry = $1 AND user_id = $2",
+            registry.name,
+            user_id,
+            size,
+        )
+        return message
+    raise QuotaExceeded(message)
+
+
+async def release(conn: Connection, registry_name: str, user_id: str | None, size: int, versions: int = 1) -> None:
+    """Give back what an unpublished version used (never below zero)."""
+    await conn.execute(
+        "UPDATE quota_usage SET bytes = CASE WHEN bytes > $3 THEN bytes - $3 ELSE 0 END,"
+        " versions = CASE WHEN versions > $4 THEN versions - $4 ELSE 0 END"
+        " WHERE registry = $1 AND user_id = $2",
+        registry_name,
+        user_id or "anonymous",
+        size,
+        versions,
+    )
+
+
+def _fmt(limit: int) -> str:
+    return str(limit) if limit else "unlimited"
