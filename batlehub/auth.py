@@ -183,13 +183,17 @@ class Authenticator:
         if existing:
             return None
         _, token = await self.create_token("admin", "admin", None, FIRST_START_DESCRIPTION)
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path = data_dir / "admin.token"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-        os.chmod(path, 0o600)
-        return path
+        return _write_secret(data_dir / "admin.token", token)
+
+
+def _write_secret(path: Path, secret: str) -> Path:
+    """Write `secret` to `path`, readable by its owner only (created 0600, never wider)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+    os.chmod(path, 0o600)
+    return path
 
 
 def has_permission(identity: Identity, registry: RegistrySettings, permission: str) -> bool:

@@ -385,7 +385,7 @@ def parse_settings(
     auth = _auth(raw.get("auth", []), problems)
     registries = _registries(raw, problems)
 
-    resolved_dir = Path(data_dir or os.environ.get("BATLEHUB_DATA_DIR") or default_data_dir()).expanduser()
+    resolved_dir = Path(data_dir or os.environ.get("BATLEHUB_DATA_DIR") or default_data_dir()).expanduser().absolute()
     if problems.items:
         raise ConfigError(problems.items)
     return Settings(
@@ -500,7 +500,7 @@ def _registries(raw: Mapping[str, Any], problems: _Problems) -> tuple[RegistrySe
         rtype = entry.get("type")
         name = entry.get("name")
         if not isinstance(rtype, str) or not rtype:
-            problems.add(f"{path}.type", "required: the registry format, e.g. \"npm\"")
+            problems.add(f"{path}.type", 'required: the registry format, e.g. "npm"')
             continue
         if not isinstance(name, str) or not _valid_registry_name(name):
             problems.add(f"{path}.name", f"expected a name of letters, digits, - and _, got {_describe(name)}")

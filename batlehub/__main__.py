@@ -1,0 +1,3 @@
+from batlehub.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,363 @@
+"""Core HTTP routes: health, the banner, registries, and the admin API (DESIGN §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from batlehub import appkeys, audit
+from batlehub.auth import ANONYMOUS, Identity, has_permission, require_admin
+from batlehub.errors import BadRequest, NotFound
+from batlehub.interfaces import Banner, IpBlock
+from batlehub.net import is_trusted
+from batlehub.plugins import describe_plugins
+
+HEALTH_CHECK_TIMEOUT = 3.0
+BANNER_LEVELS = ("info", "warning", "error")
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/admin/health", health)
+    app.router.add_get("/api/v1/banner", get_banner)
+    app.router.add_put("/api/v1/admin/banner", put_banner)
+    app.router.add_delete("/api/v1/admin/banner", delete_banner)
+    app.router.add_get("/api/v1/registries", list_registries)
+    app.router.add_get("/api/v1/admin/plugins", list_plugins)
+    app.router.add_get("/api/v1/admin/ip-blocks", list_ip_blocks)
+    app.router.add_post("/api/v1/admin/ip-blocks", add_ip_block)
+    app.router.add_delete("/api/v1/admin/ip-blocks/{ip}", delete_ip_block)
+    app.router.add_get("/api/v1/admin/tokens", list_tokens)
+    app.router.add_post("/api/v1/admin/tokens", create_token)
+    app.router.add_delete("/api/v1/admin/tokens/{id}", delete_token)
+    app.router.add_get("/api/v1/admin/quota/{registry}/{user_id}", get_quota)
+    app.router.add_get("/api/v1/admin/audit-log", get_audit_log)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(data, indent=None, sort_keys=False).encode(), status=status, content_type="application/json"
+    )
+
+
+async def _read_json(request: web.Request, limit: int = 65536) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > limit:
+        raise BadRequest(f"request body is larger than {limit} bytes")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise BadRequest(f"request body is larger than {limit} bytes")
+    try:
+        data = json.loads(raw or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def _identity(request: web.Request) -> Identity:
+    identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
+    return identity
+
+
+# --- health ----------------------------------------------------------------------------------------
+
+
+async def _check(awaitable: Awaitable[Any]) -> str:
+    try:
+        await asyncio.wait_for(awaitable, HEALTH_CHECK_TIMEOUT)
+    except TimeoutError:
+        return f"error: no answer within {HEALTH_CHECK_TIMEOUT:g}s"
+    except Exception as exc:
+        return f"error: {type(exc).__name__}: {exc}"[:300]
+    return "ok"
+
+
+async def health(request: web.Request) -> web.Response:
+    """200 when the database and storage answer; 503 otherwise, and while shutting down.
+
+    A cache backend that does not answer is reported as "degraded" with 200: every store fails open
+    (misses, no limits) and the database still answers, so draining every replica at once for a
+    cache outage would turn a degradation into an outage.
+    """
+    app = request.app
+    state = app[appkeys.STATE]
+    database, storage, cache = await asyncio.gather(
+        _check(app[appkeys.DATABASE].ping()), _check(app[appkeys.STORAGE].ping()), _check(app[appkeys.CACHE].ping())
+    )
+    checks = {"database": database, "storage": storage, "cache": cache}
+    if state.shutting_down:
+        status, code = "shutting_down", 503
+    elif database != "ok" or storage != "ok":
+        status, code = "unavailable", 503
+    elif cache != "ok":
+        status, code = "degraded", 200
+    else:
+        status, code = "ok", 200
+    body: dict[str, Any] = {"status": status, "checks": checks}
+    if state.warnings:
+        body["warnings"] = state.warnings
+    return _json(body, code)
+
+
+# --- banner ----------------------------------------------------------------------------------------
+
+
+async def get_banner(request: web.Request) -> web.Response:
+    banner = await request.app[appkeys.CACHE].get_banner()
+    return _json({"message": banner.message, "level": banner.level} if banner else {"message": None})
+
+
+async def put_banner(request: web.Request) -> web.Response:
+    identity = require_admin(request)
+    data = await _read_json(request)
+    message, level = data.get("message"), data.get("level", "info")
+    if not isinstance(message, str) or not message.strip() or len(message) > 1000 or "\n" in message:
+        raise BadRequest("message: expected a non-empty single-line string of at most 1000 characters")
+    if level not in BANNER_LEVELS:
+        raise BadRequest(f"level: expected one of {', '.join(BANNER_LEVELS)}")
+    await request.app[appkeys.CACHE].set_banner(Banner(message=message, level=level))
+    await _audit(request, "banner.set", identity, target=message)
+    return _json({"message": message, "level": level})
+
+
+async def delete_banner(request: web.Request) -> web.Response:
+    identity = require_admin(request)
+    await request.app[appkeys.CACHE].set_banner(None)
+    await _audit(request, "banner.clear", identity)
+    return _json({"ok": True})
+
+
+# --- registries and plugins ------------------------------------------------------------------------
+
+
+async def list_registries(request: web.Request) -> web.Response:
+    identity = _identity(request)
+    settings = request.app[appkeys.SETTINGS]
+    from batlehub.net import external_base_url
+
+    base = external_base_url(request)
+    items = [
+        {
+            "name": r.name,
+            "type": r.type,
+            "mode": r.options.get("mode"),
+            "url": f"{base}/registries/{r.name}/",
+        }
+        for r in settings.registries
+        if has_permission(identity, r, "releases:read")
+    ]
+    return _json({"registries": items})
+
+
+async def list_plugins(request: web.Request) -> web.Response:
+    require_admin(request)
+    infos = describe_plugins(request.app[appkeys.PLUGIN_MANAGER])
+    return _json(
+        {
+            "plugins": [
+                {
+                    "name": i.name,
+                    "distribution": i.distribution,
+                    "version": i.version,
+                    "hooks": list(i.hooks),
+                    "provides": list(i.provides),
+                }
+                for i in infos
+            ]
+        }
+    )
+
+
+# --- IP blocks -------------------------------------------------------------------------------------
+
+
+def _block_json(block: IpBlock) -> dict[str, Any]:
+    return {"ip": block.ip, "reason": block.reason, "expires_at": block.expires_at, "created_at": block.created_at}
+
+
+async def list_ip_blocks(request: web.Request) -> web.Response:
+    require_admin(request)
+    blocks = await request.app[appkeys.CACHE].list_blocks()
+    return _json({"blocks": [_block_json(b) for b in sorted(blocks, key=lambda b: b.created_at)]})
+
+
+async def add_ip_block(request: web.Request) -> web.Response:
+    import ipaddress
+
+    identity = require_admin(request)
+    data = await _read_json(request)
+    ip, reason = data.get("ip"), data.get("reason", "blocked by an administrator")
+    duration = data.get("duration_secs", request.app[appkeys.SETTINGS].ip_blocking.ban_duration_secs)
+    try:
+        ip = str(ipaddress.ip_address(str(ip)))
+    except ValueError:
+        raise BadRequest("ip: expected an IPv4 or IPv6 address") from None
+    if not isinstance(reason, str) or len(reason) > 500:
+        raise BadRequest("reason: expected a string of at most 500 characters")
+    if isinstance(duration, bool) or not isinstance(duration, int | float) or duration <= 0:
+        raise BadRequest("duration_secs: expected a positive number")
+    if is_trusted(ip, request.app[appkeys.SETTINGS].server.trusted_proxies):
+        raise BadRequest(f"ip: {ip} is in server.trusted_proxies; blocking it would block every client behind it")
+    now = time.time()
+    block = IpBlock(ip=ip, reason=reason, expires_at=now + float(duration), created_at=now)
+    await request.app[appkeys.CACHE].block_ip(block)
+    await _audit(request, "ip_block.add", identity, target=ip, detail={"reason": reason, "duration_secs": duration})
+    return _json(_block_json(block), 201)
+
+
+async def delete_ip_block(request: web.Request) -> web.Response:
+    identity = require_admin(request)
+    ip = request.match_info["ip"]
+    if not await request.app[appkeys.CACHE].unblock_ip(ip):
+        raise NotFound(f"no block for {ip}")
+    await _audit(request, "ip_block.remove", identity, target=ip)
+    return _json({"ok": True})
+
+
+# --- tokens ----------------------------------------------------------------------------------------
+
+
+async def list_tokens(request: web.Request) -> web.Response:
+    require_admin(request)
+    return _json({"tokens": await request.app[appkeys.AUTH].list_tokens()})
+
+
+async def create_token(request: web.Request) -> web.Response:
+    identity = require_admin(request)
+    data = await _read_json(request)
+    user_id, role, days = data.get("user_id"), data.get("role", "user"), data.get("expires_in_days")
+    if not isinstance(user_id, str) or not user_id or len(user_id) > 200:
+        raise BadRequest("user_id: expected a non-empty string")
+    if role not in ("user", "admin"):
+        raise BadRequest('role: expected "user" or "admin"')
+    if days is not None and (isinstance(days, bool) or not isinstance(days, int | float) or days <= 0):
+        raise BadRequest("expires_in_days: expected a positive number or null")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise BadRequest("description: expected a string")
+    record, token = await request.app[appkeys.AUTH].create_token(user_id, role, days, description)
+    await _audit(request, "token.create", identity, target=record["id"], detail={"user_id": user_id, "role": role})
+    return _json({**record, "token": token}, 201)
+
+
+async def delete_token(request: web.Request) -> web.Response:
+    identity = require_admin(request)
+    token_id = request.match_info["id"]
+    if not await request.app[appkeys.AUTH].revoke_token(token_id):
+        raise NotFound(f"no active token with id {token_id}")
+    await _audit(request, "token.revoke", identity, target=token_id)
+    return _json({"ok": True})
+
+
+# --- quota and audit log ---------------------------------------------------------------------------
+
+
+async def get_quota(request: web.Request) -> web.Response:
+    require_admin(request)
+    registry_name, user_id = request.match_info["registry"], request.match_info["user_id"]
+    registry = request.app[appkeys.SETTINGS].registry(registry_name)
+    if registry is None:
+        raise NotFound(f"no registry named {registry_name!r}")
+    row = await request.app[appkeys.DATABASE].fetchrow(
+        "SELECT bytes, versions FROM quota_usage WHERE registry = $1 AND user_id = $2", registry_name, user_id
+    )
+    quota = registry.quota
+    return _json(
+        {
+            "registry": registry_name,
+            "user_id": user_id,
+            "used_bytes": int(row["bytes"]) if row else 0,
+            "used_versions": int(row["versions"]) if row else 0,
+            "max_bytes": quota.max_bytes_per_user if quota else 0,
+            "max_versions": quota.max_versions_per_user if quota else 0,
+            "enforcement": quota.enforcement if quota else None,
+        }
+    )
+
+
+def _query_number(request: web.Request, name: str, default: float | None) -> float | None:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: expected a number") from None
+
+
+async def get_audit_log(request: web.Request) -> web.Response:
+    require_admin(request)
+    where, args = [], []
+
+    def add(condition: str, value: Any) -> None:
+        args.append(value)
+        where.append(condition.replace("?", f"${len(args)}"))
+
+    if request.query.get("registry"):
+        add("registry = ?", request.query["registry"])
+    if request.query.get("user"):
+        add("user_id = ?", request.query["user"])
+    if request.query.get("action"):
+        add("action = ?", request.query["action"])
+    since = _query_number(request, "since", None)
+    until = _query_number(request, "until", None)
+    if since is not None:
+        add("ts >= ?", since)
+    if until is not None:
+        add("ts < ?", until)
+    if request.query.get("denied_only") in ("1", "true", "yes"):
+        where.append("result = 'denied'")
+    limit = int(_query_number(request, "limit", 100) or 100)
+    offset = int(_query_number(request, "offset", 0) or 0)
+    if not 1 <= limit <= 1000 or offset < 0:
+        raise BadRequest("limit: 1..1000; offset: >= 0")
+    clause = f"WHERE {' AND '.join(where)}" if where else ""
+    db = request.app[appkeys.DATABASE]
+    total = await db.fetchval(f"SELECT COUNT(*) FROM audit_log {clause}", *args)
+    rows = await db.fetch(
+        f"SELECT id, ts, registry, user_id, action, target, client_ip, result, detail FROM audit_log {clause}"
+        f" ORDER BY id DESC LIMIT {limit} OFFSET {offset}",
+        *args,
+    )
+    return _json({"entries": rows, "total": int(total or 0), "limit": limit, "offset": offset})
+
+
+async def _audit(
+    request: web.Request, action: str, identity: Identity, *, target: str | None = None, detail: Any = ""
+) -> None:
+    await audit.record(
+        request.app[appkeys.DATABASE],
+        action,
+        user_id=identity.user_id,
+        target=target,
+        client_ip=request.get(appkeys.CLIENT_IP),
+        detail=detail,
+    )
+
+
+# --- static web UI ---------------------------------------------------------------------------------
+
+
+def add_static_ui(app: web.Application, static_dir: Path) -> None:
+    """Serve the web UI from `static_dir`; unknown paths fall back to index.html (SPA routing)."""
+    root = static_dir.resolve()
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        tail = request.match_info.get("tail", "")
+        if tail.startswith(("api/", "registries/")):
+            raise NotFound("not found")
+        candidate = (root / tail).resolve() if tail else root / "index.html"
+        if candidate.is_relative_to(root) and candidate.is_file():
+            return web.FileResponse(candidate)
+        index = root / "index.html"
+        if index.is_file():
+            return web.FileResponse(index)
+        raise NotFound("not found")
+
+    app.router.add_get("/{tail:.*}", serve)

@@ -1,0 +1,243 @@
+"""The application factory: settings in, a ready `web.Application` out.
+
+Backends are chosen by name from what the plugins registered, constructed here (no I/O), and
+opened and closed in their own `cleanup_ctx`, in dependency order: database (with migrations),
+cache, storage, upstream HTTP client, auth, registries.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pluggy
+from aiohttp import web
+
+from batlehub import admin, appkeys
+from batlehub.auth import Authenticator
+from batlehub.config import Settings
+from batlehub.db import create_database
+from batlehub.errors import ConfigError, StartupError
+from batlehub.interfaces import (
+    CacheBackendType,
+    RegistryFormatType,
+    RegistryServices,
+    StorageBackendType,
+)
+from batlehub.middleware import MIDDLEWARES
+from batlehub.plugins import flatten, gather_hook, get_plugin_manager
+from batlehub.state import HubState
+
+log = logging.getLogger("batlehub.server")
+
+MAX_REQUEST_BODY = 1024**4  # publishes are streamed and limited by [limits]; aiohttp must not cap them
+
+
+@dataclass(frozen=True)
+class InstalledTypes:
+    """What the installed plugins provide, by name."""
+
+    cache: dict[str, CacheBackendType]
+    storage: dict[str, StorageBackendType]
+    registries: dict[str, RegistryFormatType]
+
+
+def installed_types(pm: pluggy.PluginManager) -> InstalledTypes:
+    def by_name(items: list[Any], kind: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for item in items:
+            if item.name in out:
+                raise StartupError(f"two plugins provide the {kind} type {item.name!r}")
+            out[item.name] = item
+        return out
+
+    return InstalledTypes(
+        cache=by_name(flatten(pm.hook.register_cache_backends()), "cache"),
+        storage=by_name(flatten(pm.hook.register_storage_backends()), "storage"),
+        registries=by_name(flatten(pm.hook.register_registry_formats()), "registry"),
+    )
+
+
+def _not_installed(section: str, name: str, choices: Mapping[str, Any]) -> str:
+    return (
+        f'[{section}] type "{name}" is not installed (installed: {", ".join(sorted(choices)) or "none"})'
+        " — is its plugin installed?"
+    )
+
+
+def check_plugins_config(settings: Settings, types: InstalledTypes) -> list[str]:
+    """Problems that need the installed plugins to see: unknown types and their own keys."""
+    problems = []
+    for section, table, choices in (
+        ("cache", settings.cache, types.cache),
+        ("storage", settings.storage, types.storage),
+    ):
+        chosen = choices.get(table["type"])
+        if chosen is None:
+            problems.append(_not_installed(section, table["type"], choices))
+            continue
+        for key in table:
+            if key != "type" and key not in chosen.config_keys:
+                known = ", ".join(sorted({"type", *chosen.config_keys}))
+                problems.append(f"{section}.{key}: unknown key for type {chosen.name!r} (known: {known})")
+    for index, registry in enumerate(settings.registries):
+        fmt = types.registries.get(registry.type)
+        if fmt is None:
+            problems.append(_not_installed(f"registries[{index}]", registry.type, types.registries))
+            continue
+        problems.extend(f"registries[{index}].{p}" for p in fmt.validate(registry.options))
+    return problems
+
+
+def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> web.Application:
+    """Build the application. Raises `ConfigError` for settings the installed plugins reject."""
+    pm = pm or get_plugin_manager()
+    types = installed_types(pm)
+    problems = check_plugins_config(settings, types)
+    if problems:
+        raise ConfigError(problems)
+
+    app = web.Application(middlewares=MIDDLEWARES, client_max_size=MAX_REQUEST_BODY)
+    app[appkeys.SETTINGS] = settings
+    app[appkeys.PLUGIN_MANAGER] = pm
+    app[appkeys.STATE] = HubState()
+
+    cache_type = types.cache[settings.cache["type"]]
+    storage_type = types.storage[settings.storage["type"]]
+    db = create_database(settings)
+    cache = cache_type.factory(settings.cache, settings)
+    storage = storage_type.factory(settings.storage, settings)
+    auth = Authenticator(settings, db)
+    http = _UpstreamClient()
+    app[appkeys.DATABASE] = db
+    app[appkeys.CACHE] = cache
+    app[appkeys.STORAGE] = storage
+    app[appkeys.AUTH] = auth
+    services = RegistryServices(
+        settings=settings, db=db, cache=cache, storage=storage, auth=auth, http=http.session, pm=pm
+    )
+    app[appkeys.SERVICES] = services
+
+    registries = {}
+    for registry_settings in settings.registries:
+        registry = types.registries[registry_settings.type].factory(registry_settings, services)
+        subapp = registry.make_app()
+        subapp[appkeys.REGISTRY_SETTINGS] = registry_settings
+        subapp[appkeys.SETTINGS] = settings
+        subapp[appkeys.CACHE] = cache
+        app.add_subapp(f"/registries/{registry_settings.name}/", subapp)
+        registries[registry_settings.name] = registry
+    app[appkeys.REGISTRIES] = registries
+
+    app.cleanup_ctx.append(_database_ctx)
+    app.cleanup_ctx.append(_backend_ctx(appkeys.CACHE, "cache"))
+    app.cleanup_ctx.append(_backend_ctx(appkeys.STORAGE, "storage"))
+    app.cleanup_ctx.append(http.ctx)
+    app.cleanup_ctx.append(_auth_ctx)
+    app.cleanup_ctx.append(_registries_ctx)
+    app.cleanup_ctx.append(_hooks_ctx)
+    _check_replica_safety(app, cache_type, storage_type)
+
+    admin.add_routes(app)
+    if settings.server.static_dir:
+        admin.add_static_ui(app, settings.server.static_dir)
+    return app
+
+
+class _UpstreamClient:
+    """One pooled, keep-alive client session for every upstream request of this process."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, limit_per_host=32, ttl_dns_cache=300),
+                timeout=aiohttp.ClientTimeout(total=300, connect=5, sock_read=60),
+                headers={"User-Agent": "batlehub"},
+                auto_decompress=True,
+            )
+        return self._session
+
+    async def ctx(self, app: web.Application) -> AsyncIterator[None]:
+        yield
+        if self._session is not None:
+            await self._session.close()
+
+
+async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
+    db = app[appkeys.DATABASE]
+    await db.connect()
+    try:
+        applied = await db.migrate(progress=lambda message: log.info("applying %s", message))
+        if applied:
+            log.info("database migrated to version %d", applied[-1])
+    except BaseException:
+        await db.close()
+        raise
+    yield
+    await db.close()
+
+
+def _backend_ctx(key: web.AppKey[Any], section: str) -> Any:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        backend = app[key]
+        try:
+            await backend.open()
+        except (ConfigError, StartupError):
+            raise
+        except Exception as exc:
+            raise StartupError(f"[{section}] could not be opened: {exc}") from exc
+        yield
+        await backend.close()
+
+    return ctx
+
+
+async def _auth_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[appkeys.SETTINGS]
+    path = await app[appkeys.AUTH].ensure_first_start_token(settings.data_dir)
+    if path is not None:
+        log.warning("created an admin token (no [[auth]] tokens are configured); it is in %s", path)
+    yield
+
+
+async def _registries_ctx(app: web.Application) -> AsyncIterator[None]:
+    registries = app[appkeys.REGISTRIES]
+    for registry in registries.values():
+        await registry.startup()
+    yield
+    for registry in registries.values():
+        try:
+            await registry.shutdown()
+        except Exception:
+            log.exception("registry %s did not shut down cleanly", registry.name)
+
+
+async def _hooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    pm = app[appkeys.PLUGIN_MANAGER]
+    await gather_hook(pm.hook.startup(app=app, settings=app[appkeys.SETTINGS]))
+    yield
+    try:
+        await gather_hook(pm.hook.shutdown(app=app))
+    except Exception:
+        log.exception("a plugin's shutdown hook failed")
+
+
+def _check_replica_safety(app: web.Application, cache: CacheBackendType, storage: StorageBackendType) -> None:
+    """Warn at start when settings only make sense for one process but several are configured."""
+    settings = app[appkeys.SETTINGS]
+    state = app[appkeys.STATE]
+    if settings.server.workers > 1 and not cache.shared:
+        state.warn(
+            f"server.workers = {settings.server.workers} with the per-process {cache.name!r} cache: rate limits,"
+            " blocks and leases are not shared between workers; set [cache] type to a shared backend"
+        )
+    if settings.server.workers > 1 and settings.database.type == "sqlite":
+        state.warn("server.workers > 1 on SQLite: writes are serialized across processes; prefer postgresql")
+    for message in state.warnings:
+        log.warning(message)

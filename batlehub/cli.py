@@ -1,0 +1,236 @@
+"""The `batlehub` command line. Start-up problems become one readable message and exit code 1
+here, and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from batlehub import __version__
+from batlehub.config import Settings, load_settings
+from batlehub.errors import ConfigError, StartupError
+
+log = logging.getLogger("batlehub.server")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML config file (default: $BATLEHUB_CONFIG; none at all = the embedded default)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where the embedded default keeps its data (default: $XDG_DATA_HOME/batlehub)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batlehub",
+        description="BatleHub: a package registry hub that proxies, caches and hosts packages.",
+        epilog="Any setting can be overridden by environment: BATLEHUB_<SECTION>__<KEY>,"
+        " e.g. BATLEHUB_SERVER__PORT=9000.",
+    )
+    parser.add_argument("--version", action="version", version=f"batlehub {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("BATLEHUB_LOG_LEVEL", "INFO"), help="default: INFO")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    serve = sub.add_parser("serve", help="run the server", description="Run the server (migrating the database first).")
+    _add_config_args(serve)
+    migrate = sub.add_parser(
+        "migrate", help="apply database migrations and exit", description="Apply migrations and exit."
+    )
+    _add_config_args(migrate)
+    check = sub.add_parser(
+        "check-config",
+        help="validate the configuration; exit 1 listing every problem",
+        description="Validate the configuration against the installed plugins; exit 1 listing every problem.",
+    )
+    _add_config_args(check)
+    sub.add_parser(
+        "plugins",
+        help="list installed plugins, versions and what each provides",
+        description="List installed plugins with their distribution, version, hooks and what each provides.",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        if args.command == "plugins":
+            return _plugins()
+        settings = load_settings(args.config, data_dir=args.data_dir)
+        if args.command == "check-config":
+            return _check_config(settings)
+        if args.command == "migrate":
+            return asyncio.run(_migrate(settings))
+        return _serve(settings)
+    except ConfigError as exc:
+        print(f"batlehub: configuration has {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    except StartupError as exc:
+        print(f"batlehub: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, str(level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _plugins() -> int:
+    from batlehub.plugins import describe_plugins, get_plugin_manager
+
+    pm = get_plugin_manager()
+    for info in describe_plugins(pm):
+        dist = f"{info.distribution} {info.version}" if info.distribution else "(not from a distribution)"
+        print(f"{info.name}  [{dist}]")
+        if info.provides:
+            print(f"    provides: {', '.join(info.provides)}")
+        print(f"    hooks: {', '.join(info.hooks) or '-'}")
+    return 0
+
+
+def _check_config(settings: Settings) -> int:
+    from batlehub.app import check_plugins_config, installed_types
+    from batlehub.plugins import get_plugin_manager
+
+    problems = check_plugins_config(settings, installed_types(get_plugin_manager()))
+    if problems:
+        raise ConfigError(problems)
+    print(f"configuration is valid ({settings.source})")
+    return 0
+
+
+async def _migrate(settings: Settings) -> int:
+    from batlehub.db import create_database, schema_version
+
+    db = create_database(settings)
+    await db.connect()
+    try:
+        applied = await db.migrate(progress=lambda message: print(f"applying {message}", flush=True))
+        version = await schema_version(db)
+    finally:
+        await db.close()
+    print(f"database is at version {version} ({len(applied)} migration(s) applied)")
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    workers = settings.server.workers
+    if workers <= 1:
+        return asyncio.run(_serve_one(settings, reuse_port=False))
+    # Migrate once in the parent so the workers do not queue on the migration lock at start.
+    asyncio.run(_migrate_quietly(settings))
+    return _serve_many(settings, workers)
+
+
+async def _migrate_quietly(settings: Settings) -> None:
+    from batlehub.db import create_database
+
+    db = create_database(settings)
+    await db.connect()
+    try:
+        await db.migrate(progress=lambda message: log.info("applying %s", message))
+    finally:
+        await db.close()
+
+
+def _serve_many(settings: Settings, workers: int) -> int:
+    """N processes sharing the port through SO_REUSEPORT; SIGTERM is passed on to each."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise StartupError("server.workers > 1 needs SO_REUSEPORT, which this platform lacks")
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(settings, i), name=f"batlehub-worker-{i}") for i in range(workers)]
+    for proc in procs:
+        proc.start()
+    log.info("started %d workers on %s:%d", workers, settings.server.host, settings.server.port)
+
+    def forward(signum: int, _frame: Any) -> None:
+        for proc in procs:
+            if proc.pid and proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    for proc in procs:
+        proc.join()
+        code = code or (proc.exitcode or 0)
+    return code
+
+
+def _worker_main(settings: Settings, index: int) -> None:
+    _setup_logging(logging.getLevelName(logging.getLogger().level) if index else "INFO")
+    raise SystemExit(asyncio.run(_serve_one(settings, reuse_port=True)))
+
+
+async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
+    from aiohttp import web
+
+    from batlehub import appkeys
+    from batlehub.app import create_app
+
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_secs
+    )
+    try:
+        await runner.setup()
+    except (ConfigError, StartupError):
+        await runner.cleanup()
+        raise
+    site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_port=reuse_port or None, backlog=1024)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(
+            f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror or exc}"
+            " (change server.port or BATLEHUB_SERVER__PORT)"
+        ) from exc
+    log.info(
+        "BatleHub %s listening on http://%s:%d (config: %s; data: %s)",
+        __version__,
+        settings.server.host,
+        settings.server.port,
+        settings.source,
+        settings.data_dir,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    # Fail health first so a load balancer stops sending new requests, then stop accepting and
+    # let in-flight requests finish (up to shutdown_timeout_secs) before closing the backends.
+    app[appkeys.STATE].shutting_down = True
+    log.info("shutting down: draining in-flight requests (up to %gs)", settings.server.shutdown_timeout_secs)
+    await runner.cleanup()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""The request pipeline (DESIGN §8), as aiohttp middlewares, outermost first:
+
+1. `access_log`: finds the client IP, times the request, writes one line per request, and counts
+   responses in `ip_blocking.trigger_on_status` as violations of that IP.
+2. `errors`: maps domain errors (`batlehub.errors`) and aiohttp's HTTP exceptions to JSON
+   `{"error": ...}`; anything unexpected becomes a logged 500.
+3. `cors`: answers preflights and adds CORS headers for `server.cors_allowed_origins`.
+4. `guard`: IP block (403 + `X-Block-Expires`), authentication (`request[IDENTITY]`), rate limit
+   (429 + `Retry-After`, `X-RateLimit-*`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from batlehub import appkeys
+from batlehub.auth import ANONYMOUS, Identity
+from batlehub.errors import BatleHubError, Forbidden, RateLimited
+from batlehub.interfaces import IpBlock
+from batlehub.net import client_ip, is_trusted
+
+log = logging.getLogger("batlehub.server")
+access_log_logger = logging.getLogger("batlehub.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+HEALTH_PATH = "/api/v1/admin/health"
+REGISTRY_PREFIX = "/registries/"
+
+
+def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps({"error": message}).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+@web.middleware
+async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    settings = request.app[appkeys.SETTINGS]
+    ip = client_ip(request.remote, request.headers, settings.server.trusted_proxies)
+    request[appkeys.CLIENT_IP] = ip
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
+        access_log_logger.info(
+            "%s %s %d %.1fms user=%s ip=%s",
+            request.method,
+            request.rel_url.raw_path,
+            status,
+            elapsed_ms,
+            identity.user_id or "-",
+            ip,
+        )
+        blocking = settings.ip_blocking
+        if blocking.enabled and status in blocking.trigger_on_status and request.path != HEALTH_PATH:
+            await _count_violation(request, ip)
+
+
+async def _count_violation(request: web.Request, ip: str) -> None:
+    settings = request.app[appkeys.SETTINGS]
+    if is_trusted(ip, settings.server.trusted_proxies):
+        return  # a proxy we trust is never banned: that would ban everyone behind it
+    blocking = settings.ip_blocking
+    cache = request.app[appkeys.CACHE]
+    try:
+        count = await cache.record_violation(ip, blocking.violation_window_secs)
+        if count >= blocking.violation_threshold:
+            now = time.time()
+            await cache.block_ip(
+                IpBlock(
+                    ip=ip,
+                    reason=f"{count} violations within {blocking.violation_window_secs:g}s",
+                    expires_at=now + blocking.ban_duration_secs,
+                    created_at=now,
+                )
+            )
+            log.warning("blocked %s for %gs after %d violations", ip, blocking.ban_duration_secs, count)
+    except Exception:  # the cache being down must not turn a response into an error
+        log.warning("could not record a violation for %s", ip, exc_info=True)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BatleHubError as exc:
+        return json_error(exc.status, exc.message, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        headers = {k: v for k, v in exc.headers.items() if k.lower() not in ("content-type", "content-length")}
+        return json_error(exc.status, message.lower() if message == exc.reason else message, headers)
+    except (ConnectionResetError, TimeoutError) as exc:
+        if request.transport is None or request.transport.is_closing():
+            raise  # the client went away; nobody to answer
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return json_error(503, "service temporarily unavailable")
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_error(500, "internal server error")
+
+
+@web.middleware
+async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    allowed = request.app[appkeys.SETTINGS].server.cors_allowed_origins
+    origin = request.headers.get("Origin")
+    if not origin or not allowed or ("*" not in allowed and origin not in allowed):
+        return await handler(request)
+    allow_origin = "*" if "*" in allowed else origin
+    if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Origin": allow_origin,
+                "Access-Control-Allow-Methods": "GET, HEAD, PUT, POST, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": request.headers.get(
+                    "Access-Control-Request-Headers", "Authorization, Content-Type"
+                ),
+                "Access-Control-Max-Age": "600",
+                "Vary": "Origin",
+            },
+        )
+    response = await handler(request)
+    response.headers["Access-Control-Allow-Origin"] = allow_origin
+    response.headers.setdefault("Vary", "Origin")
+    return response
+
+
+@web.middleware
+async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path == HEALTH_PATH:
+        return await handler(request)  # never blocked, never authenticated, never limited
+    app = request.app
+    cache = app[appkeys.CACHE]
+    ip = request[appkeys.CLIENT_IP]
+    block = await _block_of(cache, ip)
+    if block is not None:
+        raise Forbidden(
+            f"your address {ip} is blocked until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(block.expires_at))}",
+            headers={"X-Block-Expires": str(int(block.expires_at))},
+        )
+    identity = await app[appkeys.AUTH].authenticate(request.headers.get("Authorization"))
+    request[appkeys.IDENTITY] = identity
+
+    registry = _registry_of(request)
+    limit = registry.rate_limit if registry is not None else None
+    if limit is None:
+        return await handler(request)
+    subject = f"user:{identity.user_id}" if identity.user_id else f"ip:{ip}"
+    try:
+        counted = await cache.incr_window(f"ratelimit:{registry.name}:{subject}", limit.window_secs)  # type: ignore[union-attr]
+    except Exception:
+        log.warning("rate limiting is failing open: the cache backend did not answer ([cache] settings)")
+        return await handler(request)
+    reset = max(1, math.ceil(counted.reset_in_secs))
+    headers = {
+        "X-RateLimit-Limit": str(limit.requests_per_window),
+        "X-RateLimit-Remaining": str(max(0, limit.requests_per_window - counted.count)),
+        "X-RateLimit-Reset": str(reset),
+    }
+    if counted.count > limit.requests_per_window:
+        raise RateLimited(
+            f"rate limit of {limit.requests_per_window} requests per {limit.window_secs:g}s exceeded;"
+            f" retry in {reset}s",
+            headers={**headers, "Retry-After": str(reset)},
+        )
+    try:
+        response = await handler(request)
+    except BatleHubError as exc:
+        exc.headers.update(headers)
+        raise
+    for key, value in headers.items():
+        response.headers[key] = value
+    return response
+
+
+async def _block_of(cache: object, ip: str) -> IpBlock | None:
+    try:
+        return await cache.get_block(ip)  # type: ignore[attr-defined, no-any-return]
+    except Exception:
+        log.warning("IP blocks cannot be checked: the cache backend did not answer ([cache] settings)")
+        return None
+
+
+def _registry_of(request: web.Request):  # type: ignore[no-untyped-def]
+    path = request.path
+    if not path.startswith(REGISTRY_PREFIX):
+        return None
+    name = path[len(REGISTRY_PREFIX) :].split("/", 1)[0]
+    return request.app[appkeys.SETTINGS].registry(name)
+
+
+MIDDLEWARES = [access_log, errors, cors, guard]
