@@ -27,8 +27,8 @@ class BadRequest(BatleHubError):
 class Unauthorized(BatleHubError):
     status = 401
 
-    def __init__(self, message: str = "authentication required", **kw: Mapping[str, str]) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
+    def __init__(self, message: str = "authentication required", *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, headers=headers)
 
 
 class Forbidden(BatleHubError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,10 +45,10 @@ def is_trusted(ip: str | None, trusted: Sequence[Network]) -> bool:
     return parsed is not None and any(parsed in net for net in trusted)
 
 
-def client_ip(peer: str | None, headers: web.Request | object, trusted: Sequence[Network]) -> str:
+def client_ip(peer: str | None, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
     """The client's address: walk `X-Forwarded-For` from the right past trusted hops when the
     direct peer is trusted; otherwise the direct peer itself."""
-    get = headers.get if hasattr(headers, "get") else (lambda _k, _d=None: None)  # type: ignore[attr-defined]
+    get = headers.get
     peer_ip = _parse_ip(peer) if peer else None
     peer_text = str(peer_ip) if peer_ip else (peer or "unknown")
     has_forwarding = bool(get("X-Forwarded-For") or get("X-Real-IP"))
