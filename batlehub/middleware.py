@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from opentelemetry import trace
 
 from batlehub import appkeys
 from batlehub.auth import ANONYMOUS, Identity
@@ -27,6 +28,8 @@ from batlehub.net import client_ip, is_trusted
 
 log = logging.getLogger("batlehub.server")
 access_log_logger = logging.getLogger("batlehub.access")
+# A no-op tracer unless the operator installs and configures an OpenTelemetry SDK ([otel]).
+tracer = trace.get_tracer("batlehub")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -50,28 +53,33 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     request[appkeys.CLIENT_IP] = ip
     started = time.perf_counter()
     status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        elapsed_ms = (time.perf_counter() - started) * 1000
-        identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
-        access_log_logger.info(
-            "%s %s %d %.1fms user=%s ip=%s",
-            request.method,
-            request.rel_url.raw_path,
-            status,
-            elapsed_ms,
-            identity.user_id or "-",
-            ip,
-        )
-        blocking = settings.ip_blocking
-        if blocking.enabled and status in blocking.trigger_on_status and request.path != HEALTH_PATH:
-            await _count_violation(request, ip)
+    attributes = {"http.request.method": request.method, "url.path": request.path, "client.address": ip}
+    with tracer.start_as_current_span(
+        f"{request.method} {request.path}", kind=trace.SpanKind.SERVER, attributes=attributes
+    ) as span:
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            span.set_attribute("http.response.status_code", status)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
+            access_log_logger.info(
+                "%s %s %d %.1fms user=%s ip=%s",
+                request.method,
+                request.rel_url.raw_path,
+                status,
+                elapsed_ms,
+                identity.user_id or "-",
+                ip,
+            )
+            blocking = settings.ip_blocking
+            if blocking.enabled and status in blocking.trigger_on_status and request.path != HEALTH_PATH:
+                await _count_violation(request, ip)
 
 
 async def _count_violation(request: web.Request, ip: str) -> None:
