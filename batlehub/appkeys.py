@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 if TYPE_CHECKING:
     import pluggy
 
-    from batlehub.auth import Authenticator, Identity
+    from batlehub.auth import Authenticator
     from batlehub.config import RegistrySettings, Settings
     from batlehub.db import Database
     from batlehub.interfaces import CacheBackend, Registry, RegistryServices, StorageBackend
