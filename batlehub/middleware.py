@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from opentelemetry import trace
 
-from batlehub import appkeys
+from batlehub import appkeys, audit
 from batlehub.auth import ANONYMOUS, Identity
 from batlehub.errors import BatleHubError, Forbidden, RateLimited
 from batlehub.interfaces import IpBlock
@@ -34,6 +34,7 @@ tracer = trace.get_tracer("batlehub")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 HEALTH_PATH = "/api/v1/admin/health"
+_BLOCKED = "batlehub.blocked"
 REGISTRY_PREFIX = "/registries/"
 
 
@@ -77,9 +78,30 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
                 identity.user_id or "-",
                 ip,
             )
+            if status in (401, 403) and not request.get(_BLOCKED):
+                await _audit_denied(request, identity, ip, status)
             blocking = settings.ip_blocking
             if blocking.enabled and status in blocking.trigger_on_status and request.path != HEALTH_PATH:
                 await _count_violation(request, ip)
+
+
+async def _audit_denied(request: web.Request, identity: Identity, ip: str, status: int) -> None:
+    """Denied requests go to the audit log (requests refused by an IP block do not: a banned client
+    hammering us must not turn into a database write per request)."""
+    registry = _registry_of(request)
+    try:
+        await audit.record(
+            request.app[appkeys.DATABASE],
+            "request.denied",
+            registry=registry.name if registry else None,
+            user_id=identity.user_id,
+            target=f"{request.method} {request.rel_url.raw_path}"[:500],
+            client_ip=ip,
+            result="denied",
+            detail={"status": status},
+        )
+    except Exception:
+        log.warning("could not write a denied request to the audit log", exc_info=True)
 
 
 async def _count_violation(request: web.Request, ip: str) -> None:
@@ -162,6 +184,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     ip = request[appkeys.CLIENT_IP]
     block = await _block_of(cache, ip)
     if block is not None:
+        request[_BLOCKED] = True
         raise Forbidden(
             f"your address {ip} is blocked until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(block.expires_at))}",
             headers={"X-Block-Expires": str(int(block.expires_at))},
