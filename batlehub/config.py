@@ -24,7 +24,7 @@ DEFAULT_RBAC: dict[str, tuple[str, ...]] = {
     "admin": ("*",),
 }
 # Environment variables under our prefix that are not settings.
-_NOT_SETTINGS = {"CONFIG", "DISABLE_PLUGIN_AUTOLOAD", "DATA_DIR", "LOAD_DOTENV", "TEST_SERVICES"}
+_NOT_SETTINGS = {"CONFIG", "DISABLE_PLUGIN_AUTOLOAD", "DATA_DIR", "LOAD_DOTENV", "TEST_SERVICES", "LOG_LEVEL"}
 # Keys of a `[[registries]]` entry that core owns; the rest belong to the registry format.
 REGISTRY_CORE_KEYS = frozenset({"type", "name", "rbac", "rate_limit", "quota"})
 
