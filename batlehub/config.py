@@ -23,8 +23,10 @@ DEFAULT_RBAC: dict[str, tuple[str, ...]] = {
     "user": ("releases:read", "source:read", "releases:publish"),
     "admin": ("*",),
 }
-# Environment variables under our prefix that are not settings.
+# Environment variables under our prefix that are not settings (BATLEHUB_TEST_* belong to the test
+# harness, which a `batlehub serve` started by a test inherits).
 _NOT_SETTINGS = {"CONFIG", "DISABLE_PLUGIN_AUTOLOAD", "DATA_DIR", "LOAD_DOTENV", "TEST_SERVICES", "LOG_LEVEL"}
+_NOT_SETTINGS_PREFIX = "TEST_"
 # Keys of a `[[registries]]` entry that core owns; the rest belong to the registry format.
 REGISTRY_CORE_KEYS = frozenset({"type", "name", "rbac", "rate_limit", "quota"})
 
@@ -163,8 +165,12 @@ def read_raw(config_file: str | os.PathLike[str] | None) -> tuple[dict[str, Any]
         raw = dyn.as_dict()
     except Exception as exc:  # dynaconf surfaces TOML syntax errors as assorted exception types
         raise ConfigError([f"{config_file}: cannot be read: {exc}"]) from exc
-    merged = {k.lower(): _lower_keys(v) for k, v in raw.items() if k.upper() not in _NOT_SETTINGS}
+    merged = {k.lower(): _lower_keys(v) for k, v in raw.items() if not _is_cli_variable(k)}
     return merged, (str(config_file) if config_file else "embedded default")
+
+
+def _is_cli_variable(key: str) -> bool:
+    return key.upper() in _NOT_SETTINGS or key.upper().startswith(_NOT_SETTINGS_PREFIX)
 
 
 def _lower_keys(value: Any) -> Any:
