@@ -143,6 +143,7 @@ def test_cli_only_variables_are_not_settings(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("BATLEHUB_LOG_LEVEL", "DEBUG")
     monkeypatch.setenv("BATLEHUB_DISABLE_PLUGIN_AUTOLOAD", "1")
     monkeypatch.setenv("BATLEHUB_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("BATLEHUB_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1/x")  # the test harness's
     settings = load_settings(None)
     assert settings.data_dir == tmp_path / "d"
 
