@@ -38,7 +38,9 @@ async def consume(conn: Connection, registry: RegistrySettings, user_id: str | N
     max_versions = quota.max_versions_per_user if quota and quota.max_versions_per_user else _UNLIMITED
     row = await conn.fetchrow(
         "UPDATE quota_usage SET bytes = bytes + $3, versions = versions + 1"
-        " WHERE registry = $1 AND user_id = $2 AND bytes + $3 <= $4 AND versions + 1 <= $5"
+        # The casts: PostgreSQL would type $5 like `versions` (int4), and "unlimited" does not fit.
+        " WHERE registry = $1 AND user_id = $2"
+        " AND bytes + $3 <= CAST($4 AS BIGINT) AND versions + 1 <= CAST($5 AS BIGINT)"
         " RETURNING bytes, versions",
         registry.name,
         user_id,
