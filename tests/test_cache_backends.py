@@ -18,14 +18,6 @@ from batlehub.errors import ConfigError
 from batlehub.plugins import flatten, get_plugin_manager
 from batlehub.testing.cache_contract import CacheBackendContract
 
-# TODO(harness): drop once batlehub/testing/services.py provides `postgres_url`.
-_LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> str:
-    return _LOCAL_POSTGRES
-
 
 async def _drop_tables(url: str, prefix: str) -> None:
     conn = await asyncpg.connect(url)

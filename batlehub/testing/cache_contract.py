@@ -47,6 +47,12 @@ ODD_KEYS = [
 ]
 
 
+async def _open_many_connections(cache: CacheBackend) -> None:
+    """Fill a pooled backend's pool first: while every call waits for a new connection, calls
+    happen one after another and a race would go unnoticed."""
+    await asyncio.gather(*(cache.get("warm-up") for _ in range(60)))
+
+
 class CacheBackendContract:
     """Behaviour every cache backend shares. Subclass it; do not name the subclass's tests."""
 
@@ -165,6 +171,7 @@ class CacheBackendContract:
         assert 0 < after.reset_in_secs <= SHORT
 
     async def test_concurrent_increments_are_never_lost(self, cache: CacheBackend) -> None:
+        await _open_many_connections(cache)
         results = await asyncio.gather(*(cache.incr_window("hot", 60) for _ in range(200)))
         assert sorted(r.count for r in results) == list(range(1, 201))
         assert (await cache.incr_window("hot", 60)).count == 201
@@ -246,6 +253,7 @@ class CacheBackendContract:
     # --- leases -----------------------------------------------------------------------------------
 
     async def test_lease_is_exclusive_under_contention(self, cache: CacheBackend) -> None:
+        await _open_many_connections(cache)
         owners = [f"replica-{i}" for i in range(50)]
         taken = await asyncio.gather(*(cache.acquire_lease("fetch:lodash", o, 30) for o in owners))
         assert taken.count(True) == 1
