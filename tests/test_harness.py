@@ -1,0 +1,165 @@
+"""The test harness gives working services: each fixture is exercised with a real client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import botocore.exceptions
+import pytest
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from batlehub.testing.npm import make_package, npm_env, run_npm
+from batlehub.testing.services import s3_client
+
+
+async def test_postgres_answers_queries(postgres_url: str) -> None:
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+
+
+# Names handed out by `fresh_postgres_url`, to check that they are dropped afterwards.
+_FRESH_DATABASES: list[str] = []
+
+
+async def test_fresh_postgres_database_is_empty_and_private(fresh_postgres_url: str) -> None:
+    conn = await asyncpg.connect(fresh_postgres_url)
+    try:
+        tables = await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        await conn.execute("CREATE TABLE only_here (id int)")
+        name = await conn.fetchval("SELECT current_database()")
+    finally:
+        await conn.close()
+    assert tables == 0
+    assert name != "postgres"
+    _FRESH_DATABASES.append(name)
+
+
+async def test_fresh_postgres_database_is_dropped_after_the_test(postgres_url: str) -> None:
+    if not _FRESH_DATABASES:
+        pytest.skip("runs after test_fresh_postgres_database_is_empty_and_private")
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        rows = await conn.fetch("SELECT datname FROM pg_database WHERE datname = ANY($1)", _FRESH_DATABASES)
+    finally:
+        await conn.close()
+    assert rows == []
+
+
+async def test_redis_answers_ping(redis_url: str) -> None:
+    client = aioredis.from_url(redis_url)
+    try:
+        assert await client.ping() is True
+        await client.set("harness", "ok")
+        assert await client.get("harness") == b"ok"
+    finally:
+        await client.aclose()
+
+
+async def test_redis_can_be_stopped_and_started_on_the_same_url(redis_server: Any) -> None:
+    url = redis_server.url
+    redis_server.stop()
+    client = aioredis.from_url(url)
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await client.ping()
+        redis_server.start()
+        assert redis_server.url == url
+        assert await client.ping() is True
+    finally:
+        await client.aclose()
+
+
+def test_s3_stores_and_returns_objects(s3_config: dict[str, Any]) -> None:
+    client = s3_client(s3_config)
+    key = f"harness/{uuid.uuid4().hex}"
+    client.put_object(Bucket=s3_config["bucket"], Key=key, Body=b"hello s3")
+    body = client.get_object(Bucket=s3_config["bucket"], Key=key)["Body"].read()
+    assert body == b"hello s3"
+    assert s3_config["force_path_style"] is True
+
+
+def test_s3_rejects_wrong_secret(s3_config: dict[str, Any]) -> None:
+    # SeaweedFS checks signatures, unlike an in-process fake: a wrong key must be refused.
+    client = s3_client({**s3_config, "secret_access_key": "wrong"})
+    with pytest.raises(botocore.exceptions.ClientError, match=r"SignatureDoesNotMatch|AccessDenied"):
+        client.put_object(Bucket=s3_config["bucket"], Key="harness/denied", Body=b"x")
+
+
+def test_s3_objects_survive_a_restart(seaweedfs: Any) -> None:
+    client = seaweedfs.client()
+    key = f"harness/{uuid.uuid4().hex}"
+    client.put_object(Bucket=seaweedfs.bucket, Key=key, Body=b"durable")
+    seaweedfs.stop()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", seaweedfs.port)) != 0
+    seaweedfs.start()
+    assert client.get_object(Bucket=seaweedfs.bucket, Key=key)["Body"].read() == b"durable"
+
+
+def _get_json(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return dict(json.load(response))
+
+
+@pytest.mark.slow
+@pytest.mark.npm_cli
+def test_verdaccio_accepts_a_publish_from_the_npm_cli(verdaccio: Any, tmp_path: Path) -> None:
+    name = f"harness-{uuid.uuid4().hex[:8]}"
+    verdaccio.publish(make_package(tmp_path, name, "1.0.0", files={"README.md": "# hi\n"}))
+
+    packument = _get_json(f"{verdaccio.url}{name}")
+    assert packument["dist-tags"]["latest"] == "1.0.0"
+    assert packument["versions"]["1.0.0"]["dist"]["tarball"].startswith(verdaccio.url)
+    assert verdaccio.request_count(f"/{name}", method="PUT") == 1
+
+
+@pytest.mark.slow
+@pytest.mark.npm_cli
+def test_npm_installs_from_verdaccio_with_an_isolated_config(verdaccio: Any, node_tools: Any, tmp_path: Path) -> None:
+    dep = f"harness-dep-{uuid.uuid4().hex[:8]}"
+    verdaccio.publish(make_package(tmp_path / "pkgs", dep, "2.0.0"))
+    project = make_package(tmp_path / "app", "app", "0.0.0", dependencies={dep: "^2.0.0"}, private=True)
+    before = verdaccio.request_count(f"/{dep}")
+
+    env = npm_env(tmp_path, verdaccio.url)
+    result = run_npm(["install"], cwd=project, env=env, npm=node_tools.npm)
+
+    assert result.returncode == 0, result.stderr
+    installed = json.loads((project / "node_modules" / dep / "package.json").read_text())
+    assert installed["version"] == "2.0.0"
+    assert verdaccio.request_count(f"/{dep}") == before + 1
+
+
+@pytest.mark.slow
+@pytest.mark.npm_cli
+def test_pnpm_and_yarn_are_installed(node_tools: Any) -> None:
+    import subprocess
+
+    for client, major in ((node_tools.pnpm, None), (node_tools.yarn, "1.")):
+        out = subprocess.run([client, "--version"], capture_output=True, text=True, timeout=60, check=True)
+        assert out.stdout.strip()[0].isdigit()
+        if major:
+            assert out.stdout.startswith(major)
+
+
+@pytest.mark.slow
+def test_verdaccio_keeps_packages_across_a_restart(verdaccio: Any, tmp_path: Path) -> None:
+    name = f"harness-restart-{uuid.uuid4().hex[:8]}"
+    verdaccio.publish(make_package(tmp_path, name, "1.0.0"))
+    url = verdaccio.url
+    verdaccio.stop()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}{name}", timeout=5)
+    verdaccio.start()
+    assert verdaccio.url == url
+    assert _get_json(f"{url}{name}")["name"] == name
