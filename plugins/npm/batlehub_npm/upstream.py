@@ -362,7 +362,7 @@ class UpstreamProxy:
             if doc is not None:
                 self.stats.cache_hits += 1
                 return doc
-            if self._failed_until.get(f"{variant}:{name}", 0.0) > time.monotonic():
+            if self.serve_stale and self._failed_until.get(f"{variant}:{name}", 0.0) > time.monotonic():
                 last = await self._last_good(name, variant)
                 if last is not None:
                     self.stats.stale_served += 1

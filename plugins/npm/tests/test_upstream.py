@@ -17,7 +17,7 @@ import json
 import tarfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from aiohttp import web
 from batlehub_npm.upstream import UpstreamProxy, blob_key, sri_to_hex
 
 from batlehub.builtin.cache_memory import MemoryCache
+from batlehub.builtin.cache_postgres import PostgresCache
 from batlehub.builtin.storage_filesystem import FilesystemStorage
 from batlehub.config import RegistrySettings, Settings
 from batlehub.db import PostgresDatabase, SqliteDatabase
@@ -359,20 +360,45 @@ async def test_fifty_concurrent_requests_make_one_upstream_request(
     assert verdaccio.request_count(f"/{name}") == 1
 
 
+@pytest.fixture(params=["memory", "redis", "postgres"])
+async def replica_caches(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], Awaitable[CacheBackend]]]:
+    """Cache clients for several replicas that share one cache: the same memory object (replicas
+    simulated in one process), or one client each on a real Redis / PostgreSQL."""
+    opened: list[CacheBackend] = []
+    shared = MemoryCache()
+    prefix = f"t{uuid.uuid4().hex[:8]}_"
+
+    async def make() -> CacheBackend:
+        if request.param == "memory":
+            return shared
+        if request.param == "redis":
+            redis_backend = pytest.importorskip("batlehub_cache_redis.backend")
+            cache: Any = redis_backend.RedisCache(request.getfixturevalue("redis_url"), prefix=prefix)
+        else:
+            cache = PostgresCache(request.getfixturevalue("postgres_url"), table_prefix=prefix)
+        await cache.open()
+        opened.append(cache)
+        return cache
+
+    yield make
+    for cache in opened:
+        await cache.close()
+
+
 async def test_replicas_sharing_a_cache_make_one_upstream_request(
     verdaccio: Any,
     http: aiohttp.ClientSession,
     make_services: Callable[[CacheBackend], RegistryServices],
+    replica_caches: Callable[[], Awaitable[CacheBackend]],
     proxies: Callable[..., UpstreamProxy],
 ) -> None:
     name = unique()
     await publish(http, verdaccio, name, "1.0.0")
-    shared = MemoryCache()
-    replicas = [proxies(make_services(shared), [verdaccio.url]) for _ in range(3)]
+    replicas = [proxies(make_services(await replica_caches()), [verdaccio.url]) for _ in range(3)]
 
     docs = await asyncio.gather(*(replicas[i % 3].packument(name) for i in range(60)))
 
-    assert all(d is not None for d in docs)
+    assert all(d is not None and "1.0.0" in d.data["versions"] for d in docs)
     assert sum(r.stats.metadata_requests for r in replicas) == 1
     assert verdaccio.request_count(f"/{name}") == 1
 
@@ -405,6 +431,7 @@ async def test_expired_copy_is_revalidated_without_a_download(
     assert proxy.stats.metadata_downloads == 2
 
 
+@pytest.mark.parametrize("db", ["sqlite", "postgresql"], indirect=True)
 async def test_upstream_down_serves_the_last_good_copy_even_after_a_restart(
     verdaccio: Any,
     http: aiohttp.ClientSession,
