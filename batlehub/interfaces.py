@@ -193,7 +193,12 @@ class StorageBackend(Protocol):
 
     def get(self, key: str, start: int | None = None, end: int | None = None) -> AsyncIterator[bytes]:
         """Stream the object's bytes, optionally only `[start, end)`. Raises `NotFound` if missing
-        (before yielding anything)."""
+        (before yielding anything).
+
+        `start=None` means 0 and `end=None` the size; an `end` past the size is clamped to it. An
+        empty range (`start >= end`, or `start >= size`) yields nothing and is not an error, so a
+        caller that parsed an HTTP `Range` decides about 416 itself. Negative offsets raise
+        `ValueError`. `batlehub.testing.storage_contract` checks all of this."""
 
     async def stat(self, key: str) -> BlobStat | None:
         """Size and modification time, or None if there is no such object."""
@@ -202,7 +207,8 @@ class StorageBackend(Protocol):
         """Remove the object; True if it existed."""
 
     def list(self, prefix: str = "") -> AsyncIterator[BlobStat]:
-        """Every object whose key starts with `prefix`."""
+        """Every object whose key starts with `prefix` (a plain string match: `"p1"` also matches
+        `p1x/a`), in no particular order."""
 
     # optional capabilities: return None when not supported
 
