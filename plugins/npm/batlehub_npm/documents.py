@@ -1,0 +1,293 @@
+"""Packuments and version documents as the npm clients read them.
+
+Two sources feed the same shapes: local packages (rows in the database, see `local.py`) and
+upstream documents (see `upstream.py`). Either way every `dist.tarball` is rewritten to point at
+this hub, so clients never talk to an upstream directly. Responses are pre-serialized once per
+(registry, package, revision, variant) and kept in a small per-process LRU (`RenderedCache`),
+with a strong ETag; whoever uses the cache must first check the shared revision.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from batlehub_npm.names import PackageName, latest_version
+
+ABBREVIATED_TYPE = "application/vnd.npm.install-v1+json"
+FULL_TYPE = "application/json"
+
+# What installing needs from each version (the abbreviated "corgi" form).
+ABBREVIATED_VERSION_FIELDS = (
+    "name",
+    "version",
+    "dependencies",
+    "optionalDependencies",
+    "devDependencies",
+    "peerDependencies",
+    "peerDependenciesMeta",
+    "bundleDependencies",
+    "bundledDependencies",
+    "acceptDependencies",
+    "bin",
+    "directories",
+    "engines",
+    "os",
+    "cpu",
+    "libc",
+    "dist",
+    "deprecated",
+    "funding",
+    "license",
+    "hasInstallScript",
+    "_hasShrinkwrap",
+)
+
+
+@dataclass(frozen=True)
+class LocalVersion:
+    version: str
+    manifest: dict[str, Any]
+    created: float
+
+
+@dataclass(frozen=True)
+class LocalPackage:
+    """A locally published package as stored: enough to build every document."""
+
+    name: PackageName
+    revision: int
+    created: float
+    modified: float
+    extra: dict[str, Any]
+    versions: list[LocalVersion]
+    dist_tags: dict[str, str]
+
+    @property
+    def rev(self) -> str:
+        return make_rev(self.name.name, self.created, self.revision)
+
+    @property
+    def stamp(self) -> str:
+        """Changes with every write and with every re-creation of the package."""
+        return revision_stamp(self.created, self.revision)
+
+
+def revision_stamp(created: float, revision: int) -> str:
+    return f"{created!r}:{revision}"
+
+
+def make_rev(name: str, created: float, revision: int) -> str:
+    """CouchDB-style `_rev`: the revision number plus a short hash that also changes when a
+    package is deleted and published again (its revision starts over, its creation time does not)."""
+    digest = hashlib.sha1(f"{name}\0{created!r}\0{revision}".encode()).hexdigest()[:16]
+    return f"{revision}-{digest}"
+
+
+def iso_time(ts: float) -> str:
+    """npm's timestamp format: ISO 8601, UTC, milliseconds."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+
+
+def tarball_url(base_url: str, registry: str, package: PackageName, version: str) -> str:
+    """Where clients download a tarball from: always this hub."""
+    return f"{base_url}/registries/{registry}/{package.name}/-/{package.tarball_filename(version)}"
+
+
+def with_tarball(manifest: Mapping[str, Any], url: str) -> dict[str, Any]:
+    """A shallow copy of `manifest` whose `dist.tarball` is `url` (the input is not changed)."""
+    out = dict(manifest)
+    dist = out.get("dist")
+    out["dist"] = {**(dist if isinstance(dist, Mapping) else {}), "tarball": url}
+    return out
+
+
+def abbreviate_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: manifest[k] for k in ABBREVIATED_VERSION_FIELDS if k in manifest}
+    scripts = manifest.get("scripts")
+    if "hasInstallScript" not in out and isinstance(scripts, Mapping):
+        if any(k in scripts for k in ("preinstall", "install", "postinstall")):
+            out["hasInstallScript"] = True
+    return out
+
+
+def abbreviate(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The abbreviated packument of a full one (tarball URLs as they are in `doc`)."""
+    versions = doc.get("versions") if isinstance(doc.get("versions"), Mapping) else {}
+    time = doc.get("time") if isinstance(doc.get("time"), Mapping) else {}
+    out: dict[str, Any] = {
+        "name": doc.get("name"),
+        "modified": doc.get("modified") or time.get("modified") or iso_time(0),
+        "dist-tags": doc.get("dist-tags") or {},
+        "versions": {
+            v: abbreviate_manifest(m)
+            for v, m in versions.items()
+            if isinstance(m, Mapping)  # type: ignore[union-attr]
+        },
+    }
+    if time:
+        out["time"] = time  # pnpm's time-based resolution reads it when present
+    return out
+
+
+def local_packument(package: LocalPackage, base_url: str, registry: str, *, abbreviated: bool) -> dict[str, Any]:
+    """The packument of a local package (full, or abbreviated)."""
+    versions: dict[str, Any] = {}
+    time: dict[str, str] = {"created": iso_time(package.created), "modified": iso_time(package.modified)}
+    for item in package.versions:
+        manifest = with_tarball(item.manifest, tarball_url(base_url, registry, package.name, item.version))
+        versions[item.version] = manifest
+        time[item.version] = iso_time(item.created)
+    dist_tags = dict(package.dist_tags)
+    if "latest" not in dist_tags and versions:
+        dist_tags["latest"] = latest_version(list(versions)) or next(iter(versions))
+    if abbreviated:
+        return abbreviate(
+            {"name": package.name.name, "modified": time["modified"], "dist-tags": dist_tags, "versions": versions}
+        )
+    extra = package.extra
+    doc: dict[str, Any] = {
+        "_id": package.name.name,
+        "_rev": package.rev,
+        "name": package.name.name,
+        "description": extra.get("description", ""),
+        "dist-tags": dist_tags,
+        "versions": versions,
+        "time": time,
+        "maintainers": extra.get("maintainers", []),
+        "readme": extra.get("readme", ""),
+        "readmeFilename": extra.get("readmeFilename", ""),
+        "users": extra.get("users", {}),
+    }
+    for key in ("keywords", "license", "homepage", "repository", "bugs", "author"):
+        if key in extra:
+            doc[key] = extra[key]
+    return doc
+
+
+def proxied_packument(
+    data: Mapping[str, Any], package: PackageName, base_url: str, registry: str, *, abbreviated: bool
+) -> dict[str, Any]:
+    """An upstream packument with every tarball URL pointing at this hub (upstream URLs stay
+    known to the proxy only). `data` is not changed."""
+    doc = {k: v for k, v in data.items() if k not in ("_attachments", "_revisions")}
+    versions = data.get("versions")
+    if isinstance(versions, Mapping):
+        doc["versions"] = {
+            v: with_tarball(m, tarball_url(base_url, registry, package, v))
+            for v, m in versions.items()
+            if isinstance(m, Mapping)
+        }
+    if abbreviated:
+        return abbreviate(doc)
+    return doc
+
+
+def version_document(doc: Mapping[str, Any], version_or_tag: str) -> dict[str, Any] | None:
+    """The manifest of one version from a (full) packument; a tag name is resolved first."""
+    versions = doc.get("versions") or {}
+    tags = doc.get("dist-tags") or {}
+    version = version_or_tag if version_or_tag in versions else tags.get(version_or_tag)
+    manifest = versions.get(version) if isinstance(version, str) else None
+    return copy.deepcopy(manifest) if isinstance(manifest, Mapping) else None
+
+
+def serialize(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def content_etag(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def revision_etag(stamp: str, variant: str, base_url: str) -> str:
+    """A strong ETag known before building the document, so a 304 costs no database read."""
+    return '"' + hashlib.sha256(f"{stamp}\0{variant}\0{base_url}".encode()).hexdigest()[:32] + '"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    candidates = [c.strip() for c in if_none_match.split(",")]
+    return etag in candidates or f"W/{etag}" in candidates
+
+
+def wants_abbreviated(accept: str | None) -> bool:
+    """True when the client prefers the install-only form (npm, pnpm and yarn all ask so)."""
+    if not accept:
+        return False
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media.lower() == ABBREVIATED_TYPE:
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+    return False
+
+
+@dataclass
+class Rendered:
+    """A serialized document and its ETag; the gzip form is computed once, on first demand."""
+
+    body: bytes
+    etag: str
+    content_type: str
+    _gzipped: bytes | None = field(default=None, repr=False)
+
+    def gzipped(self) -> bytes:
+        if self._gzipped is None:
+            self._gzipped = gzip.compress(self.body, compresslevel=6, mtime=0)
+        return self._gzipped
+
+    @property
+    def size(self) -> int:
+        return len(self.body) + (len(self._gzipped) if self._gzipped else 0)
+
+
+class RenderedCache:
+    """Per-process LRU of rendered documents, bounded by total bytes.
+
+    Keys must contain everything the bytes depend on (registry, package, revision stamp or
+    upstream fetch identity, variant, base URL); a caller checks the shared revision before
+    trusting an entry, so an entry never outlives a write made on another replica.
+    """
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[Any, ...], Rendered] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> Rendered | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: tuple[Any, ...], item: Rendered) -> None:
+        if item.size * 4 > self.max_bytes:
+            return  # one huge document must not flush everything else
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old.size
+            self._items[key] = item
+            self._bytes += item.size
+            while self._bytes > self.max_bytes and self._items:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= evicted.size
+
+    def drop_package(self, registry: str, name: str) -> None:
+        """Forget a package's entries in this process (a write here; other replicas go by revision)."""
+        with self._lock:
+            for key in [k for k in self._items if k[:2] == (registry, name)]:
+                self._bytes -= self._items.pop(key).size

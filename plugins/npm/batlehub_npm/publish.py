@@ -1,0 +1,480 @@
+"""Reading `PUT /{package}` bodies as a stream.
+
+A publish body is JSON with the tarball inside as one base64 string
+(`_attachments.<file>.data`), and can be hundreds of megabytes. We never hold it whole: a small
+incremental JSON reader builds everything else as Python objects (bounded by
+`max_document_bytes`) and hands the attachment's bytes, base64-decoded chunk by chunk, to a
+callback while they arrive. The callback streams them into storage, hashing as it goes.
+
+npm sends `versions` before `_attachments`, so the manifest (and with it the expected digests) is
+usually known when the data starts; for clients that order keys differently the bytes are spooled
+to a temporary file first and stored once the manifest has been read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import os
+import re
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from batlehub.errors import BadRequest, IntegrityError, PayloadTooLarge
+from batlehub.interfaces import StorageBackend, StoredBlob
+from batlehub.storage import StreamDigest
+
+try:
+    from batlehub_npm.upstream import blob_key
+except ImportError:  # pragma: no cover - until upstream.py lands; same scheme as the contract
+
+    def blob_key(sha512_hex: str | None, sha1_hex: str | None) -> str:
+        if sha512_hex:
+            return f"npm/blobs/sha512/{sha512_hex[:2]}/{sha512_hex}"
+        if sha1_hex:
+            return f"npm/blobs/sha1/{sha1_hex[:2]}/{sha1_hex}"
+        raise ValueError("a blob key needs a digest")
+
+
+DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+"""Everything in a publish body except the tarball itself: manifests, readme, tags."""
+
+# base64 of N bytes takes 4*ceil(N/3) characters; allow for the JSON around it too.
+BASE64_OVERHEAD_NUM, BASE64_OVERHEAD_DEN = 4, 3
+
+_WS = b" \t\r\n"
+_STRING_SPECIAL = re.compile(rb'["\\]')
+_STRUCTURE = re.compile(rb'["{}\[\]]')
+_SCALAR_END = re.compile(rb"[,}\]\s]")
+_DECODE_BATCH = 256 * 1024  # base64 characters decoded at once
+
+ReadChunk = Callable[[], Awaitable[bytes]]
+StoreAttachment = Callable[[Mapping[str, Any], str, AsyncIterator[bytes]], Awaitable[Any]]
+
+
+def max_body_bytes(max_artifact_size: int, max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES) -> int:
+    """The largest publish body worth reading: the biggest tarball in base64 plus the document."""
+    return -(-max_artifact_size // 3) * 4 + max_document_bytes
+
+
+def malformed(detail: str) -> BadRequest:
+    return BadRequest(f"malformed package document: {detail}")
+
+
+@dataclass
+class ParsedBody:
+    document: dict[str, Any]
+    """The whole body except `_attachments`."""
+    attachments: dict[str, dict[str, Any]]
+    """Attachment file name -> its fields other than `data` (content_type, length)."""
+    stored: Any
+    """What the attachment callback returned, or None without attachment data."""
+
+
+class _Reader:
+    """A byte buffer over an async chunk source, with a budget for bytes kept as document."""
+
+    def __init__(self, read: ReadChunk, max_document_bytes: int) -> None:
+        self._read = read
+        self.buf = bytearray()
+        self.pos = 0
+        self.eof = False
+        self.document_bytes = 0
+        self.max_document_bytes = max_document_bytes
+
+    async def fill(self) -> bool:
+        """Append the next chunk; False at the end of the body. Never moves existing bytes."""
+        if self.eof:
+            return False
+        chunk = await self._read()
+        if not chunk:
+            self.eof = True
+            return False
+        self.buf += chunk
+        return True
+
+    def compact(self) -> None:
+        """Drop consumed bytes; only called where no caller holds an index into the buffer."""
+        if self.pos > 65536 and self.pos > len(self.buf) // 2:
+            del self.buf[: self.pos]
+            self.pos = 0
+
+    async def peek(self) -> int | None:
+        """The next non-whitespace byte (not consumed), or None at the end of the body."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in _WS:
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not await self.fill():
+                return None
+
+    async def expect(self, char: bytes) -> None:
+        found = await self.peek()
+        if found != char[0]:
+            got = "end of body" if found is None else repr(chr(found))
+            raise malformed(f"expected {char.decode()!r}, found {got}")
+        self.pos += 1
+
+    async def value(self) -> Any:
+        """Read one complete JSON value and decode it with the json module.
+
+        The end of the value is found with a resumable scan (strings, escapes, bracket depth), so
+        a value that arrives over many chunks is scanned once, not once per chunk.
+        """
+        first = await self.peek()
+        if first is None:
+            raise malformed("unexpected end of body")
+        self.compact()
+        start = self.pos
+        scalar = first not in b'{["'
+        in_string = first == ord('"')
+        depth = 0 if in_string else 1
+        scan = start + 1
+        end: int | None = None
+        while end is None:
+            if scalar:
+                match = _SCALAR_END.search(self.buf, start)
+                if match is not None:
+                    end = match.start()
+                    break
+            else:
+                while True:
+                    if in_string:
+                        match = _STRING_SPECIAL.search(self.buf, scan)
+                        if match is None:
+                            scan = len(self.buf)
+                            break
+                        if match.group() == b"\\":
+                            if match.end() >= len(self.buf):
+                                scan = match.start()  # the escaped byte has not arrived yet
+                                break
+                            scan = match.end() + 1
+                            continue
+                        in_string = False
+                        scan = match.end()
+                        if depth == 0:
+                            end = scan
+                            break
+                    else:
+                        match = _STRUCTURE.search(self.buf, scan)
+                        if match is None:
+                            scan = len(self.buf)
+                            break
+                        scan = match.end()
+                        token = match.group()
+                        if token == b'"':
+                            in_string = True
+                        elif token in (b"{", b"["):
+                            depth += 1
+                        else:
+                            depth -= 1
+                            if depth == 0:
+                                end = scan
+                                break
+                if end is not None:
+                    break
+            self._count(0, pending=len(self.buf) - start)
+            if not await self.fill():
+                if scalar:
+                    end = len(self.buf)
+                    break
+                raise malformed("unexpected end of body")
+        raw = bytes(self.buf[start:end])
+        self.pos = end
+        self._count(len(raw))
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise malformed(str(exc).split(":")[0]) from None
+
+    def _count(self, size: int, pending: int = 0) -> None:
+        self.document_bytes += size
+        if self.document_bytes + pending > self.max_document_bytes:
+            raise PayloadTooLarge(
+                f"package document (without the tarball) is larger than {self.max_document_bytes} bytes"
+            )
+
+    async def key(self) -> str:
+        if await self.peek() != ord('"'):
+            raise malformed("expected an object key")
+        key = await self.value()
+        await self.expect(b":")
+        return str(key)
+
+    async def after_member(self, closing: bytes) -> bool:
+        """After a member: True if another follows (`,`), False at the closing bracket."""
+        found = await self.peek()
+        if found == ord(","):
+            self.pos += 1
+            return True
+        if found == closing[0]:
+            self.pos += 1
+            return False
+        raise malformed(f"expected ',' or {closing.decode()!r}")
+
+    async def base64_string(self) -> AsyncIterator[bytes]:
+        """The decoded bytes of a base64 JSON string whose opening quote was just consumed."""
+        pending = bytearray()
+        padded = False
+
+        def decode(final: bool) -> bytes:
+            nonlocal padded
+            usable = len(pending) if final else len(pending) - len(pending) % 4
+            if not usable:
+                return b""
+            if padded:
+                raise BadRequest("attachment data is not valid base64: data after padding")
+            piece = bytes(pending[:usable])
+            del pending[:usable]
+            if final and len(piece) % 4:
+                raise BadRequest("attachment data is not valid base64: truncated")
+            try:
+                out = binascii.a2b_base64(piece, strict_mode=True)
+            except binascii.Error as exc:
+                raise BadRequest(f"attachment data is not valid base64: {exc}") from None
+            padded = piece.endswith(b"=")
+            return out
+
+        while True:
+            match = _STRING_SPECIAL.search(self.buf, self.pos)
+            stop = match.start() if match else len(self.buf)
+            pending += self.buf[self.pos : stop]
+            self.pos = stop
+            if match is not None and match.group() == b'"':
+                self.pos += 1
+                tail = decode(final=True)
+                if tail:
+                    yield tail
+                return
+            if match is not None:  # a backslash escape inside base64: only "\/" and line breaks make sense
+                if self.pos + 1 >= len(self.buf):
+                    if not await self.fill():
+                        raise malformed("unexpected end of body inside attachment data")
+                    continue
+                escaped = self.buf[self.pos + 1]
+                if escaped == ord("/"):
+                    pending += b"/"
+                elif escaped not in b"nr":
+                    raise BadRequest("attachment data is not valid base64")
+                self.pos += 2
+            if len(pending) >= _DECODE_BATCH:
+                out = decode(final=False)
+                if out:
+                    yield out
+            if match is None:
+                self.compact()
+                if not await self.fill():
+                    raise malformed("unexpected end of body inside attachment data")
+
+
+async def parse_document(
+    read: ReadChunk,
+    *,
+    store_attachment: StoreAttachment | None = None,
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
+) -> ParsedBody:
+    """Parse a package document from `read()` (returns b"" at the end).
+
+    `_attachments.<file>.data` is streamed into `store_attachment(document_so_far, file, chunks)`,
+    which must consume `chunks`; without a callback, attachment data is refused.
+    """
+    reader = _Reader(read, max_document_bytes)
+    document: dict[str, Any] = {}
+    attachments: dict[str, dict[str, Any]] = {}
+    stored: Any = None
+    await reader.expect(b"{")
+    if await reader.peek() == ord("}"):
+        reader.pos += 1
+    else:
+        while True:
+            key = await reader.key()
+            if key == "_attachments":
+                stored = await _attachments(reader, document, attachments, store_attachment)
+            else:
+                document[key] = await reader.value()
+            if not await reader.after_member(b"}"):
+                break
+    if await reader.peek() is not None:
+        raise malformed("unexpected data after the document")
+    return ParsedBody(document, attachments, stored)
+
+
+async def _attachments(
+    reader: _Reader,
+    document: dict[str, Any],
+    attachments: dict[str, dict[str, Any]],
+    store_attachment: StoreAttachment | None,
+) -> Any:
+    stored = None
+    if await reader.peek() == ord("n"):
+        if await reader.value() is not None:
+            raise malformed("_attachments must be an object")
+        return None
+    await reader.expect(b"{")
+    if await reader.peek() == ord("}"):
+        reader.pos += 1
+        return None
+    while True:
+        filename = await reader.key()
+        if attachments:
+            raise BadRequest("a publish may carry only one tarball attachment")
+        fields: dict[str, Any] = {}
+        attachments[filename] = fields
+        await reader.expect(b"{")
+        if await reader.peek() == ord("}"):
+            reader.pos += 1
+        else:
+            while True:
+                key = await reader.key()
+                if key == "data":
+                    if await reader.peek() != ord('"'):
+                        raise BadRequest(f"attachment {filename!r}: data must be a base64 string")
+                    if store_attachment is None:
+                        raise BadRequest("attachments are only accepted when publishing a new version")
+                    reader.pos += 1
+                    chunks = reader.base64_string()
+                    stored = await store_attachment(document, filename, chunks)
+                    async for _ in chunks:  # a callback that stopped early: the string must still be valid
+                        pass
+                    fields["_has_data"] = True
+                else:
+                    fields[key] = await reader.value()
+                if not await reader.after_member(b"}"):
+                    break
+        if not await reader.after_member(b"}"):
+            break
+    return stored
+
+
+# --- from a manifest's dist to storage ----------------------------------------------------------
+
+
+def expected_digests(dist: Any) -> dict[str, str]:
+    """The hex digests a manifest's `dist` announces: sha512 from `integrity` (SRI), sha1 from
+    `shasum`. Malformed values are a 400: they would otherwise fail as a confusing mismatch."""
+    if dist is None:
+        return {}
+    if not isinstance(dist, Mapping):
+        raise BadRequest("manifest field dist must be an object")
+    expected: dict[str, str] = {}
+    integrity = dist.get("integrity")
+    if integrity is not None:
+        if not isinstance(integrity, str):
+            raise BadRequest("dist.integrity must be a string")
+        for entry in integrity.split():
+            algorithm, sep, value = entry.partition("-")
+            if not sep or algorithm not in ("sha512", "sha256", "sha1"):
+                continue
+            try:
+                raw = base64.b64decode(value.split("?", 1)[0], validate=True)
+            except (binascii.Error, ValueError):
+                raise BadRequest(f"dist.integrity is not a valid SRI string: {entry[:40]!r}") from None
+            expected[algorithm] = raw.hex()
+    shasum = dist.get("shasum")
+    if shasum is not None:
+        if not isinstance(shasum, str) or not re.fullmatch(r"[0-9a-fA-F]{40}", shasum):
+            raise BadRequest("dist.shasum must be 40 hex digits")
+        if expected.get("sha1", shasum.lower()) != shasum.lower():
+            raise BadRequest("dist.shasum and dist.integrity disagree")
+        expected["sha1"] = shasum.lower()
+    return expected
+
+
+def single_manifest(document: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The one version manifest of a publish body, if `versions` was read already."""
+    versions = document.get("versions")
+    if isinstance(versions, Mapping) and len(versions) == 1:
+        manifest = next(iter(versions.values()))
+        return manifest if isinstance(manifest, dict) else None
+    return None
+
+
+@dataclass
+class _Spooled:
+    path: Path
+    digest: StreamDigest
+
+
+class TarballSink:
+    """The attachment callback for publishes: streams straight into storage under its
+    content-addressed key when the manifest's sha512 is already known, else spools to a
+    temporary file first. `finish()` returns the stored blob either way."""
+
+    def __init__(self, storage: StorageBackend, max_size: int, spool_dir: Path | None = None) -> None:
+        self.storage = storage
+        self.max_size = max_size
+        self.spool_dir = spool_dir
+        self._result: StoredBlob | _Spooled | None = None
+
+    async def __call__(self, document: Mapping[str, Any], filename: str, chunks: AsyncIterator[bytes]) -> Any:
+        manifest = single_manifest(document)
+        expected = expected_digests(manifest.get("dist")) if manifest else {}
+        if "sha512" in expected:
+            key = blob_key(expected["sha512"], expected.get("sha1"))
+            self._result = await self.storage.put(key, chunks, max_size=self.max_size, expected=expected)
+        else:
+            self._result = await self._spool(chunks)
+        return self._result
+
+    async def _spool(self, chunks: AsyncIterator[bytes]) -> _Spooled:
+        if self.spool_dir is not None:
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="npm-publish-", suffix=".tgz", dir=self.spool_dir)
+        digest = StreamDigest(self.max_size)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                async for chunk in chunks:
+                    digest.update(chunk)
+                    fh.write(chunk)
+        except BaseException:
+            os.unlink(name)
+            raise
+        return _Spooled(Path(name), digest)
+
+    async def finish(self, manifest: Mapping[str, Any]) -> StoredBlob | None:
+        """The stored tarball, verified against `manifest.dist`; None if the body had no data."""
+        result = self._result
+        if result is None or isinstance(result, StoredBlob):
+            return result
+        try:
+            expected = expected_digests(manifest.get("dist"))
+            result.digest.check(expected)
+            digests = result.digest.digests()
+            key = blob_key(digests["sha512"], digests["sha1"])
+
+            async def file_chunks() -> AsyncIterator[bytes]:
+                fh = await asyncio.to_thread(result.path.open, "rb")
+                try:
+                    while block := await asyncio.to_thread(fh.read, 1024 * 1024):
+                        yield block
+                finally:
+                    fh.close()
+
+            blob = await self.storage.put(key, file_chunks(), max_size=self.max_size, expected=digests)
+        finally:
+            result.path.unlink(missing_ok=True)
+        self._result = blob
+        return blob
+
+    def discard(self) -> None:
+        if isinstance(self._result, _Spooled):
+            self._result.path.unlink(missing_ok=True)
+
+
+__all__ = [
+    "DEFAULT_MAX_DOCUMENT_BYTES",
+    "IntegrityError",
+    "ParsedBody",
+    "TarballSink",
+    "blob_key",
+    "expected_digests",
+    "max_body_bytes",
+    "parse_document",
+    "single_manifest",
+]
