@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -29,9 +29,15 @@ STATE: web.AppKey[HubState] = web.AppKey("state")
 # Set on sub-applications of registries, so handlers find their own settings.
 REGISTRY_SETTINGS: web.AppKey[RegistrySettings] = web.AppKey("registry_settings")
 
-# Per-request values set by the middleware pipeline (request[...]).
-CLIENT_IP = "batlehub.client_ip"
-IDENTITY = "batlehub.identity"
-RESPONSE_USER = "batlehub.log_user"
+# Per-request values set by the middleware pipeline (request[...]). Typed `web.RequestKey`s where
+# aiohttp has them: from aiohttp 3.13 on, a plain string key warns on every process's first request.
+if hasattr(web, "RequestKey"):
+    CLIENT_IP: Any = web.RequestKey("client_ip", str)
+    IDENTITY: Any = web.RequestKey("identity", object)
+    RESPONSE_USER: Any = web.RequestKey("log_user", str)
+else:  # pragma: no cover - aiohttp < 3.13
+    CLIENT_IP = "batlehub.client_ip"
+    IDENTITY = "batlehub.identity"
+    RESPONSE_USER = "batlehub.log_user"
 
 __all__ = [name for name in dir() if name.isupper()]

@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from opentelemetry import trace
@@ -34,7 +35,7 @@ tracer = trace.get_tracer("batlehub")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 HEALTH_PATH = "/api/v1/admin/health"
-_BLOCKED = "batlehub.blocked"
+_BLOCKED: Any = web.RequestKey("blocked", bool) if hasattr(web, "RequestKey") else "batlehub.blocked"
 REGISTRY_PREFIX = "/registries/"
 
 
