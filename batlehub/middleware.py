@@ -2,9 +2,10 @@
 
 1. `access_log`: finds the client IP, times the request, writes one line per request, and counts
    responses in `ip_blocking.trigger_on_status` as violations of that IP.
-2. `errors`: maps domain errors (`batlehub.errors`) and aiohttp's HTTP exceptions to JSON
+2. `cors`: answers preflights and adds CORS headers for `server.cors_allowed_origins` (outside
+   `errors`, so that a browser UI can also read the error responses: 401, 403, 429).
+3. `errors`: maps domain errors (`batlehub.errors`) and aiohttp's HTTP exceptions to JSON
    `{"error": ...}`; anything unexpected becomes a logged 500.
-3. `cors`: answers preflights and adds CORS headers for `server.cors_allowed_origins`.
 4. `guard`: IP block (403 + `X-Block-Expires`), authentication (`request[IDENTITY]`), rate limit
    (429 + `Retry-After`, `X-RateLimit-*`).
 """
@@ -241,4 +242,4 @@ def _registry_of(request: web.Request):  # type: ignore[no-untyped-def]
     return request.app[appkeys.SETTINGS].registry(name)
 
 
-MIDDLEWARES = [access_log, errors, cors, guard]
+MIDDLEWARES = [access_log, cors, errors, guard]
