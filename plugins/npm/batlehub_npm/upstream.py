@@ -89,7 +89,9 @@ WARMED_PINNED_SECS = 7 * 86400.0
 """A warmed `name@version` never changes, so one warm-up lasts for days across replicas..."""
 WARMED_LATEST_SECS = 3600.0
 """...while a warmed `name` (its latest version) is worth checking again after an hour."""
-MEMO_MAX_BYTES = 64 * 1024 * 1024
+MEMO_MAX_BYTES = 16 * 1024 * 1024
+"""Parsed packuments kept in memory, counted by their JSON size (the Python objects take several
+times that), so hot documents are not parsed again on every request."""
 MEMO_MAX_ENTRIES = 1024
 CHUNK_SIZE = 64 * 1024
 
@@ -320,6 +322,9 @@ class UpstreamProxy:
         self.serve_stale = serve_stale
         self.warm_packages = list(warm_packages)
         self.stats = UpstreamStats()
+        self.metadata_timeout = METADATA_TIMEOUT
+        self.tarball_timeout = TARBALL_TIMEOUT
+        self.audit_timeout = AUDIT_TIMEOUT
         self._inflight: dict[str, asyncio.Task[Any]] = {}
         self._failed_until: dict[str, float] = {}
         self._memo: OrderedDict[str, tuple[str, dict[str, Any], int]] = OrderedDict()
@@ -531,7 +536,7 @@ class UpstreamProxy:
         url = URL(upstream + upstream_path(name), encoded=True)
         self.stats.metadata_requests += 1
         try:
-            async with self.services.http().get(url, headers=headers, timeout=METADATA_TIMEOUT) as resp:
+            async with self.services.http().get(url, headers=headers, timeout=self.metadata_timeout) as resp:
                 if resp.status in (404, 410):
                     self.stats.not_found += 1
                     return None
@@ -686,7 +691,7 @@ class UpstreamProxy:
                 url,
                 # The digests are of the bytes as published: never let a transfer encoding change them.
                 headers={"Accept": "application/octet-stream", "Accept-Encoding": "identity"},
-                timeout=TARBALL_TIMEOUT,
+                timeout=self.tarball_timeout,
                 auto_decompress=False,
             ) as resp:
                 if resp.status in (404, 410):
@@ -749,7 +754,7 @@ class UpstreamProxy:
                 URL(self.upstreams[0] + path, encoded=True),
                 data=body,
                 headers=forwarded,
-                timeout=AUDIT_TIMEOUT,
+                timeout=self.audit_timeout,
             ) as resp:
                 answer = await resp.read()
                 # The body was decompressed on the way in: pass on its type, not its old encoding.

@@ -190,12 +190,14 @@ class LocalUpstream:
         self.packuments: dict[str, dict[str, Any]] = {}
         self.tarballs: dict[str, bytes] = {}
         self.status: int | None = None
+        self.delay = 0.0
         self.url = ""
         self._runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(request)
         self.bodies.append(await request.read())
+        await asyncio.sleep(self.delay)
         if self.status is not None:
             return web.json_response({"error": "forced"}, status=self.status)
         path = request.path_qs.lstrip("/")
@@ -360,6 +362,27 @@ async def test_fifty_concurrent_requests_make_one_upstream_request(
     assert verdaccio.request_count(f"/{name}") == 1
 
 
+async def test_a_replica_that_died_holding_the_lease_delays_others_only_briefly(
+    verdaccio: Any,
+    http: aiohttp.ClientSession,
+    services: RegistryServices,
+    cache: MemoryCache,
+    proxies: Callable[..., UpstreamProxy],
+) -> None:
+    name = unique()
+    await publish(http, verdaccio, name, "1.0.0")
+    # What a replica that crashed mid-fetch leaves behind: a lease that nobody will release.
+    assert await cache.acquire_lease(f"npm:lease:up:npm:full:{name}", "crashed-replica", 0.5)
+    proxy = proxies(services, [verdaccio.url])
+
+    started = time.monotonic()
+    doc = await proxy.packument(name)
+
+    assert doc is not None and "1.0.0" in doc.data["versions"]
+    assert 0.4 < time.monotonic() - started < 3
+    assert proxy.stats.metadata_requests == 1
+
+
 @pytest.fixture(params=["memory", "redis", "postgres"])
 async def replica_caches(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], Awaitable[CacheBackend]]]:
     """Cache clients for several replicas that share one cache: the same memory object (replicas
@@ -467,6 +490,35 @@ async def test_upstream_down_serves_the_last_good_copy_even_after_a_restart(
     await asyncio.sleep(0.3)
     fresh = await proxy.packument(name, revalidate=True)
     assert fresh is not None and not fresh.stale
+
+
+@pytest.mark.parametrize("fault", ["503", "timeout"])
+async def test_failing_upstream_serves_stale_and_backs_off(
+    fault: str,
+    services: RegistryServices,
+    proxies: Callable[..., UpstreamProxy],
+    local_upstream: LocalUpstream,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    name = unique()
+    local_upstream.packuments[name] = {"name": name, "dist-tags": {}, "versions": {}}
+    proxy = proxies(services, [local_upstream.url], ttl=0.1)
+    proxy.metadata_timeout = aiohttp.ClientTimeout(total=0.3)
+    assert await proxy.packument(name) is not None
+
+    if fault == "503":
+        local_upstream.status = 503
+    else:
+        local_upstream.delay = 1.0
+    await asyncio.sleep(0.2)
+    docs = [await proxy.packument(name) for _ in range(5)]
+
+    assert all(d is not None and d.stale and d.data["name"] == name for d in docs)
+    # One failed attempt; then the outage is remembered for a while instead of retried per request.
+    assert len(local_upstream.requests) == 2
+    assert proxy.stats.stale_served == 5
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "stale copy" in r.getMessage()]
+    assert len(warnings) == 1 and name in warnings[0].getMessage()
 
 
 async def test_no_copy_and_upstream_down_is_a_clear_error(
