@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -286,9 +287,12 @@ def _query_number(request: web.Request, name: str, default: float | None) -> flo
     if raw is None or raw == "":
         return default
     try:
-        return float(raw)
+        value = float(raw)
     except ValueError:
         raise BadRequest(f"{name}: expected a number") from None
+    if not math.isfinite(value):  # "inf" and "nan" parse, but int() of them is a 500
+        raise BadRequest(f"{name}: expected a number")
+    return value
 
 
 async def get_audit_log(request: web.Request) -> web.Response:
@@ -313,7 +317,7 @@ async def get_audit_log(request: web.Request) -> web.Response:
         add("ts < ?", until)
     if request.query.get("denied_only") in ("1", "true", "yes"):
         where.append("result = 'denied'")
-    limit = int(_query_number(request, "limit", 100) or 100)
+    limit = int(_query_number(request, "limit", 100) or 0)  # `or 0`: limit=0 is refused below, not 100
     offset = int(_query_number(request, "offset", 0) or 0)
     if not 1 <= limit <= 1000 or offset < 0:
         raise BadRequest("limit: 1..1000; offset: >= 0")
