@@ -16,7 +16,11 @@ from batlehub.builtin.cache_postgres import PostgresCache
 from batlehub.config import DatabaseSettings, Settings
 from batlehub.errors import ConfigError
 from batlehub.plugins import flatten, get_plugin_manager
-from batlehub.testing.cache_contract import CacheBackendContract
+
+# An editable install is not rewritten by pytest on its own; without this a failing contract
+# assertion would say only "AssertionError".
+pytest.register_assert_rewrite("batlehub.testing.cache_contract")
+from batlehub.testing.cache_contract import CacheBackendContract  # noqa: E402
 
 
 async def _drop_tables(url: str, prefix: str) -> None:

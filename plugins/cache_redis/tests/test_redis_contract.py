@@ -20,7 +20,11 @@ from batlehub.config import Settings
 from batlehub.errors import ConfigError, ServiceUnavailable, StartupError
 from batlehub.interfaces import Banner, IpBlock
 from batlehub.plugins import flatten, get_plugin_manager
-from batlehub.testing.cache_contract import CacheBackendContract
+
+# An editable install is not rewritten by pytest on its own; without this a failing contract
+# assertion would say only "AssertionError".
+pytest.register_assert_rewrite("batlehub.testing.cache_contract")
+from batlehub.testing.cache_contract import CacheBackendContract  # noqa: E402
 
 
 class TestRedisCache(CacheBackendContract):
