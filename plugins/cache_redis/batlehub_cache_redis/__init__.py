@@ -48,7 +48,7 @@ def _factory(section: Mapping[str, Any], settings: Settings) -> RedisCache:
         problems.append(f"cache.prefix: expected a string, got {prefix!r}")
     if problems:
         raise ConfigError(problems)
-    return RedisCache(url, prefix=prefix)
+    return RedisCache(str(url), prefix=prefix)
 
 
 @hookimpl
