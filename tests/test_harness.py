@@ -9,12 +9,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import botocore.exceptions
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from batlehub.testing.hub import HubStartError
 from batlehub.testing.npm import make_package, npm_env, run_npm
 from batlehub.testing.services import s3_client
 
@@ -163,3 +165,50 @@ def test_verdaccio_keeps_packages_across_a_restart(verdaccio: Any, tmp_path: Pat
     verdaccio.start()
     assert verdaccio.url == url
     assert _get_json(f"{url}{name}")["name"] == name
+
+
+async def test_hub_serves_health_and_writes_a_first_start_token(hub: Any) -> None:
+    server = await hub("")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/api/v1/admin/health") as response:
+            assert response.status == 200
+            assert (await response.json())["status"] == "ok"
+    assert server.admin_token
+    assert server.admin_token == (server.data_dir / "admin.token").read_text().strip()
+    assert "listening on" in server.logs()
+
+
+async def test_hub_stops_and_restarts_on_the_same_port_and_data(hub: Any) -> None:
+    server = await hub("")
+    url, token = server.url, server.admin_token
+    await server.stop()
+    assert not server.running
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", server.port)) != 0
+    await server.restart()
+    assert server.url == url
+    assert server.admin_token == token  # same data folder: no second first-start token
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/api/v1/admin/health") as response:
+            assert response.status == 200
+
+
+async def test_several_hubs_run_side_by_side(hub: Any, fresh_postgres_url: str) -> None:
+    config = f'[database]\ntype = "postgresql"\nurl = "{fresh_postgres_url}"\n'
+    first, second = await hub(config), await hub(config)
+    assert first.port != second.port
+    await first.kill()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{second.url}/api/v1/admin/health") as response:
+            assert response.status == 200
+
+
+async def test_hub_with_a_bad_config_exits_with_its_message(hub: Any) -> None:
+    server = await hub("[server]\nworkers = 'many'\n", wait_for=None)
+    assert await server.wait_exit() == 1
+    assert "server.workers" in server.logs()
+
+
+async def test_hub_that_cannot_start_fails_with_its_log(hub: Any) -> None:
+    with pytest.raises(HubStartError, match=r"exited with code 1(.|\n)*server\.workers"):
+        await hub("[server]\nworkers = 'many'\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from batlehub.testing.hub import hub
 from batlehub.testing.services import (
     fresh_postgres_url,
     node_tools,
@@ -19,6 +20,7 @@ from batlehub.testing.services import (
 
 __all__ = [
     "fresh_postgres_url",
+    "hub",
     "node_tools",
     "postgres_url",
     "redis_server",

@@ -158,26 +158,30 @@ class ManagedProcess:
             os.killpg(self.proc.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if the process has not exited after `timeout` seconds."""
+        """SIGTERM to the process (as a service manager would send it), then SIGKILL to its whole
+        group if it has not exited after `timeout` seconds. Anything it left behind is killed too."""
         if self.proc is None:
             return
+        # Only signal the group while its leader is ours and alive: once the leader is reaped, the
+        # id could belong to someone else's process.
         if self.proc.poll() is None:
-            self._signal_group(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self._signal_group(signal.SIGKILL)
                 self.proc.wait(10)
-        # Children that ignored SIGTERM while their leader exited.
-        self._signal_group(signal.SIGKILL)
+            else:
+                self._signal_group(signal.SIGKILL)
         ManagedProcess._live.discard(self)
 
     def kill(self) -> None:
-        """SIGKILL at once: a crash, as far as the service's clients can tell."""
+        """SIGKILL to the whole group at once: a crash, as far as the service's clients can tell."""
         if self.proc is None:
             return
-        self._signal_group(signal.SIGKILL)
-        self.proc.wait(10)
+        if self.proc.poll() is None:
+            self._signal_group(signal.SIGKILL)
+            self.proc.wait(10)
         ManagedProcess._live.discard(self)
 
 

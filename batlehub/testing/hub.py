@@ -1,0 +1,199 @@
+"""The `hub` fixture: real `batlehub serve` processes for end-to-end tests.
+
+A test writes its config as TOML text and gets a running server on a free port, exactly as an
+operator would start it, so what the test sees is what a user sees (CLI, config loading, plugin
+discovery, signals, logs). Several hubs may run in one test, e.g. replicas sharing a database:
+
+    async def test_replicas(hub, postgres_url):
+        config = f'[database]\\ntype = "postgresql"\\nurl = "{postgres_url}"\\n'
+        first, second = await hub(config), await hub(config)
+        await first.stop()          # lifecycle methods are coroutines: always await them
+        print(second.logs())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from batlehub.testing.services import LOOPBACK, ManagedProcess, ServiceStartError, free_port, log_tail
+
+HEALTH_PATH = "/api/v1/admin/health"
+START_TIMEOUT_SECS = 30.0
+STOP_TIMEOUT_SECS = 15.0
+
+
+class HubStartError(ServiceStartError):
+    """`batlehub serve` exited or did not become healthy; the message ends with its log."""
+
+
+class Hub:
+    """One `batlehub serve` process: its address, data folder, first-start admin token and log."""
+
+    def __init__(
+        self, *, config_path: Path | None, data_dir: Path, log_path: Path, port: int, env: Mapping[str, str]
+    ) -> None:
+        self.config_path = config_path
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.port = port
+        self.admin_token: str | None = None
+        argv = [sys.executable, "-m", "batlehub", "serve", "--data-dir", str(data_dir)]
+        if config_path is not None:
+            argv += ["--config", str(config_path)]
+        self.process = ManagedProcess(argv, log_path, env=dict(env), cwd=data_dir.parent)
+
+    @property
+    def url(self) -> str:
+        """Base URL, without a trailing slash."""
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        """`Authorization` header carrying the first-start admin token."""
+        if not self.admin_token:
+            raise RuntimeError(f"no admin token: {self.data_dir / 'admin.token'} was not written")
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    @property
+    def running(self) -> bool:
+        return self.process.running
+
+    def logs(self) -> str:
+        """Everything the server wrote to stdout and stderr so far (all starts of this hub)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    async def start(self, *, wait_for: str | None = "healthy", timeout_secs: float = START_TIMEOUT_SECS) -> None:
+        """Start the process; `wait_for` is "healthy" (health answers 200), "port" (accepts
+        connections, e.g. when a backend is deliberately down) or None (don't wait)."""
+        self.process.start()
+        if wait_for is None:
+            return
+        await self._wait_ready(wait_for, timeout_secs)
+        token_file = self.data_dir / "admin.token"
+        if token_file.exists():
+            self.admin_token = token_file.read_text().strip()
+
+    async def _wait_ready(self, wait_for: str, timeout_secs: float) -> None:
+        if wait_for not in ("healthy", "port"):
+            raise ValueError(f'wait_for must be "healthy", "port" or None, not {wait_for!r}')
+        deadline = time.monotonic() + timeout_secs
+        last = "no answer yet"
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            while True:
+                if not self.process.running:
+                    raise HubStartError(self._failure(f"exited with code {self.process.returncode}"))
+                try:
+                    async with session.get(self.url + HEALTH_PATH) as response:
+                        body = await response.text()
+                        if wait_for == "port" or response.status == 200:
+                            return
+                        last = f"{HEALTH_PATH} answered {response.status}: {body[:500]}"
+                except (TimeoutError, aiohttp.ClientError) as exc:
+                    last = f"{HEALTH_PATH}: {exc!r}"
+                if time.monotonic() > deadline:
+                    await self.stop()
+                    raise HubStartError(self._failure(f"not {wait_for} after {timeout_secs:.0f}s ({last})"))
+                await asyncio.sleep(0.1)
+
+    def _failure(self, reason: str) -> str:
+        return f"batlehub serve on port {self.port}: {reason}\n--- last lines of {self.log_path} ---\n" + log_tail(
+            self.log_path, 60
+        )
+
+    async def stop(self, timeout_secs: float = STOP_TIMEOUT_SECS) -> None:
+        """Graceful stop: SIGTERM, then SIGKILL if it has not exited after `timeout_secs`."""
+        await asyncio.to_thread(self.process.stop, timeout_secs)
+
+    async def kill(self) -> None:
+        """SIGKILL: a crash, as far as clients and the database can tell."""
+        await asyncio.to_thread(self.process.kill)
+
+    async def restart(self, *, wait_for: str | None = "healthy", timeout_secs: float = START_TIMEOUT_SECS) -> None:
+        """Stop gracefully and start again on the same port, config, data folder and environment."""
+        await self.stop()
+        await self.start(wait_for=wait_for, timeout_secs=timeout_secs)
+
+    async def wait_exit(self, timeout_secs: float = START_TIMEOUT_SECS) -> int:
+        """Wait for the process to exit by itself (e.g. a bad config) and return its exit code."""
+        assert self.process.proc is not None, "hub was never started"
+        deadline = time.monotonic() + timeout_secs
+        while (code := self.process.returncode) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(self._failure(f"still running after {timeout_secs:.0f}s"))
+            await asyncio.sleep(0.05)
+        return code
+
+    def __repr__(self) -> str:
+        return f"<Hub {self.url} data_dir={self.data_dir}>"
+
+
+class HubFactory:
+    """Call with TOML text to start a hub: `await hub(config, env={...})`."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self.hubs: list[Hub] = []
+
+    async def __call__(
+        self,
+        config: str | None = "",
+        *,
+        env: Mapping[str, str] | None = None,
+        data_dir: Path | str | None = None,
+        port: int | None = None,
+        wait_for: str | None = "healthy",
+        timeout_secs: float = START_TIMEOUT_SECS,
+    ) -> Hub:
+        """Start `batlehub serve` with `config` (TOML text; None = no --config, the embedded default).
+
+        `env` adds environment variables (e.g. `BATLEHUB_...` overrides); the test runner's own
+        `BATLEHUB_*` variables are not passed on. `data_dir` lets replicas share a folder; by default
+        each hub has its own. `port` picks the port (e.g. when the config must know its own URL).
+        """
+        folder = self.base_dir / f"hub{len(self.hubs)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        config_path = None
+        if config is not None:
+            config_path = folder / "batlehub.toml"
+            config_path.write_text(config)
+        data = Path(data_dir) if data_dir is not None else folder / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        port = port or free_port()
+        process_env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
+        process_env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "BATLEHUB_SERVER__HOST": LOOPBACK,
+                "BATLEHUB_SERVER__PORT": str(port),
+                **(env or {}),
+            }
+        )
+        hub = Hub(config_path=config_path, data_dir=data, log_path=folder / "hub.log", port=port, env=process_env)
+        self.hubs.append(hub)
+        await hub.start(wait_for=wait_for, timeout_secs=timeout_secs)
+        return hub
+
+    def stop_all(self) -> None:
+        for hub in self.hubs:
+            hub.process.stop(STOP_TIMEOUT_SECS)
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[HubFactory]:
+    """Factory of real `batlehub serve` processes; all are stopped after the test."""
+    factory = HubFactory(tmp_path / "hubs")
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
