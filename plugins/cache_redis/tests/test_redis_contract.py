@@ -127,7 +127,9 @@ async def test_degrades_while_redis_is_down_and_recovers_by_itself(
         await cache.close()
 
 
-async def test_calls_skip_redis_briefly_after_a_failure(redis_server: Any) -> None:
+async def test_calls_skip_redis_briefly_after_a_failure(redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Long enough that a slow restart below cannot end the back-off before we look.
+    monkeypatch.setattr(redis_backend, "RETRY_AFTER_SECS", 30.0)
     cache = RedisCache(redis_server.url, prefix="test:backoff:")
     await cache.open()
     try:
