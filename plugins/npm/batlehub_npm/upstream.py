@@ -279,7 +279,22 @@ class _LastGood:
 
 
 class _UpstreamFailed(Exception):
-    """One upstream could not answer (network error, timeout, 5xx, garbage)."""
+    """One upstream could not answer (network error, timeout, 5xx, garbage).
+
+    `reason` is short and names no host: it is what a client sees. The log gets the details."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, host-free description of a failed HTTP exchange."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return "connection failed"
+    return "bad response"
 
 
 class _Throttle:
@@ -485,12 +500,15 @@ class UpstreamProxy:
         """Ask each upstream in turn; runs once per key at a time, under the lease."""
         last = await self._last_good(name, variant)
         problems: list[str] = []
+        reasons: list[str] = []
         for upstream in self.upstreams:
             try:
                 doc = await self._fetch_one(upstream, name, variant, last)
             except _UpstreamFailed as exc:
                 self.stats.failures += 1
                 problems.append(f"{upstream}: {exc}")
+                if exc.reason not in reasons:
+                    reasons.append(exc.reason)
                 continue
             if doc is not None:
                 self._failed_until.pop(f"{variant}:{name}", None)
@@ -517,9 +535,11 @@ class UpstreamProxy:
             return self._document(last.copy, last.data, stale=True)
         if self._warn_allowed(f"down:{name}"):
             log.warning("registry %s: cannot fetch %s: %s", self.registry, name, detail)
+        # Clients get the kind of failure, not the upstream's address: that stays in the log.
+        why = ", ".join(reasons)
         if last is None:
-            raise UpstreamError(f"package {name} is not cached and the upstream registry is unavailable ({detail})")
-        raise UpstreamError(f"upstream registry unavailable for package {name} ({detail})")
+            raise UpstreamError(f"package {name} is not cached and the upstream registry is unavailable ({why})")
+        raise UpstreamError(f"upstream registry unavailable for package {name} ({why})")
 
     async def _fetch_one(
         self, upstream: str, name: str, variant: str, last: _LastGood | None
@@ -550,7 +570,7 @@ class UpstreamProxy:
                 last_modified = resp.headers.get("Last-Modified")
                 got = ABBREVIATED if resp.content_type == ABBREVIATED_TYPE else FULL
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _UpstreamFailed(str(exc) or type(exc).__name__) from exc
+            raise _UpstreamFailed(_reason(exc), str(exc)) from exc
         try:
             data = json.loads(body)
         except ValueError as exc:
@@ -720,9 +740,9 @@ class UpstreamProxy:
                         f"the {'/'.join(sorted(expected))} digest its metadata announces; nothing was stored"
                     ) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("registry %s: cannot fetch %s: %s", self.registry, url, exc)
             raise UpstreamError(
-                f"cannot fetch the tarball of {name}@{version} from the upstream registry: "
-                f"{str(exc) or type(exc).__name__}"
+                f"cannot fetch the tarball of {name}@{version} from the upstream registry ({_reason(exc)})"
             ) from exc
         await self.services.db.execute(
             "INSERT INTO artifacts (storage_key, size, sha512, sha1, created) VALUES ($1, $2, $3, $4, $5)"
@@ -761,7 +781,8 @@ class UpstreamProxy:
                 out = {"Content-Type": resp.headers.get("Content-Type", "application/json")}
                 return resp.status, out, answer
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise UpstreamError(f"upstream registry unavailable for audit: {str(exc) or type(exc).__name__}") from exc
+            log.warning("registry %s: audit request to %s failed: %s", self.registry, self.upstreams[0], exc)
+            raise UpstreamError(f"upstream registry unavailable for audit ({_reason(exc)})") from exc
 
     # --- warm-up --------------------------------------------------------------------------------
 
