@@ -78,6 +78,14 @@ async def test_symlink_inside_root_cannot_escape(fs: FilesystemStorage, tmp_path
     assert await keys_of(fs.list()) == {}
 
 
+async def test_percent_encoded_key_stays_inside_root(fs: FilesystemStorage) -> None:
+    await fs.put("%2e%2e/%2e%2e/x", chunked(b"literal"))
+    path = fs.local_path("%2e%2e/%2e%2e/x")
+    assert path is not None and path.is_relative_to(fs.root.resolve())
+    assert path.relative_to(fs.root.resolve()).parts == ("%2e%2e", "%2e%2e", "x")
+    assert not (fs.root.parent / "x").exists()
+
+
 async def test_symlinked_file_is_not_listed_or_served(fs: FilesystemStorage, tmp_path: Path) -> None:
     (tmp_path / "passwd").write_bytes(b"root:x:0:0")
     (fs.root / "link").symlink_to(tmp_path / "passwd")
