@@ -547,7 +547,10 @@ class UpstreamProxy:
         """One upstream's answer: a document (200, or 304 renewing `last`), None for 404, or
         `_UpstreamFailed`."""
         headers = {"Accept": _ACCEPT[variant]}
-        conditional = last is not None and last.copy.upstream == upstream and last.copy.variant == variant
+        # A full copy may be revalidated by an abbreviated request too: an upstream that ignores the
+        # Accept header answers 304 for it (renewing the full copy, which answers abbreviated
+        # requests anyway); one that serves both forms has another ETag for each and answers 200.
+        conditional = last is not None and last.copy.upstream == upstream
         if conditional and last is not None:
             if last.copy.etag:
                 headers["If-None-Match"] = last.copy.etag
@@ -821,8 +824,12 @@ class UpstreamProxy:
                 return
             tags = doc.data.get("dist-tags") or {}
             version = tags.get(wanted or "latest", wanted)
-            manifest = (doc.data.get("versions") or {}).get(version) if version else None
-            if not isinstance(manifest, dict) or not isinstance(manifest.get("dist"), dict):
+            manifest = (doc.data.get("versions") or {}).get(version) if isinstance(version, str) else None
+            if (
+                not isinstance(version, str)
+                or not isinstance(manifest, dict)
+                or not isinstance(manifest.get("dist"), dict)
+            ):
                 log.warning("warm-up %d/%d: %s has no version %s upstream", index, total, name, wanted or "latest")
                 return
             await self.tarball(name, version, manifest["dist"])

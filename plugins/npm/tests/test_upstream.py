@@ -207,7 +207,12 @@ class LocalUpstream:
             return web.Response(body=self.tarballs[path], content_type="application/octet-stream")
         packument = self.packuments.get(request.raw_path.lstrip("/"))
         if packument is not None:
-            return web.json_response(packument)
+            # Always the full form, whatever the Accept header says, as simple registries do.
+            body = json.dumps(packument).encode()
+            etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+            if request.headers.get("If-None-Match") == etag:
+                return web.Response(status=304, headers={"ETag": etag})
+            return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
         return web.json_response({"error": "not found"}, status=404)
 
     async def start(self) -> None:
@@ -314,6 +319,23 @@ async def test_a_cached_full_document_answers_abbreviated_requests(
 
     assert doc is not None and "1.0.0" in doc.data["versions"]
     assert proxy.stats.metadata_requests == 1
+
+
+async def test_an_upstream_without_the_abbreviated_form_is_still_revalidated(
+    services: RegistryServices, proxies: Callable[..., UpstreamProxy], local_upstream: LocalUpstream
+) -> None:
+    name = unique()
+    local_upstream.packuments[name] = {"name": name, "readme": "r", "dist-tags": {}, "versions": {}}
+    proxy = proxies(services, [local_upstream.url], ttl=0.1)
+
+    first = await proxy.packument(name, abbreviated=True)
+    await asyncio.sleep(0.2)
+    second = await proxy.packument(name, abbreviated=True)
+
+    assert first is not None and second is not None and not second.abbreviated
+    assert proxy.stats.metadata_downloads == 1 and proxy.stats.not_modified == 1
+    # The renewed full copy answers full requests too.
+    assert (await proxy.packument(name)) is not None and proxy.stats.metadata_requests == 2
 
 
 async def test_404_and_errors_fall_through_to_the_next_upstream(
