@@ -79,10 +79,15 @@ def check_plugins_config(settings: Settings, types: InstalledTypes) -> list[str]
         if chosen is None:
             problems.append(_not_installed(section, table["type"], choices))
             continue
-        for key in table:
-            if key != "type" and key not in chosen.config_keys:
-                known = ", ".join(sorted({"type", *chosen.config_keys}))
-                problems.append(f"{section}.{key}: unknown key for type {chosen.name!r} (known: {known})")
+        unknown = [key for key in table if key != "type" and key not in chosen.config_keys]
+        for key in unknown:
+            known = ", ".join(sorted({"type", *chosen.config_keys}))
+            problems.append(f"{section}.{key}: unknown key for type {chosen.name!r} (known: {known})")
+        if not unknown:
+            try:  # factories only construct (no I/O) and raise ConfigError for bad values
+                chosen.factory(table, settings)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
     for index, registry in enumerate(settings.registries):
         fmt = types.registries.get(registry.type)
         if fmt is None:
