@@ -229,7 +229,7 @@ def parse_route(raw_path: str) -> Route:
     package, rest = _take_package(segments)
     for segment in rest:
         if "/" in segment:
-            raise InvalidKey("invalid path: encoded slashes are only allowed inside a scoped package name")
+            raise InvalidKey("invalid path: encoded slashes are not allowed outside a scoped package name")
         _refuse_escape(segment, "path segment")
     if not rest:
         return Route("package", package)
