@@ -1,0 +1,353 @@
+"""The servers a benchmark run compares, each started on a free loopback port in a scratch folder:
+Verdaccio (the peer), nginx serving the same tarball bytes as static files (the ceiling), and
+BatleHub hub processes (`python -m batlehub serve`).
+
+Missing programs are installed the way the test harness does (apt-get for wrk and nginx, npm into
+`.services/node` for Verdaccio); if that fails the run stops with a message saying what is missing.
+A benchmark never skips a server: a table without its peer would be a table of nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchkit import BenchError
+
+REPO = Path(__file__).resolve().parents[2]
+
+try:
+    from batlehub.testing.services import (
+        ManagedProcess,
+        NodeTools,
+        ServiceStartError,
+        VerdaccioServer,
+        free_port,
+        install_node_tools,
+        wait_until,
+    )
+except ImportError as exc:  # pragma: no cover - the venv lacks the project
+    raise SystemExit(
+        f"bench: cannot import batlehub.testing ({exc}); run `.venv/bin/pip install -e . -e plugins/npm` first"
+    ) from exc
+
+__all__ = ["ManagedProcess", "NodeTools", "ServiceStartError", "free_port"]
+
+
+def _apt_install(package: str) -> None:
+    if os.geteuid() != 0:
+        raise BenchError(f"{package} is missing; install it (`sudo apt-get install -y {package}`) and run again")
+    result = subprocess.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", package],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        timeout=600,
+    )
+    if result.returncode != 0:
+        # A fresh machine may have an empty package index.
+        subprocess.run(["apt-get", "update"], capture_output=True, timeout=600)
+        result = subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", package],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            timeout=600,
+        )
+    if result.returncode != 0:
+        raise BenchError(f"`apt-get install -y {package}` failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+
+def require_program(name: str, apt_package: str, *extra_dirs: str) -> str:
+    """The path of `name`, installing `apt_package` first if it is not there."""
+    search = os.pathsep.join([os.environ.get("PATH", ""), *extra_dirs])
+    found = shutil.which(name, path=search)
+    if found is None:
+        _apt_install(apt_package)
+        found = shutil.which(name, path=search)
+    if found is None:
+        raise BenchError(f"{name} is still missing after installing {apt_package}")
+    return found
+
+
+def program_version(argv: list[str]) -> str:
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    except OSError as exc:
+        return f"unknown ({exc})"
+    text = (result.stdout + result.stderr).strip().splitlines()
+    return text[0].strip() if text else "unknown"
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers.items()), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers.items()), exc.read()
+
+
+# --- RSS ------------------------------------------------------------------------------------------
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of one process (VmRSS), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def child_pids(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                children += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return children
+
+
+# --- Verdaccio --------------------------------------------------------------------------------------
+
+
+class BenchVerdaccio(VerdaccioServer):
+    """The test harness's Verdaccio (no uplinks, htpasswd) with JWT API tokens.
+
+    With its default "legacy" tokens Verdaccio re-checks the user's bcrypt password on every
+    authenticated request (~100 ms), which would make publishing the data set take minutes. Reads
+    in the benchmark are anonymous, so this changes nothing that is measured.
+    """
+
+    def _write_config(self) -> None:
+        super()._write_config()
+        config = json.loads(self.config_path.read_text())
+        config["security"] = {"api": {"jwt": {"sign": {"expiresIn": "7d"}}}}
+        self.config_path.write_text(json.dumps(config, indent=2))
+
+
+def start_verdaccio(root: Path) -> VerdaccioServer:
+    """Verdaccio with no uplinks and htpasswd auth (the test harness's own setup), plus a token."""
+    try:
+        tools = install_node_tools()
+        root.mkdir(parents=True, exist_ok=True)
+        server = BenchVerdaccio(tools, root)
+        server.start()
+    except ServiceStartError as exc:
+        raise BenchError(f"Verdaccio could not be started: {exc}") from exc
+    return server
+
+
+def verdaccio_version(tools: NodeTools) -> str:
+    manifest = tools.root / "node_modules" / "verdaccio" / "package.json"
+    try:
+        return str(json.loads(manifest.read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return "unknown"
+
+
+# --- nginx --------------------------------------------------------------------------------------
+
+
+class Nginx:
+    """nginx serving `static_dir` with sendfile, one worker (like one hub process; see the README)."""
+
+    def __init__(self, root: Path, static_dir: Path) -> None:
+        self.binary = require_program("nginx", "nginx-light", "/usr/sbin")
+        self.root = root
+        self.static_dir = static_dir
+        self.port = free_port()
+        self.log = root / "nginx.log"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "logs").mkdir(exist_ok=True)
+        user = "user root root;" if os.geteuid() == 0 else ""
+        config = f"""
+{user}
+worker_processes 1;
+daemon off;
+pid {root}/nginx.pid;
+error_log {root}/logs/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {root}/logs/access.log;
+    client_body_temp_path {root}/client_body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 65;
+    keepalive_requests 1000000;
+    types {{ application/octet-stream tgz; application/json json; }}
+    default_type application/octet-stream;
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {static_dir};
+        location / {{ }}
+    }}
+}}
+"""
+        self.config = root / "nginx.conf"
+        self.config.write_text(config)
+        self.process = ManagedProcess([self.binary, "-p", str(root), "-c", str(self.config)], self.log)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        self.process.start()
+        try:
+            wait_until(
+                lambda: http_get(self.url, timeout=2)[0] in (200, 403, 404),
+                what="nginx",
+                process=self.process,
+                log=self.log,
+                timeout=30,
+            )
+        except ServiceStartError as exc:
+            raise BenchError(f"nginx could not be started: {exc}") from exc
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def version(self) -> str:
+        return program_version([self.binary, "-v"])
+
+
+# --- BatleHub ---------------------------------------------------------------------------------------
+
+ADMIN_TOKEN = "bench-admin-token-0123456789abcdef"
+
+
+@dataclass(frozen=True)
+class HubRegistry:
+    name: str
+    mode: str
+    upstreams: tuple[str, ...] = ()
+
+
+class Hub:
+    """One `batlehub serve` (filesystem storage, SQLite, memory cache) with the given registries."""
+
+    def __init__(
+        self,
+        root: Path,
+        registries: list[HubRegistry],
+        *,
+        workers: int = 1,
+        label: str = "hub",
+        data_dir: Path | None = None,
+    ) -> None:
+        """Config and log go to `root`; data (SQLite, blobs) to `data_dir`, by default `root` too,
+        so a second hub can serve the first one's data."""
+        self.root = root
+        self.data_dir = data_dir or root
+        self.label = label
+        self.port = free_port()
+        self.workers = workers
+        self.log = root / "hub.log"
+        root.mkdir(parents=True, exist_ok=True)
+        self.config = root / "batlehub.toml"
+        self.config.write_text(self._config_text(registries))
+        argv = [sys.executable, "-m", "batlehub", "serve", "--config", str(self.config)]
+        argv += ["--data-dir", str(self.data_dir)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
+        self.process = ManagedProcess(argv, self.log, env=env, cwd=root)
+
+    def _config_text(self, registries: list[HubRegistry]) -> str:
+        lines = [
+            "[server]",
+            'host = "127.0.0.1"',
+            f"port = {self.port}",
+            f"workers = {self.workers}",
+            "",
+            "[database]",
+            'type = "sqlite"',
+            "",
+            "[cache]",
+            'type = "memory"',
+            "",
+            "[storage]",
+            'type = "filesystem"',
+            f"path = {json.dumps(str(self.data_dir / 'storage'))}",
+            "",
+            "[[auth]]",
+            'type = "token"',
+            "[[auth.tokens]]",
+            f'value = "{ADMIN_TOKEN}"',
+            'role = "admin"',
+            'user_id = "bench"',
+        ]
+        for registry in registries:
+            lines += ["", "[[registries]]", 'type = "npm"', f'name = "{registry.name}"', f'mode = "{registry.mode}"']
+            if registry.upstreams:
+                lines.append(f"upstreams = {json.dumps(list(registry.upstreams))}")
+        return "\n".join(lines) + "\n"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def registry_url(self, name: str) -> str:
+        return f"{self.url}registries/{name}/"
+
+    @property
+    def pid(self) -> int:
+        assert self.process.proc is not None
+        return self.process.proc.pid
+
+    def server_pids(self) -> list[int]:
+        """The processes that serve requests: the one process, or each worker (not the parent)."""
+        if self.workers <= 1:
+            return [self.pid]
+        # spawn-context workers; skip multiprocessing's resource tracker (it runs `-c ...resource_tracker`).
+        workers = []
+        for child in child_pids(self.pid):
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"resource_tracker" not in cmdline:
+                workers.append(child)
+        return workers
+
+    def rss(self) -> dict[int, int]:
+        return {pid: rss_bytes(pid) for pid in self.server_pids()}
+
+    def start(self, timeout: float = 60) -> None:
+        self.process.start()
+        try:
+            wait_until(
+                lambda: http_get(self.url + "api/v1/admin/health", timeout=2)[0] == 200,
+                what=f"BatleHub ({self.label})",
+                process=self.process,
+                log=self.log,
+                timeout=timeout,
+            )
+        except ServiceStartError as exc:
+            raise BenchError(f"the hub could not be started: {exc}") from exc
+        if self.workers > 1:
+            deadline = time.monotonic() + timeout
+            while len(self.server_pids()) < self.workers and time.monotonic() < deadline:
+                time.sleep(0.1)
+            # Each worker must be listening before throughput is measured; give the slower one a moment.
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        self.process.stop()

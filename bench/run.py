@@ -1,0 +1,578 @@
+"""BatleHub benchmark: the hub side by side with Verdaccio and nginx, on the same data, in one run.
+
+    .venv/bin/python bench/run.py [--quick] [--out bench/results/latest.json]
+
+Starts every server it compares on free loopback ports in a scratch folder (installing wrk, nginx
+and Verdaccio first if they are missing), loads the same packages into each, measures, prints a
+table with the hub/peer ratios and PASS/FAIL against the targets of issue 7, and writes it all as
+JSON. See bench/README.md for what is measured and how to read it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import datetime
+import gzip
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchkit import BenchError, packages, report
+from benchkit.load import NPM_ABBREVIATED_ACCEPT, NPM_HEADERS, RssSampler, run_wrk
+from benchkit.servers import (
+    ADMIN_TOKEN,
+    REPO,
+    Hub,
+    HubRegistry,
+    Nginx,
+    http_get,
+    program_version,
+    require_program,
+    rss_bytes,
+    start_verdaccio,
+    verdaccio_version,
+)
+
+MIB = 1024 * 1024
+HUGE_TARBALL_BYTES = 50 * MIB
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        elapsed = int(time.monotonic() - self.started)
+        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {message}", flush=True)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.quick: bool = args.quick
+        self.duration: float = args.duration or (2.0 if self.quick else 5.0)
+        self.concurrencies: list[int] = args.concurrency or ([1, 64] if self.quick else [1, 16, 64])
+        self.npm_repeats: int = args.npm_repeats or (1 if self.quick else 2)
+        self.keep: bool = args.keep
+        self.scratch = Path(tempfile.mkdtemp(prefix="batlehub-bench-"))
+        self.say = Progress()
+        self.stoppers: list[Callable[[], None]] = []
+        self.results: dict[str, Any] = {"load": [], "npm_install": {}, "publish": {}, "rss": {}}
+
+    # --- orchestration ------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        try:
+            self._run()
+        finally:
+            for stop in reversed(self.stoppers):
+                with contextlib.suppress(Exception):
+                    stop()
+            if self.keep:
+                self.say(f"scratch folder kept: {self.scratch}")
+            else:
+                shutil.rmtree(self.scratch, ignore_errors=True)
+        return self.results
+
+    def _run(self) -> None:
+        say = self.say
+        say(f"scratch folder {self.scratch}; {os.cpu_count()} CPUs; {'quick' if self.quick else 'full'} run")
+        self.wrk = require_program("wrk", "wrk")
+        say(f"wrk: {self.wrk}")
+
+        self.dataset = packages.build_dataset()
+        ds = self.dataset
+        say(
+            f"generated {ds.release_count} versions of {ds.package_count} packages "
+            f"(tree of {len(ds.tree)}, {len(ds.many_versions)} versions of {packages.MANY_VERSIONS_NAME}, "
+            f"{len(ds.big_tarball.tarball)} byte tarball)"
+        )
+
+        say("starting Verdaccio (installing it first if needed)")
+        self.verdaccio = start_verdaccio(self.scratch / "verdaccio")
+        self.stoppers.append(self.verdaccio.process.stop)
+        say(f"Verdaccio at {self.verdaccio.url}; publishing the data set")
+        packages.publish_all(self.verdaccio.url, self.verdaccio.token, ds, progress=say)
+
+        static = self.scratch / "static"
+        target = static / ds.big_tarball.tarball_path
+        target.parent.mkdir(parents=True)
+        target.write_bytes(ds.big_tarball.tarball)
+        self.nginx = Nginx(self.scratch / "nginx", static)
+        self.nginx.start()
+        self.stoppers.append(self.nginx.stop)
+        say(f"nginx at {self.nginx.url} serving the same tarball")
+
+        self.hub = self._start_hub("hub", self.scratch / "hub", proxy=True, local=True)
+        self.results["rss"]["idle-at-start"] = self._mib_map(self.hub.rss())
+        say(f"hub at {self.hub.url}; idle RSS {self._fmt_rss(self.hub.rss())}; publishing the data set into 'local'")
+        packages.publish_all(self.hub.registry_url("local"), ADMIN_TOKEN, ds, progress=say)
+        self._warm_proxy(self.hub)
+        time.sleep(1)
+        self.results["rss"]["idle-after-warm"] = self._mib_map(self.hub.rss())
+        say(f"hub idle RSS after data and warm-up: {self._fmt_rss(self.hub.rss())}")
+
+        self._load_matrix()
+        time.sleep(2)
+        self.results["rss"]["idle-after-load"] = self._mib_map(self.hub.rss())
+        say(f"hub idle RSS after load: {self._fmt_rss(self.hub.rss())}")
+
+        self._npm_installs()
+        self._publish_huge()
+        self._workers()
+        self.results["rss"] = {k: v for k, v in self.results["rss"].items()}
+        self.results["meta"] = self._meta()
+
+    # --- servers ------------------------------------------------------------------------------
+
+    def _start_hub(self, label: str, root: Path, *, proxy: bool, local: bool, workers: int = 1, **kw: Any) -> Hub:
+        registries = []
+        if proxy:
+            registries.append(HubRegistry("proxy", "proxy", (self.verdaccio.url,)))
+        if local:
+            registries.append(HubRegistry("local", "local"))
+        hub = Hub(root, registries, workers=workers, label=label, **kw)
+        hub.start()
+        self.stoppers.append(hub.stop)
+        return hub
+
+    def _warm_proxy(self, hub: Hub) -> None:
+        """Fetch every packument (both forms) and every tarball npm will ask for through the proxy,
+        the way a busy hub would have them cached."""
+        base = hub.registry_url("proxy")
+
+        def warm(name: str) -> int:
+            releases = self.dataset.releases_by_name[name]
+            quoted = releases[0].url_name
+            status, _, _ = http_get(base + quoted, {"Accept": "application/json"})
+            status2, _, body = http_get(base + quoted, {"Accept": NPM_ABBREVIATED_ACCEPT})
+            if status != 200 or status2 != 200:
+                raise BenchError(f"warming {name} through the hub proxy: HTTP {status}/{status2}")
+            if len(releases) > 1:
+                return 0  # the 300-version package: its tarballs are not part of any measurement
+            doc = json.loads(body)
+            for version in doc["versions"].values():
+                status, _, data = http_get(version["dist"]["tarball"])
+                if status != 200 or hashlib.sha1(data).hexdigest() != version["dist"]["shasum"]:
+                    raise BenchError(f"warming the tarball of {name} through the hub proxy: HTTP {status}")
+            return 1
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            tarballs = sum(pool.map(warm, self.dataset.releases_by_name))
+        self.say(f"warmed the proxy: {len(self.dataset.releases_by_name)} packuments, {tarballs} tarballs")
+
+    # --- HTTP load ------------------------------------------------------------------------------
+
+    def _servers(self) -> dict[str, str]:
+        return {
+            "hub-proxy": self.hub.registry_url("proxy"),
+            "hub-local": self.hub.registry_url("local"),
+            "verdaccio": self.verdaccio.url,
+        }
+
+    def _rss_of(self, server: str) -> Callable[[], Mapping[int, int]]:
+        if server.startswith("hub"):
+            return self.hub.rss
+        if server == "verdaccio":
+            pid = self.verdaccio.process.proc.pid  # type: ignore[union-attr]
+            return lambda: {pid: rss_bytes(pid)}
+        return lambda: {}
+
+    def _cases(self) -> list[tuple[str, str, str, dict[str, str]]]:
+        """(case, server, url, headers) for every measurement, checked with one request first."""
+        name = packages.MANY_VERSIONS_NAME
+        big = self.dataset.big_tarball
+        abbreviated = {**NPM_HEADERS, "Accept": NPM_ABBREVIATED_ACCEPT}
+        full = {**NPM_HEADERS, "Accept": "application/json"}
+        cases = []
+        for server, base in self._servers().items():
+            url = base + name
+            etag = self._check_packument(server, url, abbreviated)
+            self._check_packument(server, url, full)
+            cases.append(("abbreviated", server, url, abbreviated))
+            cases.append(("full", server, url, full))
+            revalidate = {**abbreviated, "If-None-Match": etag}
+            status, _, _ = http_get(url, revalidate)
+            if status != 304:
+                raise BenchError(f"{server}: If-None-Match with its own ETag answered {status}, not 304")
+            cases.append(("revalidate-304", server, url, revalidate))
+            # The tarball URL as each server advertises it, which is what npm downloads.
+            _, _, body = http_get(base + big.url_name, abbreviated)
+            tarball_url = json.loads(_decoded(body))["versions"][big.version]["dist"]["tarball"]
+            cases.append(("tarball", server, self._check_tarball(server, tarball_url), {**NPM_HEADERS}))
+        nginx_url = self.nginx.url + big.tarball_path
+        cases.append(("tarball", "nginx", self._check_tarball("nginx", nginx_url), {**NPM_HEADERS}))
+        return cases
+
+    def _check_packument(self, server: str, url: str, headers: dict[str, str]) -> str:
+        status, answer, body = http_get(url, headers)
+        if status != 200:
+            raise BenchError(f"{server}: GET {url} answered {status}: {body[:300]!r}")
+        doc = json.loads(_decoded(body) if answer.get("Content-Encoding") == "gzip" else body)
+        if len(doc.get("versions", {})) != len(self.dataset.many_versions):
+            raise BenchError(f"{server}: {url} lists {len(doc.get('versions', {}))} versions")
+        etag = answer.get("ETag")
+        if not etag:
+            raise BenchError(f"{server}: {url} sent no ETag")
+        return etag
+
+    def _check_tarball(self, server: str, url: str) -> str:
+        status, answer, body = http_get(url, NPM_HEADERS)
+        if answer.get("Content-Encoding") == "gzip":  # Verdaccio gzips even .tgz files when asked
+            body = gzip.decompress(body)
+        if status != 200 or body != self.dataset.big_tarball.tarball:
+            raise BenchError(f"{server}: GET {url} answered {status} with {len(body)} bytes that differ")
+        return url
+
+    def _load_matrix(self) -> None:
+        cases = self._cases()
+        self.say(f"checked {len(cases)} URLs; warming each server up with 1s of load")
+        for _case, _server, url, headers in cases:
+            run_wrk(self.wrk, url, connections=16, duration=1, headers=headers)
+        peak_hub = 0
+        names = list(dict.fromkeys(c[0] for c in cases))
+        for case in names:
+            rows = [c for c in cases if c[0] == case]
+            for i, conns in enumerate(self.concurrencies):
+                # Rotate the order so no server always runs right after another one's load.
+                rows = rows[i % len(rows) :] + rows[: i % len(rows)]
+                for _, server, url, headers in rows:
+                    duration = self.duration
+                    while True:
+                        result = run_wrk(
+                            self.wrk,
+                            url,
+                            connections=conns,
+                            duration=duration,
+                            headers=headers,
+                            rss_of=self._rss_of(server),
+                        )
+                        # A slow server may finish almost nothing in a short run (Verdaccio gzips
+                        # each 1 MiB tarball): lengthen the run until rates and p99 mean something.
+                        if result.requests >= 2 * conns or duration >= 8 * self.duration:
+                            break
+                        duration *= 3
+                        self.say(f"{case} {server} c={conns}: only {result.requests} requests, rerunning {duration:g}s")
+                    if result.errors:
+                        raise BenchError(f"{server} {case} c={conns}: {result.errors} errors in {result.requests}")
+                    entry = {"case": case, "server": server, **result.as_dict()}
+                    self.results["load"].append(entry)
+                    if server.startswith("hub"):
+                        peak_hub = max([peak_hub, *result.peak_rss.values()])
+                    self.say(
+                        f"{case:<15} {server:<10} c={conns:<3} {result.rps:>9.0f} req/s"
+                        f"  p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms"
+                        f"  {result.bytes_per_sec / MIB:8.1f} MiB/s"
+                    )
+        self.results["rss"]["under-load-peak"] = round(peak_hub / MIB, 1)
+
+    # --- npm install ----------------------------------------------------------------------------
+
+    def _npm_installs(self) -> None:
+        from batlehub.testing.npm import npm_env, run_npm
+
+        project = self.scratch / "project"
+        project.mkdir()
+        manifest = {
+            "name": "bench-project",
+            "version": "1.0.0",
+            "private": True,
+            "dependencies": self.dataset.project_dependencies,
+        }
+        (project / "package.json").write_text(json.dumps(manifest, indent=2))
+
+        def install(label: str, registry: str) -> float:
+            shutil.rmtree(project / "node_modules", ignore_errors=True)
+            (project / "package-lock.json").unlink(missing_ok=True)
+            env = npm_env(self.scratch / "npm", registry)
+            started = time.perf_counter()
+            result = run_npm(
+                ["install", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
+                project,
+                env,
+                timeout=600,
+            )
+            seconds = time.perf_counter() - started
+            if result.returncode != 0:
+                raise BenchError(f"npm install through {label} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+            installed = sum(1 for _ in (project / "node_modules").rglob("package.json"))
+            if installed != len(self.dataset.tree):
+                expected = len(self.dataset.tree)
+                raise BenchError(f"npm install through {label} installed {installed} packages, not {expected}")
+            self.results["npm_install"].setdefault(label, []).append(round(seconds, 3))
+            self.say(f"npm install ({installed} packages, fresh npm cache) through {label}: {seconds:.2f}s")
+            return seconds
+
+        self.say("npm install: one priming run through the hub proxy (it is warm already; this primes npm itself)")
+        install("priming", self.hub.registry_url("proxy"))
+        self.results["npm_install"].pop("priming")
+        for i in range(self.npm_repeats):
+            install("verdaccio", self.verdaccio.url)
+            install("hub-warm", self.hub.registry_url("proxy"))
+            install("hub-local", self.hub.registry_url("local"))
+            cold = self._start_hub(f"hub-cold-{i}", self.scratch / f"hub-cold-{i}", proxy=True, local=False)
+            install("hub-cold", cold.registry_url("proxy"))
+            cold.stop()
+
+    # --- big publish ------------------------------------------------------------------------------
+
+    def _publish_huge(self) -> None:
+        tarball_file = self.scratch / "huge.tgz"
+        release = packages.write_huge_tarball(tarball_file, HUGE_TARBALL_BYTES)
+        size = tarball_file.stat().st_size
+        targets = [
+            ("hub-local", self.hub.registry_url("local"), ADMIN_TOKEN, self.hub.pid),
+            ("verdaccio", self.verdaccio.url, self.verdaccio.token, self.verdaccio.process.proc.pid),  # type: ignore[union-attr]
+        ]
+        for label, registry, token, pid in targets:
+            body_file = self.scratch / f"huge-{label}.json"
+            length = packages.stream_publish_body(registry, release, tarball_file, body_file)
+            time.sleep(0.5)
+            before = rss_bytes(pid)
+            hwm_reset = _reset_peak_rss(pid)
+            sampler = RssSampler(lambda pid=pid: {pid: rss_bytes(pid)}, interval=0.02)
+            with sampler, open(body_file, "rb") as body:
+                started = time.perf_counter()
+                status, answer = packages.put(registry + release.url_name, token, body, length=length, timeout=600)
+                seconds = time.perf_counter() - started
+            if status not in (200, 201):
+                raise BenchError(f"publishing {size} bytes to {label}: HTTP {status} {answer[:300]!r}")
+            peak = sampler.peak.get(pid, before)
+            hwm = _peak_rss(pid) if hwm_reset else None
+            body_file.unlink()
+            self._verify_download(label, registry, release)
+            entry = {
+                "tarball_bytes": size,
+                "body_bytes": length,
+                "seconds": round(seconds, 3),
+                "rss_before": before,
+                "rss_peak_sampled": peak,
+                "rss_growth_sampled": max(0, peak - before),
+                "rss_growth_hwm": None if hwm is None else max(0, hwm - before),
+                "samples": sampler.samples,
+            }
+            self.results["publish"][label] = entry
+            self.say(
+                f"publish of a {size / MIB:.0f} MiB tarball ({length / MIB:.0f} MiB body) to {label}: "
+                f"{seconds:.2f}s, peak RSS growth {entry['rss_growth_sampled'] / MIB:.1f} MiB sampled every 20 ms"
+                + (f", {entry['rss_growth_hwm'] / MIB:.1f} MiB by VmHWM" if hwm is not None else "")
+            )
+
+    def _verify_download(self, label: str, registry: str, release: packages.Release) -> None:
+        status, _, body = http_get(registry + release.url_name, {"Accept": NPM_ABBREVIATED_ACCEPT})
+        if status != 200:
+            raise BenchError(f"{label}: the published big package is not readable ({status})")
+        url = json.loads(_decoded(body))["versions"][release.version]["dist"]["tarball"]
+        status, _, data = http_get(url, timeout=120)
+        if status != 200 or hashlib.sha512(data).digest() != hashlib.sha512(release.tarball).digest():
+            raise BenchError(f"{label}: the published big tarball does not come back intact ({status})")
+
+    # --- workers ------------------------------------------------------------------------------
+
+    def _workers(self) -> None:
+        hub2 = self._start_hub(
+            "hub-2-workers", self.scratch / "hub-2w", proxy=False, local=True, workers=2, data_dir=self.hub.data_dir
+        )
+        self.results["rss"]["idle-2-workers"] = self._mib_map(hub2.rss())
+        self.say(f"hub with 2 workers at {hub2.url}; idle RSS {self._fmt_rss(hub2.rss())}")
+        url_path = "registries/local/" + packages.MANY_VERSIONS_NAME
+        headers = {**NPM_HEADERS, "Accept": NPM_ABBREVIATED_ACCEPT}
+        conns = max(self.concurrencies)
+        for hub in (self.hub, hub2):  # both workers load their copy before measuring
+            run_wrk(self.wrk, hub.url + url_path, connections=16, duration=1, headers=headers)
+        one = run_wrk(
+            self.wrk,
+            self.hub.url + url_path,
+            connections=conns,
+            duration=self.duration,
+            headers=headers,
+            rss_of=self.hub.rss,
+        )
+        two = run_wrk(
+            self.wrk, hub2.url + url_path, connections=conns, duration=self.duration, headers=headers, rss_of=hub2.rss
+        )
+        for result in (one, two):
+            if result.errors:
+                raise BenchError(f"workers comparison: {result.errors} errors against {result.url}")
+        self.results["workers"] = {"one": one.as_dict(), "two": two.as_dict()}
+        self.say(
+            f"abbreviated packument c={conns}: 1 worker {one.rps:.0f} req/s, 2 workers {two.rps:.0f} req/s "
+            f"({two.rps / one.rps:.2f}x)"
+        )
+        hub2.stop()
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _mib_map(rss: Mapping[int, int]) -> dict[str, float]:
+        return {str(pid): round(value / MIB, 1) for pid, value in rss.items()}
+
+    def _fmt_rss(self, rss: Mapping[int, int]) -> str:
+        return ", ".join(f"{value / MIB:.0f} MiB" for value in rss.values()) or "?"
+
+    def _meta(self) -> dict[str, Any]:
+        def dist(name: str) -> str:
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                return "not installed"
+
+        git = ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]
+        commit = subprocess.run(git, capture_output=True, text=True)
+        return {
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "cpu_count": os.cpu_count(),
+            "cpu_model": _cpu_model(),
+            "platform": platform.platform(),
+            "quick": self.quick,
+            "duration_s": self.duration,
+            "concurrencies": self.concurrencies,
+            "npm_repeats": self.npm_repeats,
+            "wrk_threads": 1,
+            "git_commit": commit.stdout.strip() or "unknown",
+            "versions": {
+                "python": platform.python_version(),
+                "batlehub": dist("batlehub"),
+                "batlehub-npm": dist("batlehub-npm"),
+                "aiohttp": dist("aiohttp"),
+                "verdaccio": verdaccio_version(self.verdaccio.tools),
+                "node": program_version([self.verdaccio.tools.node, "--version"]),
+                "npm": program_version([self.verdaccio.tools.npm, "--version"]),
+                "nginx": self.nginx.version().removeprefix("nginx version: nginx/"),
+                "wrk": program_version([self.wrk, "-v"]).split(" [")[0].removeprefix("wrk "),
+            },
+            "dataset": {
+                "packages": self.dataset.package_count,
+                "versions": self.dataset.release_count,
+                "tree_packages": len(self.dataset.tree),
+                "many_versions": len(self.dataset.many_versions),
+                "big_tarball_bytes": len(self.dataset.big_tarball.tarball),
+            },
+        }
+
+
+def _decoded(body: bytes) -> bytes:
+    return gzip.decompress(body) if body[:2] == b"\x1f\x8b" else body
+
+
+def _reset_peak_rss(pid: int) -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of a process, if we may (writing 5 to clear_refs)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def print_report(results: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    load = results["load"]
+    hub_and_verdaccio = ["hub-proxy", "hub-local", "verdaccio"]
+    titles = {
+        "abbreviated": "Abbreviated packument, 300 versions (Accept: application/vnd.npm.install-v1+json, gzip)",
+        "full": "Full packument, 300 versions (Accept: application/json, gzip)",
+        "revalidate-304": "Revalidation: If-None-Match with the current ETag (304)",
+    }
+    for case, title in titles.items():
+        lines += ["", title, *report.load_table(load, case, hub_and_verdaccio, ["verdaccio"])]
+    lines += [
+        "",
+        "1 MiB tarball download (filesystem storage)",
+        *report.load_table(load, "tarball", [*hub_and_verdaccio, "nginx"], ["verdaccio", "nginx"]),
+    ]
+    installs = results["npm_install"]
+    lines += ["", "npm install, 150 packages, fresh npm cache (seconds, each run)"]
+    for label, times in installs.items():
+        lines.append(f"  {label:<10} {' '.join(f'{t:.2f}' for t in times)}  (best {min(times):.2f})")
+    lines += ["", "Publish of a 50 MiB tarball"]
+    for label, entry in results["publish"].items():
+        hwm = entry["rss_growth_hwm"]
+        lines.append(
+            f"  {label:<10} {entry['seconds']:.2f}s, RSS growth {entry['rss_growth_sampled'] / MIB:.1f} MiB sampled"
+            + (f" / {hwm / MIB:.1f} MiB peak (VmHWM)" if hwm is not None else "")
+        )
+    lines += ["", "RSS of the hub (MiB per serving process)"]
+    for label, value in results["rss"].items():
+        lines.append(f"  {label:<18} {value}")
+    workers = results.get("workers")
+    if workers:
+        one, two = workers["one"], workers["two"]
+        lines += [
+            "",
+            f"Workers: abbreviated packument, hub-local, c={one['connections']}: "
+            f"1 worker {one['rps']:.0f} req/s (p99 {one['p99_ms']:.1f} ms), "
+            f"2 workers {two['rps']:.0f} req/s (p99 {two['p99_ms']:.1f} ms)",
+        ]
+    targets = report.evaluate_targets(results)
+    results["targets"] = [t.as_dict() for t in targets]
+    lines += ["", "Targets (issue 7)", *report.target_lines(targets)]
+    meta = results["meta"]
+    lines += [
+        "",
+        f"{meta['cpu_count']} CPUs ({meta['cpu_model']}), {meta['platform']}; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        f"wrk: 1 thread, {meta['duration_s']:g}s per run; {meta['timestamp']}; commit {meta['git_commit']}",
+    ]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs, concurrencies 1 and 64 (~3 minutes)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.json"), help="JSON results file")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 5, quick 2)")
+    parser.add_argument("--concurrency", type=int, action="append", help="repeatable (default 1 16 64, quick 1 64)")
+    parser.add_argument("--npm-repeats", type=int, help="npm install runs per registry (default 2, quick 1)")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, data) afterwards")
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    try:
+        results = bench.run()
+    except BenchError as exc:
+        print(f"\nbench: FAILED: {exc}", file=sys.stderr, flush=True)
+        return 2
+    lines = print_report(results)
+    results["table"] = lines
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nresults written to {out}", flush=True)
+    failed = [t for t in results["targets"] if not t["passed"]]
+    return 1 if failed and args.strict else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
