@@ -193,8 +193,10 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
     from batlehub.app import create_app
 
     app = create_app(settings)
+    # aiohttp waits up to shutdown_timeout for in-flight handlers, then as long again for the ones
+    # it cancelled: half of ours for each keeps the whole drain within shutdown_timeout_secs.
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_secs
+        app, handle_signals=False, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_secs / 2
     )
     try:
         await runner.setup()
