@@ -28,18 +28,7 @@ from typing import Any
 from batlehub.errors import BadRequest, IntegrityError, PayloadTooLarge
 from batlehub.interfaces import StorageBackend, StoredBlob
 from batlehub.storage import StreamDigest
-
-try:
-    from batlehub_npm.upstream import blob_key
-except ImportError:  # pragma: no cover - until upstream.py lands; same scheme as the contract
-
-    def blob_key(sha512_hex: str | None, sha1_hex: str | None) -> str:
-        if sha512_hex:
-            return f"npm/blobs/sha512/{sha512_hex[:2]}/{sha512_hex}"
-        if sha1_hex:
-            return f"npm/blobs/sha1/{sha1_hex[:2]}/{sha1_hex}"
-        raise ValueError("a blob key needs a digest")
-
+from batlehub_npm.upstream import blob_key
 
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 """Everything in a publish body except the tarball itself: manifests, readme, tags."""

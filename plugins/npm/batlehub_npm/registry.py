@@ -59,6 +59,7 @@ _CACHE_KEYS = {"metadata_ttl_secs", "serve_stale", "warm_packages"}
 _KNOWN_KEYS = {"mode", "upstreams", "cache"}
 SMALL_BODY_LIMIT = 1024 * 1024
 AUDIT_BODY_LIMIT = 32 * 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
 
 Handler = Callable[[web.Request, Route], Awaitable[web.StreamResponse]]
 
@@ -753,19 +754,22 @@ class NpmRegistry:
             if sub == "audits/quick":
                 return _json(_EMPTY_QUICK_AUDIT)
             raise NotFound(f"no such audit endpoint: {sub}")
-        headers = dict(request.headers)
+        # aiohttp may already have undone the client's gzip; say what the bytes really are.
+        headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        if body[:2] == _GZIP_MAGIC:
+            headers["Content-Encoding"] = "gzip"
         if sub == "advisories/bulk":
-            body, headers = await self._without_local_names(body, headers)
+            body = await self._without_local_names(body)
         status, out_headers, out_body = await self.proxy.audit(f"-/npm/v1/security/{sub}", body, headers)
         content_type = out_headers.get("Content-Type") or out_headers.get("content-type") or "application/json"
         return web.Response(status=status, body=out_body, headers={"Content-Type": content_type})
 
-    async def _without_local_names(self, body: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    async def _without_local_names(self, body: bytes) -> bytes:
         """Local package names are private: never tell an upstream which ones we have."""
-        gzipped = headers.get("Content-Encoding", headers.get("content-encoding", "")).lower() == "gzip"
+        gzipped = body[:2] == _GZIP_MAGIC
         try:
             data = json.loads(gzip.decompress(body) if gzipped else body)
-        except (ValueError, OSError):
+        except (ValueError, OSError, EOFError):
             raise BadRequest("audit request body is not (gzip-compressed) JSON") from None
         if not isinstance(data, dict):
             raise BadRequest("audit request body must be an object of name -> versions")
@@ -778,8 +782,7 @@ class NpmRegistry:
             if local is None:
                 kept[name] = versions
         raw = json.dumps(kept).encode()
-        out = {k: v for k, v in headers.items() if k.lower() in ("content-type", "content-encoding")}
-        return (gzip.compress(raw) if gzipped else raw), out
+        return gzip.compress(raw) if gzipped else raw
 
 
 def raise_conflict(package: PackageName, version: str) -> None:

@@ -1,0 +1,125 @@
+"""End to end: hybrid and proxy registries in front of a real upstream (Verdaccio), used by the
+real npm CLI. A name published locally is served from local data only, never merged with the
+upstream's versions; every other name comes through the proxy; a proxy refuses publishes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batlehub.testing.hub import Hub, HubFactory
+from batlehub.testing.npm import make_package, npm_env, run_npm
+from batlehub.testing.services import run_coroutine_sync
+
+pytestmark = [pytest.mark.npm_cli]
+
+ALICE = "hybrid-alice-token-0123456789"
+
+
+def config(upstream: str) -> str:
+    return f"""
+[[auth]]
+type = "token"
+[[auth.tokens]]
+value = "{ALICE}"
+role = "user"
+user_id = "alice"
+
+[[registries]]
+type = "npm"
+name = "npm"
+mode = "hybrid"
+upstreams = ["{upstream}"]
+
+[[registries]]
+type = "npm"
+name = "mirror"
+mode = "proxy"
+upstreams = ["{upstream}"]
+"""
+
+
+@pytest.fixture(scope="module")
+def upstream_names(verdaccio: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Two packages in the upstream: one that will be shadowed locally, one that will not."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {"shadowed": f"hy-shadowed-{suffix}", "remote": f"hy-remote-{suffix}"}
+    source = tmp_path_factory.mktemp("upstream-src")
+    for name in names.values():
+        for version in ("1.0.0", "2.0.0"):
+            verdaccio.publish(make_package(source, name, version))
+    return names
+
+
+@pytest.fixture(scope="module")
+def hybrid_hub(
+    verdaccio: Any, upstream_names: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Hub]:
+    factory = HubFactory(tmp_path_factory.mktemp("hybrid-hub"))
+    try:
+        yield run_coroutine_sync(lambda: factory(config(verdaccio.url)))
+    finally:
+        factory.stop_all()
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def view(tmp_path: Path, registry: str, spec: str, *fields: str) -> Any:
+    return json.loads(ok(run_npm(["view", spec, *fields, "--json"], cwd=tmp_path, env=npm_env(tmp_path, registry))))
+
+
+def test_a_local_name_hides_the_upstream_versions_entirely(
+    tmp_path: Path, hybrid_hub: Hub, upstream_names: dict[str, str]
+) -> None:
+    registry = f"{hybrid_hub.url}/registries/npm/"
+    shadowed = upstream_names["shadowed"]
+    assert view(tmp_path, registry, shadowed, "versions") == ["1.0.0", "2.0.0"]  # proxied while not local
+
+    folder = make_package(tmp_path / "src", shadowed, "3.0.0")
+    ok(run_npm(["publish"], cwd=folder, env=npm_env(tmp_path, registry, ALICE)))
+    assert view(tmp_path, registry, shadowed, "versions") == ["3.0.0"]  # local only, never merged
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "package.json").write_text(json.dumps({"name": "consumer", "version": "1.0.0"}))
+    env = npm_env(tmp_path, registry)
+    ok(run_npm(["install", shadowed, upstream_names["remote"]], cwd=project, env=env))
+    installed = {
+        name: json.loads((project / "node_modules" / name / "package.json").read_text())["version"]
+        for name in (shadowed, upstream_names["remote"])
+    }
+    assert installed == {shadowed: "3.0.0", upstream_names["remote"]: "2.0.0"}
+    lock = (project / "package-lock.json").read_text()
+    assert "4873" not in lock and "verdaccio" not in lock.lower()
+
+    # Audit goes to the upstream as is; this Verdaccio has no audit service and says 404, which
+    # must reach npm unchanged (not a hub error, and not an invented "no vulnerabilities").
+    audit = run_npm(["audit", "--json"], cwd=project, env=env)
+    assert "404 Not Found - POST " + registry + "-/npm/v1/security/" in audit.stdout + audit.stderr
+
+
+def test_search_finds_local_and_known_upstream_names(
+    tmp_path: Path, hybrid_hub: Hub, upstream_names: dict[str, str]
+) -> None:
+    registry = f"{hybrid_hub.url}/registries/npm/"
+    remote = upstream_names["remote"]
+    view(tmp_path, registry, remote, "name")  # the hub now knows this upstream name
+    found = json.loads(ok(run_npm(["search", remote, "--json"], cwd=tmp_path, env=npm_env(tmp_path, registry))))
+    assert [(p["name"], p["version"]) for p in found] == [(remote, "2.0.0")]
+
+
+def test_a_proxy_refuses_publishes_with_a_clear_message(tmp_path: Path, hybrid_hub: Hub) -> None:
+    registry = f"{hybrid_hub.url}/registries/mirror/"
+    folder = make_package(tmp_path / "src", f"hy-refused-{uuid.uuid4().hex[:8]}", "1.0.0")
+    result = run_npm(["publish"], cwd=folder, env=npm_env(tmp_path, registry, ALICE))
+    assert result.returncode != 0
+    assert "read-only proxy" in result.stdout + result.stderr
