@@ -1,0 +1,337 @@
+"""The `batlehub` command line, run as an operator runs it (a real subprocess): help, check-config,
+migrate, plugins, and serve with the embedded default and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from batlehub.db import MIGRATIONS
+from batlehub.testing.services import free_port
+
+LATEST = MIGRATIONS[-1][0]
+
+
+def batlehub_command() -> list[str]:
+    """The installed console script if there is one next to this interpreter, else `-m batlehub`."""
+    script = Path(sys.executable).parent / "batlehub"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("batlehub")
+    return [found] if found else [sys.executable, "-m", "batlehub"]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a clean shell: no BATLEHUB_* of the developer's, only the built-in
+    plugins (so installed third-party plugins don't change the output), data under tmp_path."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
+    clean["BATLEHUB_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    clean["XDG_DATA_HOME"] = str(tmp_path / "xdg")
+    return clean
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(batlehub_command() + args, capture_output=True, text=True, timeout=60, env=env, cwd=cwd)
+
+
+# --- help and plugins ------------------------------------------------------------------------------------
+
+
+def test_help(env: dict[str, str]) -> None:
+    result = run(["--help"], env)
+    assert result.returncode == 0
+    for command in ("serve", "migrate", "check-config", "plugins"):
+        assert command in result.stdout
+    assert "BATLEHUB_SERVER__PORT" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate", "check-config", "plugins"])
+def test_every_subcommand_has_help(env: dict[str, str], command: str) -> None:
+    result = run([command, "--help"], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: batlehub {command}")
+    if command != "plugins":
+        assert "--config" in result.stdout
+
+
+def test_no_command_is_a_usage_error(env: dict[str, str]) -> None:
+    result = run([], env)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+def test_version(env: dict[str, str]) -> None:
+    result = run(["--version"], env)
+    assert result.returncode == 0
+    assert result.stdout.startswith("batlehub ")
+
+
+def test_plugins_lists_the_builtins_with_versions(env: dict[str, str]) -> None:
+    from batlehub import __version__
+
+    result = run(["plugins"], env)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for name, provides in (
+        ("batlehub.builtin.cache_memory", "cache:memory"),
+        ("batlehub.builtin.cache_postgres", "cache:postgres"),
+        ("batlehub.builtin.storage_filesystem", "storage:filesystem"),
+    ):
+        assert f"{name}  [batlehub {__version__}]" in out
+        assert f"provides: {provides}" in out
+    assert "hooks: register_cache_backends" in out
+
+
+# --- check-config -------------------------------------------------------------------------------------
+
+
+def test_check_config_lists_every_problem(env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[server]\nport = "abc"\ncolour = "blue"\n'
+        "[limits]\nmax_artifact_size_bytes = -1\n"
+        '[[registries]]\ntype = "npm"\nname = "npm"\n'
+        '[[registries]]\ntype = "npm"\nname = "npm"\n'
+        "[nonsense]\nx = 1\n"
+    )
+    result = run(["check-config", "--config", str(config)], env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == "batlehub: configuration has 5 problem(s):"
+    problems = sorted(line.strip() for line in lines[1:])
+    assert [p.split(":", 1)[0] for p in problems] == [
+        "limits.max_artifact_size_bytes",
+        "nonsense",
+        "registries[1].name",
+        "server.colour",
+        "server.port",
+    ]
+    assert '  server.port: expected an integer, got "abc"' in lines
+
+
+def test_check_config_names_missing_plugins(env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text('registries = []\n[storage]\ntype = "gcs"\nbucket = "b"\n[cache]\ntype = "memcached"\n')
+    result = run(["check-config", "--config", str(config)], env)
+    assert result.returncode == 1
+    assert '  [cache] type "memcached" is not installed (installed: memory, postgres)' in result.stderr
+    assert '  [storage] type "gcs" is not installed (installed: filesystem)' in result.stderr
+
+
+def test_check_config_good_file_and_env_override(env: dict[str, str], tmp_path: Path) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text("registries = []\n[server]\nport = 8081\n")
+    result = run(["check-config", "--config", str(config)], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"configuration is valid ({config})"
+    broken = run(["check-config", "--config", str(config)], {**env, "BATLEHUB_SERVER__PORT": "abc"})
+    assert broken.returncode == 1
+    assert 'server.port: expected an integer, got "abc"' in broken.stderr
+    via_env = run(["check-config"], {**env, "BATLEHUB_CONFIG": str(config)})
+    assert via_env.returncode == 0, via_env.stderr
+
+
+def test_check_config_missing_file(env: dict[str, str], tmp_path: Path) -> None:
+    result = run(["check-config", "--config", str(tmp_path / "nope.toml")], env)
+    assert result.returncode == 1
+    assert "nope.toml" in result.stderr and "does not exist" in result.stderr
+
+
+# --- migrate -------------------------------------------------------------------------------------------
+
+
+def test_migrate_sqlite_prints_progress_and_version(env: dict[str, str], tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    result = run(["migrate", "--data-dir", str(data)], env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"applying migration 1 (1/{len(MIGRATIONS)}): ")
+    assert lines[-1] == f"database is at version {LATEST} ({len(MIGRATIONS)} migration(s) applied)"
+    assert (data / "batlehub.db").is_file()
+    again = run(["migrate", "--data-dir", str(data)], env)
+    assert again.stdout.splitlines() == [f"database is at version {LATEST} (0 migration(s) applied)"]
+
+
+def test_migrate_postgresql(env: dict[str, str], tmp_path: Path, fresh_postgres_url: str) -> None:
+    config = tmp_path / "hub.toml"
+    config.write_text(f'registries = []\n[database]\ntype = "postgresql"\nurl = "{fresh_postgres_url}"\n')
+    result = run(["migrate", "--config", str(config)], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"database is at version {LATEST} ({len(MIGRATIONS)} migration(s) applied)"
+
+
+# --- serve ---------------------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, args: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.port = port
+        self.log = log
+        self._log_file = open(log, "w")  # closed in stop()
+        self.proc = subprocess.Popen(
+            batlehub_command() + args, env=env, stdout=self._log_file, stderr=subprocess.STDOUT
+        )
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url(path), headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status, json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def wait_healthy(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"exited with {self.proc.returncode}:\n{self.logs()}"
+            try:
+                if self.get("/api/v1/admin/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"not healthy after {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log_file.close()
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+def test_serve_embedded_default(tmp_path: Path, env: dict[str, str], servers: list[Server]) -> None:
+    """No config at all: SQLite, filesystem, memory cache, one npm registry, a first-start admin token."""
+    pytest.importorskip("batlehub_npm", reason="the embedded default's npm registry needs batlehub-npm")
+    port = free_port()
+    env = {**env, "BATLEHUB_SERVER__PORT": str(port), "BATLEHUB_SERVER__HOST": "127.0.0.1"}
+    del env["BATLEHUB_DISABLE_PLUGIN_AUTOLOAD"]
+    data = tmp_path / "xdg" / "batlehub"
+    server = Server(["serve"], env, port, tmp_path / "serve.log")
+    servers.append(server)
+    server.wait_healthy()
+
+    token_file = data / "admin.token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert str(token_file) in server.logs()
+    assert token not in server.logs()
+    assert (data / "batlehub.db").is_file()
+    status, body = server.get("/api/v1/registries")
+    assert status == 200
+    assert [(r["name"], r["type"], r["mode"]) for r in body["registries"]] == [("npm", "npm", "hybrid")]
+    assert server.get("/api/v1/admin/tokens", {"Authorization": f"Bearer {token}"})[0] == 200
+
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+    # A second start keeps the first token: no new file, no new token.
+    again = Server(["serve"], env, port, tmp_path / "serve2.log")
+    servers.append(again)
+    again.wait_healthy()
+    assert token_file.read_text().strip() == token
+    assert "created an admin token" not in again.logs()
+    assert again.get("/api/v1/admin/tokens", {"Authorization": f"Bearer {token}"})[0] == 200
+
+
+def test_serve_without_the_npm_plugin_names_what_is_missing(env: dict[str, str], tmp_path: Path) -> None:
+    result = run(["serve", "--data-dir", str(tmp_path / "data")], {**env, "BATLEHUB_SERVER__PORT": str(free_port())})
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert '[registries[0]] type "npm" is not installed' in result.stderr
+    assert "is its plugin installed?" in result.stderr
+
+
+def test_serve_on_a_taken_port_is_one_clear_line(env: dict[str, str], tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "hub.toml"
+        config.write_text(f'registries = []\n[server]\nhost = "127.0.0.1"\nport = {port}\n')
+        result = run(["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")], env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"batlehub: cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(
+    env: dict[str, str], tmp_path: Path, servers: list[Server]
+) -> None:
+    """A download in flight when SIGTERM arrives completes; new connections are refused (or told
+    503 by health); a client that stopped reading does not keep the process beyond
+    shutdown_timeout_secs; the exit code is 0."""
+    shutdown_timeout = 6
+    ui = tmp_path / "ui"
+    ui.mkdir()
+    (ui / "index.html").write_text("<html></html>")
+    size = 32 * 1024 * 1024
+    (ui / "big.bin").write_bytes(os.urandom(1024) * (size // 1024))
+    port = free_port()
+    config = tmp_path / "hub.toml"
+    config.write_text(
+        f'registries = []\n[server]\nhost = "127.0.0.1"\nport = {port}\nstatic_dir = "{ui}"\n'
+        f"shutdown_timeout_secs = {shutdown_timeout}\n"
+    )
+    args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]
+    server = Server(args, env, port, tmp_path / "log")
+    servers.append(server)
+    server.wait_healthy()
+
+    request = b"GET /big.bin HTTP/1.1\r\nHost: hub\r\n\r\n"
+    with (
+        socket.create_connection(("127.0.0.1", port)) as download,
+        socket.create_connection(("127.0.0.1", port)) as stalled,
+    ):
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.sendall(request)  # and never reads: its response can never finish
+        download.sendall(request)
+        received = download.recv(8192)
+        assert received.startswith(b"HTTP/1.1 200")
+        signalled = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:
+            status, _ = server.get("/api/v1/admin/health")
+            assert status == 503
+        except (ConnectionError, urllib.error.URLError):
+            pass  # already not accepting: just as good for a load balancer
+        while chunk := download.recv(1024 * 1024):
+            received += chunk
+        downloaded_after = time.monotonic() - signalled
+        header_end = received.index(b"\r\n\r\n") + 4
+        assert len(received) - header_end == size, f"download cut after {downloaded_after:.1f}s"
+        assert server.proc.wait(shutdown_timeout + 10) == 0
+    stopped_after = time.monotonic() - signalled
+    assert stopped_after < shutdown_timeout + 2, f"exited {stopped_after:.1f}s after SIGTERM"
+    logs = server.logs()
+    assert "shutting down: draining in-flight requests" in logs
+    assert "Traceback" not in logs
