@@ -92,7 +92,7 @@ async def test_npm_install_keeps_working_through_an_upstream_outage_and_a_restar
 
         # What was never fetched fails with a message that says why.
         missing = new_project(tmp_path, "missing", {unique("never-fetched"): "1.0.0"})
-        result = await npm(["install"], missing, registry, tmp_path)
+        result = await npm(["install", "--fetch-retries=0"], missing, registry, tmp_path)
         assert result.returncode != 0
         assert "is not cached and the upstream registry is unavailable" in result.stdout + result.stderr
     finally:
