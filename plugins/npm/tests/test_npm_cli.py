@@ -5,7 +5,11 @@ client command about as much), and each test uses its own package names."""
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
 import subprocess
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -256,3 +260,42 @@ def test_pnpm_and_yarn_install_a_local_package(tmp_path: Path, registry: str, no
             text=True,
         )
         assert loaded.stdout.strip() == "@e2e/forclients@1.0.0", (label, loaded.stderr)
+
+
+def npm_in_a_terminal(args: list[str], env: dict[str, str], answers: list[tuple[str, str]]) -> str:
+    """Run npm on a pseudo-terminal (npm login prompts only there), answering prompts in order."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child becomes npm
+        os.execvpe("npm", ["npm", *args], env)
+    out = b""
+    pending = list(answers)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child exited
+                break
+            if not chunk:
+                break
+            out += chunk
+            last_line = out.decode(errors="replace").splitlines()[-1] if out else ""
+            if pending and pending[0][0] in last_line:
+                os.write(fd, pending.pop(0)[1].encode() + b"\r")
+    finally:
+        os.waitpid(pid, 0)
+    return out.decode(errors="replace")
+
+
+def test_npm_login_with_a_token_as_password(tmp_path: Path, registry: str) -> None:
+    env = npm_env(tmp_path, registry)
+    npmrc = Path(env["npm_config_userconfig"])
+    refused = npm_in_a_terminal(["login"], env, [("Username", "alice"), ("Password", "not-a-token")])
+    assert "access token" in refused and "_authToken" not in npmrc.read_text()
+    text = npm_in_a_terminal(["login"], env, [("Username", "alice"), ("Password", ALICE)])
+    assert "Logged in on " + registry in text, text
+    assert f":_authToken={ALICE}" in npmrc.read_text()
+    assert ok(run_npm(["whoami"], cwd=tmp_path, env=env)).strip() == "alice"
