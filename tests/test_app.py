@@ -81,15 +81,12 @@ class PingFormatPlugin:
 class TinyStorage:
     """A storage backend in a dict, whose health can be switched off."""
 
-    instances: list[TinyStorage] = []
-
     def __init__(self, label: str) -> None:
         self.label = label
         self.blobs: dict[str, bytes] = {}
         self.pings = 0
         self.failing = False
         self.opened = self.closed = False
-        TinyStorage.instances.append(self)
 
     async def open(self) -> None:
         self.opened = True
@@ -156,7 +153,6 @@ def pm() -> Any:
     manager = get_plugin_manager(load_entrypoints=False)
     manager.register(PingFormatPlugin(), name="test-ping-format")
     manager.register(TinyStoragePlugin(), name="test-tiny-storage")
-    TinyStorage.instances.clear()
     yield manager
     manager.unregister(name="test-ping-format")
     manager.unregister(name="test-tiny-storage")
@@ -215,7 +211,8 @@ async def test_health_is_503_while_shutting_down(make_client: ClientFactory) -> 
 
 async def test_storage_failing_is_503_naming_the_check(make_client: ClientFactory) -> None:
     client = await make_client(storage={"type": "tiny"})
-    (storage,) = TinyStorage.instances
+    storage = client.app[appkeys.STORAGE]
+    assert isinstance(storage, TinyStorage)
     storage.failing = True
     response = await client.get(HEALTH)
     assert response.status == 503
@@ -238,8 +235,8 @@ async def test_database_failing_is_503_naming_the_check(make_client: ClientFacto
 
 async def test_storage_backend_from_a_plugin_is_selected_by_config(make_client: ClientFactory) -> None:
     client = await make_client(storage={"type": "tiny", "label": "from-config"})
-    (storage,) = TinyStorage.instances
-    assert client.app[appkeys.STORAGE] is storage
+    storage = client.app[appkeys.STORAGE]
+    assert isinstance(storage, TinyStorage)
     assert storage.label == "from-config"
     assert storage.opened
     response = await client.get(HEALTH)
