@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import pytest
 from npm_testdata import ADMIN, ALICE, BOB, auth, make_tarball, publish_body
 
@@ -329,3 +330,29 @@ async def test_a_write_on_one_replica_is_seen_at_once_by_another(
     assert sorted(doc["versions"]) == ["1.0.0", "1.1.0"]
     conflict = await publish(second, "shared", "1.1.0")
     assert conflict.status == 409
+
+
+@pytest.mark.parametrize("redirect", [False, True])
+async def test_tarballs_from_s3_streamed_or_redirected(
+    aiohttp_client: Any, settings_factory: Callable[..., Settings], s3_config: dict[str, Any], redirect: bool
+) -> None:
+    storage = {
+        "type": "s3",
+        **{k: s3_config[k] for k in ("bucket", "region", "endpoint", "access_key_id", "secret_access_key")},
+        "force_path_style": True,
+        "prefix": f"npm-test-{os.urandom(4).hex()}",
+        "redirect_downloads": redirect,
+    }
+    client = await aiohttp_client(create_app(settings_factory(storage=storage)))
+    tarball = make_tarball("s3pkg", "1.0.0", os.urandom(200_000))
+    assert (await publish(client, "s3pkg", "1.0.0", tarball=tarball)).status == 201
+    response = await client.get("/registries/npm/s3pkg/-/s3pkg-1.0.0.tgz", allow_redirects=False)
+    if redirect:
+        assert response.status == 302
+        assert response.headers["Location"].startswith(s3_config["endpoint"])
+        async with aiohttp.ClientSession() as session, session.get(response.headers["Location"]) as direct:
+            assert await direct.read() == tarball
+    else:
+        assert response.status == 200 and await response.read() == tarball
+        head = await client.head("/registries/npm/s3pkg/-/s3pkg-1.0.0.tgz")
+        assert int(head.headers["Content-Length"]) == len(tarball)
