@@ -18,8 +18,10 @@ they are down:
 Stored copies use one small format, the "envelope": a JSON header line (upstream, validators, a
 content id) followed by a newline and the upstream's body bytes exactly as received. The cache
 holds the header alone under a key that is fresh for the TTL (a freshness check reads a few
-hundred bytes, not the whole packument), and the envelope under a second key; the database row
-holds the envelope too, with the validators also in their own columns.
+hundred bytes, not the whole packument); a shared cache also holds the envelope under a second
+key. The database row holds the envelope, with the validators also in their own columns. Each
+process keeps the hottest documents parsed (keyed by content id), so a cache hit costs one small
+read and no JSON parsing.
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ MEMO_MAX_BYTES = 16 * 1024 * 1024
 """Parsed packuments kept in memory, counted by their JSON size (the Python objects take several
 times that), so hot documents are not parsed again on every request."""
 MEMO_MAX_ENTRIES = 1024
+CACHED_BODY_MAX_BYTES = 8 * 1024 * 1024
+"""Bodies larger than this are not put into a shared cache (they would slow it down for everyone);
+replicas read them from the database instead, once per change thanks to the memo."""
 CHUNK_SIZE = 64 * 1024
 
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -345,6 +350,9 @@ class UpstreamProxy:
         self._memo: OrderedDict[str, tuple[str, dict[str, Any], int]] = OrderedDict()
         self._memo_bytes = 0
         self._warn_allowed = _Throttle(WARNING_EVERY_SECS)
+        # A per-process cache would only hold a second copy of what the memo and the database
+        # already have, unbounded in bytes: bodies go into shared caches only.
+        self._cache_bodies = str(services.settings.cache.get("type", "memory")) != "memory"
 
     async def close(self) -> None:
         """Stop fetches that are still running (their callers get `CancelledError`)."""
@@ -429,6 +437,8 @@ class UpstreamProxy:
         return None
 
     async def _cache_envelope(self, name: str, variant: str) -> tuple[_Copy, bytes] | None:
+        if not self._cache_bodies:
+            return None
         raw = await self._cache_get(self._body_key(variant, name), stale=True)
         return _open_envelope(raw) if raw else None
 
@@ -636,8 +646,12 @@ class UpstreamProxy:
         except Exception as exc:
             if self._warn_allowed("db-write"):
                 log.warning("cannot keep the upstream copy of %s in the database: %s", name, exc)
-        await self._cache_set(self._body_key(copy.variant, name), envelope, ttl=COPY_RETENTION_SECS)
+        await self._cache_body(name, copy, envelope)
         await self._cache_set(self._fresh_key(copy.variant, name), copy.header(), ttl=self.metadata_ttl_secs)
+
+    async def _cache_body(self, name: str, copy: _Copy, envelope: bytes) -> None:
+        if self._cache_bodies and len(envelope) <= CACHED_BODY_MAX_BYTES:
+            await self._cache_set(self._body_key(copy.variant, name), envelope, ttl=COPY_RETENTION_SECS)
 
     async def _renew(self, name: str, last: _LastGood, headers: Mapping[str, str]) -> UpstreamDocument:
         """A 304: the copy is current again; write the small header, not the body."""
@@ -662,9 +676,7 @@ class UpstreamProxy:
             if self._warn_allowed("db-write"):
                 log.warning("cannot renew the upstream copy of %s in the database: %s", name, exc)
         if not last.in_cache and last.body is not None:
-            await self._cache_set(
-                self._body_key(copy.variant, name), _envelope(copy, last.body), ttl=COPY_RETENTION_SECS
-            )
+            await self._cache_body(name, copy, _envelope(copy, last.body))
         await self._cache_set(self._fresh_key(copy.variant, name), copy.header(), ttl=self.metadata_ttl_secs)
         return self._document(copy, last.data, stale=False)
 

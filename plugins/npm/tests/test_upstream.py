@@ -69,11 +69,11 @@ async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[An
 @pytest.fixture
 def make_services(
     tmp_path: Path, db: Any, storage: FilesystemStorage, http: aiohttp.ClientSession
-) -> Callable[[CacheBackend], RegistryServices]:
+) -> Callable[..., RegistryServices]:
     """Services of one replica: the database and storage are shared, the cache is passed in."""
-    settings = Settings(data_dir=tmp_path)
 
-    def make(cache: CacheBackend) -> RegistryServices:
+    def make(cache: CacheBackend, cache_type: str = "memory") -> RegistryServices:
+        settings = Settings(data_dir=tmp_path, cache={"type": cache_type})
         return RegistryServices(
             settings=settings, db=db, cache=cache, storage=storage, auth=None, http=lambda: http, pm=None
         )  # type: ignore[arg-type]
@@ -87,7 +87,7 @@ def cache() -> MemoryCache:
 
 
 @pytest.fixture
-def services(make_services: Callable[[CacheBackend], RegistryServices], cache: MemoryCache) -> RegistryServices:
+def services(make_services: Callable[..., RegistryServices], cache: MemoryCache) -> RegistryServices:
     return make_services(cache)
 
 
@@ -406,16 +406,18 @@ async def test_a_replica_that_died_holding_the_lease_delays_others_only_briefly(
 
 
 @pytest.fixture(params=["memory", "redis", "postgres"])
-async def replica_caches(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[], Awaitable[CacheBackend]]]:
+async def replica_caches(
+    request: pytest.FixtureRequest, make_services: Callable[..., RegistryServices]
+) -> AsyncIterator[Callable[[], Awaitable[RegistryServices]]]:
     """Cache clients for several replicas that share one cache: the same memory object (replicas
     simulated in one process), or one client each on a real Redis / PostgreSQL."""
     opened: list[CacheBackend] = []
     shared = MemoryCache()
     prefix = f"t{uuid.uuid4().hex[:8]}_"
 
-    async def make() -> CacheBackend:
+    async def make() -> RegistryServices:
         if request.param == "memory":
-            return shared
+            return make_services(shared)
         if request.param == "redis":
             redis_backend = pytest.importorskip("batlehub_cache_redis.backend")
             cache: Any = redis_backend.RedisCache(request.getfixturevalue("redis_url"), prefix=prefix)
@@ -423,7 +425,7 @@ async def replica_caches(request: pytest.FixtureRequest) -> AsyncIterator[Callab
             cache = PostgresCache(request.getfixturevalue("postgres_url"), table_prefix=prefix)
         await cache.open()
         opened.append(cache)
-        return cache
+        return make_services(cache, request.param)
 
     yield make
     for cache in opened:
@@ -433,13 +435,12 @@ async def replica_caches(request: pytest.FixtureRequest) -> AsyncIterator[Callab
 async def test_replicas_sharing_a_cache_make_one_upstream_request(
     verdaccio: Any,
     http: aiohttp.ClientSession,
-    make_services: Callable[[CacheBackend], RegistryServices],
-    replica_caches: Callable[[], Awaitable[CacheBackend]],
+    replica_caches: Callable[[], Awaitable[RegistryServices]],
     proxies: Callable[..., UpstreamProxy],
 ) -> None:
     name = unique()
     await publish(http, verdaccio, name, "1.0.0")
-    replicas = [proxies(make_services(await replica_caches()), [verdaccio.url]) for _ in range(3)]
+    replicas = [proxies(await replica_caches(), [verdaccio.url]) for _ in range(3)]
 
     docs = await asyncio.gather(*(replicas[i % 3].packument(name) for i in range(60)))
 
@@ -480,7 +481,7 @@ async def test_expired_copy_is_revalidated_without_a_download(
 async def test_upstream_down_serves_the_last_good_copy_even_after_a_restart(
     verdaccio: Any,
     http: aiohttp.ClientSession,
-    make_services: Callable[[CacheBackend], RegistryServices],
+    make_services: Callable[..., RegistryServices],
     proxies: Callable[..., UpstreamProxy],
 ) -> None:
     name = unique()
@@ -574,7 +575,7 @@ class BrokenCache(MemoryCache):
 async def test_a_failing_cache_backend_never_fails_a_request(
     verdaccio: Any,
     http: aiohttp.ClientSession,
-    make_services: Callable[[CacheBackend], RegistryServices],
+    make_services: Callable[..., RegistryServices],
     proxies: Callable[..., UpstreamProxy],
     dead_upstream: str,
 ) -> None:
@@ -716,7 +717,7 @@ async def test_audit_with_the_upstream_down_is_a_502(
 async def test_warm_up_runs_once_across_replicas(
     verdaccio: Any,
     http: aiohttp.ClientSession,
-    make_services: Callable[[CacheBackend], RegistryServices],
+    make_services: Callable[..., RegistryServices],
     storage: FilesystemStorage,
     proxies: Callable[..., UpstreamProxy],
     caplog: pytest.LogCaptureFixture,
