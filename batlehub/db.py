@@ -205,14 +205,15 @@ class SqliteDatabase:
     async def connect(self) -> None:
         import aiosqlite
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        try:  # a bad path (a file in the way, no permission, not a database) is one clear line
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._conn = await aiosqlite.connect(str(self.path), isolation_level=None)
+            await self._conn.execute("PRAGMA journal_mode=WAL")
+            await self._conn.execute("PRAGMA synchronous=NORMAL")
+            await self._conn.execute("PRAGMA busy_timeout=5000")
         except Exception as exc:
+            await self.close()
             raise StartupError(f"cannot open the SQLite database at {self.path}: {exc}") from exc
-        await self._conn.execute("PRAGMA journal_mode=WAL")
-        await self._conn.execute("PRAGMA synchronous=NORMAL")
-        await self._conn.execute("PRAGMA busy_timeout=5000")
 
     async def close(self) -> None:
         if self._conn is not None:
