@@ -192,3 +192,36 @@ def test_serve_with_unreachable_postgres_exits_1_with_one_line(tmp_path: Path) -
     lines = [line for line in result.stderr.splitlines() if line.startswith("batlehub:")]
     assert lines == [lines[0]] and lines[0].startswith("batlehub: cannot connect to PostgreSQL at "), result.stderr
     assert f"127.0.0.1:{port}" in lines[0]
+
+
+# --- unusable SQLite path ---------------------------------------------------------------------------
+
+
+async def test_sqlite_path_blocked_by_a_file_is_one_clear_startup_error(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    db = SqliteDatabase(tmp_path / "afile" / "sub" / "hub.db")
+    with pytest.raises(StartupError, match="cannot open the SQLite database at .*afile/sub/hub.db"):
+        await db.connect()
+
+
+async def test_sqlite_file_that_is_not_a_database_is_one_clear_startup_error(tmp_path: Path) -> None:
+    (tmp_path / "hub.db").write_text("this is not a database, just some text " * 200)
+    db = SqliteDatabase(tmp_path / "hub.db")
+    with pytest.raises(StartupError, match="cannot open the SQLite database at .*hub.db"):
+        await db.connect()
+
+
+def test_migrate_with_an_unusable_data_dir_exits_1_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
+    env["BATLEHUB_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-m", "batlehub", "migrate", "--data-dir", str(tmp_path / "afile" / "sub")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("batlehub: cannot open the SQLite database at ")
