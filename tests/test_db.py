@@ -200,14 +200,14 @@ def test_serve_with_unreachable_postgres_exits_1_with_one_line(tmp_path: Path) -
 async def test_sqlite_path_blocked_by_a_file_is_one_clear_startup_error(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("")
     db = SqliteDatabase(tmp_path / "afile" / "sub" / "hub.db")
-    with pytest.raises(StartupError, match="cannot open the SQLite database at .*afile/sub/hub.db"):
+    with pytest.raises(StartupError, match=r"cannot open the SQLite database at .*afile/sub/hub\.db"):
         await db.connect()
 
 
 async def test_sqlite_file_that_is_not_a_database_is_one_clear_startup_error(tmp_path: Path) -> None:
     (tmp_path / "hub.db").write_text("this is not a database, just some text " * 200)
     db = SqliteDatabase(tmp_path / "hub.db")
-    with pytest.raises(StartupError, match="cannot open the SQLite database at .*hub.db"):
+    with pytest.raises(StartupError, match=r"cannot open the SQLite database at .*hub\.db"):
         await db.connect()
 
 
