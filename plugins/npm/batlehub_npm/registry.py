@@ -597,6 +597,12 @@ class NpmRegistry:
     async def _local_for_write(self, package: PackageName) -> None:
         self._refuse_writes_in_proxy_mode()
         if await self._is_local(package) is None:
+            if self.proxy is not None:
+                # Not a 404: npm unpublish reads a 404 as "already gone" and reports success.
+                raise MethodNotAllowed(
+                    f"package {package.name} comes from an upstream registry; only packages published"
+                    f" in registry {self.name!r} can be changed here"
+                )
             raise NotFound(f"package {package.name} is not published in registry {self.name!r}")
 
     async def put_package_rev(self, request: web.Request, route: Route) -> web.StreamResponse:

@@ -20,6 +20,7 @@ from batlehub.testing.services import run_coroutine_sync
 pytestmark = [pytest.mark.npm_cli]
 
 ALICE = "hybrid-alice-token-0123456789"
+ADMIN = "hybrid-admin-token-0123456789"
 
 
 def config(upstream: str) -> str:
@@ -30,6 +31,10 @@ type = "token"
 value = "{ALICE}"
 role = "user"
 user_id = "alice"
+[[auth.tokens]]
+value = "{ADMIN}"
+role = "admin"
+user_id = "admin"
 
 [[registries]]
 type = "npm"
@@ -123,3 +128,18 @@ def test_a_proxy_refuses_publishes_with_a_clear_message(tmp_path: Path, hybrid_h
     result = run_npm(["publish"], cwd=folder, env=npm_env(tmp_path, registry, ALICE))
     assert result.returncode != 0
     assert "read-only proxy" in result.stdout + result.stderr
+
+
+def test_upstream_packages_cannot_be_changed_through_a_hybrid_registry(
+    tmp_path: Path, hybrid_hub: Hub, upstream_names: dict[str, str]
+) -> None:
+    registry = f"{hybrid_hub.url}/registries/npm/"
+    remote = upstream_names["remote"]
+    for token, args in (
+        (ADMIN, ["unpublish", f"{remote}@1.0.0"]),
+        (ALICE, ["dist-tag", "add", f"{remote}@1.0.0", "mine"]),
+    ):
+        result = run_npm(args, cwd=tmp_path, env=npm_env(tmp_path, registry, token))
+        assert result.returncode != 0, args  # npm must not report success for something that did not happen
+        assert "comes from an upstream registry" in result.stdout + result.stderr
+    assert view(tmp_path, registry, remote, "versions") == ["1.0.0", "2.0.0"]
