@@ -299,3 +299,24 @@ def test_npm_login_with_a_token_as_password(tmp_path: Path, registry: str) -> No
     assert "Logged in on " + registry in text, text
     assert f":_authToken={ALICE}" in npmrc.read_text()
     assert ok(run_npm(["whoami"], cwd=tmp_path, env=env)).strip() == "alice"
+
+
+def peak_memory_kib(pid: int) -> tuple[int, int]:
+    """(current RSS, peak RSS) of a process, from /proc."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+@pytest.mark.slow
+def test_a_big_package_is_published_without_holding_it_in_memory(tmp_path: Path, registry: str, npm_hub: Hub) -> None:
+    payload = os.urandom(40 * 1024 * 1024)  # random: gzip cannot shrink it, the body is ~54 MB of base64
+    folder = make_package(tmp_path / "src", "e2e-big", "1.0.0", files={"blob.bin": payload})
+    assert npm_hub.process.proc is not None
+    rss_before, _ = peak_memory_kib(npm_hub.process.proc.pid)
+    ok(run_npm(["publish"], cwd=folder, env=npm_env(tmp_path, registry, ALICE)))
+    _, peak_after = peak_memory_kib(npm_hub.process.proc.pid)
+    assert (peak_after - rss_before) * 1024 < 24 * 1024 * 1024, f"hub grew by {peak_after - rss_before} KiB"
+
+    project = fresh_project(tmp_path, "big")
+    ok(run_npm(["install", "e2e-big"], cwd=project, env=npm_env(tmp_path, registry)))
+    assert (project / "node_modules" / "e2e-big" / "blob.bin").read_bytes() == payload
