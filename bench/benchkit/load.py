@@ -7,6 +7,7 @@ Headers are set in a generated wrk Lua script (the same ones the npm CLI sends),
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 import threading
@@ -53,6 +54,10 @@ class LoadResult:
     """Socket errors, timeouts and non-2xx/3xx responses: any of them makes the run invalid."""
     peak_rss: dict[str, int]
     """Highest RSS seen per watched process during the run (bytes)."""
+    server_cpu_s: float | None
+    """CPU seconds (user + system) the server's processes used during the run."""
+    rps_per_cpu: float | None
+    """Requests per server CPU-second: throughput normalized for what the shared machine gave it."""
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -60,6 +65,25 @@ class LoadResult:
 
 def lua_quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of some processes so far (0 for processes that are gone)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_of_pids(pids: list[int]) -> dict[int, int]:
+    from benchkit.servers import rss_bytes
+
+    return {pid: rss_bytes(pid) for pid in pids}
 
 
 class RssSampler:
@@ -96,7 +120,7 @@ def run_wrk(
     connections: int,
     duration: float,
     headers: Mapping[str, str],
-    rss_of: Callable[[], Mapping[int, int]] | None = None,
+    pids: Callable[[], list[int]] | None = None,
     threads: int = 1,
 ) -> LoadResult:
     """Run wrk against one URL. One wrk thread by default: on a 2-core machine the server under
@@ -115,10 +139,13 @@ def run_wrk(
         script.name,
         url,
     ]
-    sampler = RssSampler(rss_of or (lambda: {}))
+    server_pids = pids() if pids else []
+    sampler = RssSampler(lambda: rss_of_pids(server_pids))
+    cpu_before = cpu_seconds(server_pids)
     try:
         with sampler:
             result = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
+        cpu = cpu_seconds(server_pids) - cpu_before if server_pids else None
     finally:
         Path(script.name).unlink(missing_ok=True)
     line = next((x for x in result.stdout.splitlines() if x.startswith("WRKJSON ")), None)
@@ -141,6 +168,8 @@ def run_wrk(
         mean_ms=round(data["mean"] / 1000, 3),
         errors=errors,
         peak_rss={str(pid): rss for pid, rss in sampler.peak.items()},
+        server_cpu_s=None if cpu is None else round(cpu, 2),
+        rps_per_cpu=round(data["requests"] / cpu, 1) if cpu else None,
     )
 
 

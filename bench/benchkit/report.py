@@ -45,7 +45,8 @@ def find(load: list[dict[str, Any]], case: str, server: str, connections: int) -
 
 
 def load_table(load: list[dict[str, Any]], case: str, servers: list[str], peers: list[str]) -> list[str]:
-    """Rows: concurrency; columns: rps and p99 per server, then hub/peer ratios."""
+    """Rows: concurrency; columns: rps and p99 per server (`!`: the run had errors, e.g. timeouts),
+    then hub/peer ratios."""
     conns = sorted({r["connections"] for r in load if r["case"] == case})
     hubs = [s for s in servers if s.startswith("hub")]
     head = ["conc"] + [f"{s} rps" for s in servers] + [f"{s} p99ms" for s in servers]
@@ -56,7 +57,7 @@ def load_table(load: list[dict[str, Any]], case: str, servers: list[str], peers:
     for c in conns:
         row = [str(c)]
         results = {s: find(load, case, s, c) for s in servers}
-        row += [_fmt(r["rps"], 0) if r else "—" for r in results.values()]
+        row += [(_fmt(r["rps"], 0) + ("!" if r.get("errors") else "")) if r else "—" for r in results.values()]
         row += [_fmt(r["p99_ms"], 2) if r else "—" for r in results.values()]
         for hub in hubs:
             for peer in peers:
@@ -64,6 +65,21 @@ def load_table(load: list[dict[str, Any]], case: str, servers: list[str], peers:
                 row.append(_fmt(_ratio(h and h["rps"], p and p["rps"])))
                 row.append(_fmt(_ratio(p and p["p99_ms"], h and h["p99_ms"])))
         rows.append(row)
+    return _align(rows)
+
+
+def cpu_table(load: list[dict[str, Any]], servers: list[str]) -> list[str]:
+    """Requests per CPU-second of the server's own processes: what each server makes of the CPU
+    it got, which matters on a small shared machine where wrk and neighbours take their share."""
+    rows = [["case", "conc", *servers]]
+    cases = list(dict.fromkeys(r["case"] for r in load))
+    for case in cases:
+        for c in sorted({r["connections"] for r in load if r["case"] == case}):
+            cells = []
+            for server in servers:
+                r = find(load, case, server, c)
+                cells.append(_fmt(r.get("rps_per_cpu") if r else None, 0))
+            rows.append([case, str(c), *cells])
     return _align(rows)
 
 
