@@ -121,17 +121,15 @@ def abbreviate_manifest(manifest: Mapping[str, Any]) -> dict[str, Any]:
 
 def abbreviate(doc: Mapping[str, Any]) -> dict[str, Any]:
     """The abbreviated packument of a full one (tarball URLs as they are in `doc`)."""
-    versions = doc.get("versions") if isinstance(doc.get("versions"), Mapping) else {}
-    time = doc.get("time") if isinstance(doc.get("time"), Mapping) else {}
+    raw_versions = doc.get("versions")
+    versions: Mapping[str, Any] = raw_versions if isinstance(raw_versions, Mapping) else {}
+    raw_time = doc.get("time")
+    time: Mapping[str, Any] = raw_time if isinstance(raw_time, Mapping) else {}
     out: dict[str, Any] = {
         "name": doc.get("name"),
         "modified": doc.get("modified") or time.get("modified") or iso_time(0),
         "dist-tags": doc.get("dist-tags") or {},
-        "versions": {
-            v: abbreviate_manifest(m)
-            for v, m in versions.items()
-            if isinstance(m, Mapping)  # type: ignore[union-attr]
-        },
+        "versions": {v: abbreviate_manifest(m) for v, m in versions.items() if isinstance(m, Mapping)},
     }
     if time:
         out["time"] = time  # pnpm's time-based resolution reads it when present
@@ -197,7 +195,7 @@ def version_document(doc: Mapping[str, Any], version_or_tag: str) -> dict[str, A
     tags = doc.get("dist-tags") or {}
     version = version_or_tag if version_or_tag in versions else tags.get(version_or_tag)
     manifest = versions.get(version) if isinstance(version, str) else None
-    return copy.deepcopy(manifest) if isinstance(manifest, Mapping) else None
+    return dict(copy.deepcopy(manifest)) if isinstance(manifest, Mapping) else None
 
 
 def serialize(doc: Any) -> bytes:

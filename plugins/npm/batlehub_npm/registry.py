@@ -325,8 +325,7 @@ class NpmRegistry:
                 return web.Response(
                     status=304, headers={"ETag": etag, "Cache-Control": "no-cache", "Vary": "Accept, Accept-Encoding"}
                 )
-            key = (self.name, package.name, stamp, variant, base)
-            rendered = self.rendered.get(key)
+            rendered = self.rendered.get((self.name, package.name, stamp, variant, base))
             if rendered is None:
                 local = await self.local.load(package)
                 if local is None:
