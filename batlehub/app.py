@@ -16,7 +16,7 @@ import aiohttp
 import pluggy
 from aiohttp import web
 
-from batlehub import admin, appkeys
+from batlehub import admin, appkeys, replicas, sweep
 from batlehub.auth import Authenticator
 from batlehub.config import Settings
 from batlehub.db import create_database
@@ -144,6 +144,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app.cleanup_ctx.append(_auth_ctx)
     app.cleanup_ctx.append(_registries_ctx)
     app.cleanup_ctx.append(_hooks_ctx)
+    app.cleanup_ctx.append(replicas.heartbeat_ctx(cache_type, storage_type))
+    app.cleanup_ctx.append(sweep.sweep_ctx)
     _check_replica_safety(app, cache_type, storage_type)
 
     admin.add_routes(app)

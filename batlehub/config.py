@@ -106,6 +106,17 @@ class IpBlockingSettings:
 
 
 @dataclass(frozen=True)
+class SweepSettings:
+    """The storage sweep that deletes blobs no database row references (e.g. left by a replica
+    that crashed between writing a tarball and committing its version)."""
+
+    enabled: bool = True
+    interval_secs: float = 3600.0
+    grace_secs: float = 3600.0
+    """Blobs younger than this are never deleted, so a publish still in flight keeps its blob."""
+
+
+@dataclass(frozen=True)
 class OtelSettings:
     endpoint: str = ""
     service_name: str = "batlehub"
@@ -123,6 +134,7 @@ class Settings:
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     ip_blocking: IpBlockingSettings = field(default_factory=IpBlockingSettings)
     otel: OtelSettings = field(default_factory=OtelSettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
     source: str = "embedded default"
     """Where the settings came from (a file path, or "embedded default"), for logs."""
 
@@ -357,13 +369,14 @@ _IP_BLOCKING = {
     "trigger_on_status": _int_list,
 }
 _OTEL = {"endpoint": _str(), "service_name": _str()}
+_SWEEP = {"enabled": _bool, "interval_secs": _number(1), "grace_secs": _number(0)}
 _RATE_LIMIT = {"requests_per_window": _int(1), "window_secs": _number(1)}
 _QUOTA = {
     "max_bytes_per_user": _int(0),
     "max_versions_per_user": _int(0),
     "enforcement": _str(("block", "warn")),
 }
-_TOP_LEVEL = {"server", "database", "cache", "storage", "auth", "registries", "limits", "ip_blocking", "otel"}
+_TOP_LEVEL = {"server", "database", "cache", "storage", "auth", "registries", "limits", "ip_blocking", "otel", "sweep"}
 
 
 def parse_settings(
@@ -388,6 +401,7 @@ def parse_settings(
     limits = _section(raw, "limits", _LIMITS, problems)
     ip_blocking = _section(raw, "ip_blocking", _IP_BLOCKING, problems)
     otel = _section(raw, "otel", _OTEL, problems)
+    sweep = _section(raw, "sweep", _SWEEP, problems)
     auth = _auth(raw.get("auth", []), problems)
     registries = _registries(raw, problems)
 
@@ -405,6 +419,7 @@ def parse_settings(
         limits=LimitsSettings(**limits),
         ip_blocking=IpBlockingSettings(**ip_blocking),
         otel=OtelSettings(**otel),
+        sweep=SweepSettings(**sweep),
         source=source,
     )
 

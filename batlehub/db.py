@@ -145,6 +145,18 @@ MIGRATIONS: list[tuple[int, str, list[Any]]] = [
                 PRIMARY KEY (registry, name, variant))""",
         ],
     ),
+    (
+        2,
+        "replica heartbeats",
+        [
+            """CREATE TABLE replicas (
+                id TEXT PRIMARY KEY,
+                host TEXT NOT NULL,
+                pid INTEGER NOT NULL,
+                started DOUBLE PRECISION NOT NULL,
+                last_seen DOUBLE PRECISION NOT NULL)""",
+        ],
+    ),
 ]
 
 
