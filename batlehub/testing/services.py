@@ -317,6 +317,7 @@ class PostgresCluster:
         self.log = self.root / "postgres.log"
         # initdb refuses to run as root; run the server as the `postgres` system user then.
         self.as_root = os.geteuid() == 0
+        self.stopped_by_test = False
 
     @property
     def url(self) -> str:
@@ -336,6 +337,11 @@ class PostgresCluster:
             )
 
     def start(self) -> None:
+        """Create the cluster on first start; later starts reuse its data on the same port."""
+        if (self.data / "PG_VERSION").exists():
+            self._run([*self._pg_ctl(), "-w", "-t", "60", "start"], "start")
+            self.stopped_by_test = False
+            return
         if self.as_root:
             try:
                 shutil.chown(self.root, "postgres", "postgres")
@@ -346,14 +352,22 @@ class PostgresCluster:
                 ) from exc
         initdb = [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
         self._run([*initdb, "-E", "UTF8", "--no-locale", "--no-sync"], "initdb")
+        self._run([*self._pg_ctl(), "-w", "-t", "60", "start"], "start")
+
+    def _pg_ctl(self) -> list[str]:
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses={LOOPBACK} -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
         )
-        pg_ctl = [str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log)]
-        self._run([*pg_ctl, "-w", "-t", "60", "start"], "start")
+        return [str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log)]
 
     def stop(self) -> None:
+        """Stop the server as an outage would (`pg_ctl stop -m fast`: sessions are terminated);
+        the data is kept, and `start()` brings it back on the same port."""
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"], "stop")
+        self.stopped_by_test = True
+
+    def destroy(self) -> None:
         if self.data.exists():
             with contextlib.suppress(ServiceStartError, subprocess.TimeoutExpired):
                 self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"], "stop")
@@ -366,19 +380,28 @@ def _with_database(dsn: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """DSN of a PostgreSQL server the tests may freely use (a throwaway cluster by default)."""
+def postgres_server() -> Iterator[PostgresCluster | _ExternalService]:
+    """The session's PostgreSQL server, with `.url`, and `.stop()` / `.start()` for fault tests."""
     external = os.environ.get("BATLEHUB_TEST_POSTGRES_URL")
     if external:
-        yield external
+        yield _ExternalService(external, "BATLEHUB_TEST_POSTGRES_URL")
         return
     cluster = PostgresCluster()
-    atexit.register(cluster.stop)
+    atexit.register(cluster.destroy)
     try:
         cluster.start()
-        yield cluster.url
+        _RESTARTABLE.append(cluster)
+        yield cluster
     finally:
-        cluster.stop()
+        with contextlib.suppress(ValueError):
+            _RESTARTABLE.remove(cluster)
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PostgresCluster | _ExternalService) -> str:
+    """DSN of a PostgreSQL server the tests may freely use (a throwaway cluster by default)."""
+    return postgres_server.url
 
 
 @pytest.fixture
