@@ -83,7 +83,14 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
             if status in (401, 403) and not request.get(_BLOCKED):
                 await _audit_denied(request, identity, ip, status)
             blocking = settings.ip_blocking
-            if blocking.enabled and status in blocking.trigger_on_status and request.path != HEALTH_PATH:
+            # A request refused by a block is not a new violation: counting it would let a blocked
+            # client replace an administrator's longer block with an automatic one.
+            if (
+                blocking.enabled
+                and status in blocking.trigger_on_status
+                and request.path != HEALTH_PATH
+                and not request.get(_BLOCKED)
+            ):
                 await _count_violation(request, ip)
 
 
@@ -114,19 +121,25 @@ async def _count_violation(request: web.Request, ip: str) -> None:
     cache = request.app[appkeys.CACHE]
     try:
         count = await cache.record_violation(ip, blocking.violation_window_secs)
-        if count >= blocking.violation_threshold:
-            now = time.time()
-            await cache.block_ip(
-                IpBlock(
-                    ip=ip,
-                    reason=f"{count} violations within {blocking.violation_window_secs:g}s",
-                    expires_at=now + blocking.ban_duration_secs,
-                    created_at=now,
-                )
-            )
-            log.warning("blocked %s for %gs after %d violations", ip, blocking.ban_duration_secs, count)
+        if count < blocking.violation_threshold:
+            return
+        now = time.time()
+        reason = f"{count} violations within {blocking.violation_window_secs:g}s"
+        await cache.block_ip(IpBlock(ip=ip, reason=reason, expires_at=now + blocking.ban_duration_secs, created_at=now))
+        log.warning("blocked %s for %gs after %d violations", ip, blocking.ban_duration_secs, count)
     except Exception:  # the cache being down must not turn a response into an error
         log.warning("could not record a violation for %s", ip, exc_info=True)
+        return
+    try:  # an automatic ban is an IP-block change like an administrator's: it goes to the audit log
+        await audit.record(
+            request.app[appkeys.DATABASE],
+            "ip_block.add",
+            target=ip,
+            client_ip=ip,
+            detail={"reason": reason, "duration_secs": blocking.ban_duration_secs, "automatic": True},
+        )
+    except Exception:
+        log.warning("could not write the ban of %s to the audit log", ip, exc_info=True)
 
 
 @web.middleware
