@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "bh_"
 FIRST_START_DESCRIPTION = "first-start admin token"
+LAST_USED_RESOLUTION_SECS = 60.0
+"""`last_used` is written at most once a minute per token, not on every request (a database write
+per request would cost more than the answer is worth to an operator)."""
 
 
 @dataclass(frozen=True)
@@ -114,18 +117,28 @@ class Authenticator:
             if hmac.compare_digest(known, digest):
                 return Identity(user_id=user_id, role=role)
         row = await self.db.fetchrow(
-            "SELECT id, token_hash, user_id, role, expires, revoked FROM tokens WHERE token_hash = $1", digest
+            "SELECT id, token_hash, user_id, role, expires, revoked, last_used FROM tokens WHERE token_hash = $1",
+            digest,
         )
         if row is None or not hmac.compare_digest(row["token_hash"], digest):
             return None
-        if row["revoked"] or (row["expires"] is not None and row["expires"] < time.time()):
+        now = time.time()
+        if row["revoked"] or (row["expires"] is not None and row["expires"] < now):
             return None
-        return Identity(user_id=row["user_id"], role=row["role"], token_id=row["id"])
+        identity = Identity(user_id=row["user_id"], role=row["role"], token_id=row["id"])
+        if row["last_used"] is None or row["last_used"] < now - LAST_USED_RESOLUTION_SECS:
+            await self.touch(identity)
+        return identity
 
     async def touch(self, identity: Identity) -> None:
-        """Record `last_used` for a database token (best effort)."""
-        if identity.token_id:
+        """Record `last_used` for a database token (best effort: a failed write never refuses a
+        request that authenticated fine)."""
+        if not identity.token_id:
+            return
+        try:
             await self.db.execute("UPDATE tokens SET last_used = $1 WHERE id = $2", time.time(), identity.token_id)
+        except Exception:
+            log.warning("could not record the last use of token %s", identity.token_id, exc_info=True)
 
     async def create_token(
         self, user_id: str, role: str, expires_in_days: float | None = None, description: str = ""
