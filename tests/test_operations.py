@@ -109,7 +109,7 @@ enabled = true
 violation_threshold = {violation_threshold}
 violation_window_secs = 120
 ban_duration_secs = {ban_secs}
-trigger_on_status = [401, 429]
+trigger_on_status = [401, 403, 429]
 """
 
 
@@ -370,6 +370,7 @@ async def test_token_list_shows_no_secrets(cluster: Cluster) -> None:
         entry = mine[0]
         assert {"id", "user_id", "role", "created", "expires", "last_used"} <= set(entry)
         assert entry["user_id"] == "lister" and entry["role"] == "user" and entry["expires"] > time.time()
+        assert entry["last_used"] is not None and entry["created"] <= entry["last_used"] <= time.time()
         for listed_entry in listed:
             assert not {"token", "token_hash", "hash", "secret"} & set(listed_entry)
         assert created["token"] not in raw
@@ -423,6 +424,23 @@ async def test_npm_logout_revokes_only_the_token_it_logs_out(cluster: Cluster, t
         status, _, _ = await call(session, "DELETE", url, headers=bearer(CONFIG_USER_TOKEN))
         assert status == 403
         assert (await whoami_status(session, cluster.a, second))[0] == 200
+
+
+async def test_an_expired_token_is_refused_on_both_replicas(cluster: Cluster) -> None:
+    async with client() as session:
+        _, _, made = await call(
+            session,
+            "POST",
+            f"{cluster.a.url}/api/v1/admin/tokens",
+            headers=ADMIN,
+            json_body={"user_id": "eve", "role": "user", "expires_in_days": 1.5 / 86400},
+            expect=201,
+        )
+        assert made["expires"] - made["created"] == pytest.approx(1.5, abs=0.01)
+        assert (await whoami_status(session, cluster.b, made["token"]))[0] == 200
+        await asyncio.sleep(max(0.0, made["expires"] - time.time()) + 0.1)
+        for hub in (cluster.a, cluster.b):
+            assert (await whoami_status(session, hub, made["token"]))[0] == 401
 
 
 # --- rate limits -------------------------------------------------------------------------------------
@@ -618,6 +636,10 @@ async def test_violations_on_both_replicas_add_up_to_a_ban(cluster: Cluster) -> 
         _, _, listed = await call(proxy, "GET", f"{cluster.b.url}/api/v1/admin/ip-blocks", headers=ADMIN, expect=200)
         entry = next(b for b in listed["blocks"] if b["ip"] == "203.0.113.50")
         assert "violations" in entry["reason"]
+        # The ban is an IP-block change like any other: the audit log says when and why.
+        log = await audit_log(proxy, cluster.a, action="ip_block.add", since=started - 5)
+        auto = [e for e in log["entries"] if e["target"] == "203.0.113.50"]
+        assert auto and auto[0]["user_id"] is None and "violations" in json.loads(auto[0]["detail"])["reason"]
         # Others behind the same proxy are unaffected.
         other = {"X-Forwarded-For": "203.0.113.51"}
         assert (await call(proxy, "GET", f"{cluster.b.url}/registries/npm/-/ping", headers=other))[0] == 200
@@ -633,6 +655,24 @@ async def test_a_trusted_proxy_is_never_banned(cluster: Cluster) -> None:
             assert (await call(proxy, "GET", f"{hub.url}/registries/npm/-/ping"))[0] == 200
         _, _, listed = await call(proxy, "GET", f"{cluster.a.url}/api/v1/admin/ip-blocks", headers=ADMIN, expect=200)
         assert "127.0.0.1" not in {b["ip"] for b in listed["blocks"]}
+
+
+async def test_hammering_a_block_neither_shortens_nor_rewrites_it(cluster: Cluster) -> None:
+    """Requests refused by a block (403) are not new violations: counting them would replace a long
+    administrator's block by an automatic one of `ban_duration_secs`, and lose its reason."""
+    hammerer = {"X-Forwarded-For": "203.0.113.60"}
+    async with client() as proxy:
+        status, made = await block(
+            proxy, cluster.a, "203.0.113.60", reason="abuse ticket 42", duration_secs=BAN_SECS * 10
+        )
+        assert status == 201
+        for i in range(VIOLATION_THRESHOLD * 2):
+            url = f"{cluster.replica(i).url}/registries/npm/-/ping"
+            status, headers, _ = await call(proxy, "GET", url, headers=hammerer)
+            assert status == 403 and int(headers["X-Block-Expires"]) == int(made["expires_at"])
+        _, _, listed = await call(proxy, "GET", f"{cluster.b.url}/api/v1/admin/ip-blocks", headers=ADMIN, expect=200)
+        entry = next(b for b in listed["blocks"] if b["ip"] == "203.0.113.60")
+        assert entry["reason"] == "abuse ticket 42" and entry["expires_at"] == pytest.approx(made["expires_at"])
 
 
 # --- banner ------------------------------------------------------------------------------------------
