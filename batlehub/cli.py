@@ -200,7 +200,9 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
     )
     try:
         await runner.setup()
-    except (ConfigError, StartupError):
+    except BaseException:
+        # Close what already opened (aiosqlite's thread, pools): left open, they keep the process
+        # alive after the error instead of letting it exit for the orchestrator to restart.
         await runner.cleanup()
         raise
     site = web.TCPSite(runner, settings.server.host, settings.server.port, reuse_port=reuse_port or None, backlog=1024)
