@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from batlehub.errors import Forbidden, Unauthorized
+from batlehub.errors import Forbidden, StartupError, Unauthorized
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -141,10 +141,17 @@ class Authenticator:
             log.warning("could not record the last use of token %s", identity.token_id, exc_info=True)
 
     async def create_token(
-        self, user_id: str, role: str, expires_in_days: float | None = None, description: str = ""
+        self,
+        user_id: str,
+        role: str,
+        expires_in_days: float | None = None,
+        description: str = "",
+        *,
+        token: str | None = None,
     ) -> tuple[dict[str, Any], str]:
-        """Create a database token; return its public record and the plaintext (shown once)."""
-        token = new_token()
+        """Create a database token (`token`, or a new random one); return its public record and
+        the plaintext (shown once)."""
+        token = token or new_token()
         now = time.time()
         record = {
             "id": uuid.uuid4().hex,
@@ -195,8 +202,18 @@ class Authenticator:
         )
         if existing:
             return None
-        _, token = await self.create_token("admin", "admin", None, FIRST_START_DESCRIPTION)
-        return _write_secret(data_dir / "admin.token", token)
+        # The file first: if it cannot be written, no token exists that nobody can ever read, and
+        # the next start (with the directory fixed) tries again.
+        token, path = new_token(), data_dir / "admin.token"
+        try:
+            _write_secret(path, token)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot write the first-start admin token to {path}: {exc.strerror or exc}"
+                " (check --data-dir / BATLEHUB_DATA_DIR, or configure [[auth]] tokens)"
+            ) from exc
+        await self.create_token("admin", "admin", None, FIRST_START_DESCRIPTION, token=token)
+        return path
 
 
 def _write_secret(path: Path, secret: str) -> Path:
