@@ -22,7 +22,7 @@ from batlehub.auth import (
 )
 from batlehub.config import PERMISSIONS, Settings, parse_settings
 from batlehub.db import Database, PostgresDatabase, SqliteDatabase
-from batlehub.errors import Forbidden, Unauthorized
+from batlehub.errors import Forbidden, StartupError, Unauthorized
 
 CONFIG_ADMIN = "config-admin-token"
 CONFIG_USER = "config-user-token"
@@ -176,6 +176,17 @@ async def test_first_start_admin_token_file(tmp_path: Path, db: Database) -> Non
     assert await again.ensure_first_start_token(data_dir) is None
     assert path.read_text().strip() == token
     assert await db.fetchval("SELECT COUNT(*) FROM tokens") == 1
+
+
+async def test_first_start_token_in_an_unwritable_place(tmp_path: Path, db: Database) -> None:
+    (tmp_path / "afile").write_text("")
+    blocked = tmp_path / "afile" / "data"
+    auth = Authenticator(parse_settings({"registries": []}, data_dir=blocked), db)
+    with pytest.raises(StartupError, match="cannot write the first-start admin token to"):
+        await auth.ensure_first_start_token(blocked)
+    # No token that nobody can read was left behind: the next start with a usable directory makes one.
+    assert await db.fetchval("SELECT COUNT(*) FROM tokens") == 0
+    assert await auth.ensure_first_start_token(tmp_path / "data") == tmp_path / "data" / "admin.token"
 
 
 async def test_no_first_start_token_when_tokens_are_configured(tmp_path: Path, db: Database) -> None:

@@ -335,3 +335,55 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(
     logs = server.logs()
     assert "shutting down: draining in-flight requests" in logs
     assert "Traceback" not in logs
+
+
+FAILING_PLUGIN_SERVE = """
+import sys
+import batlehub.plugins
+from batlehub.plugins import hookimpl
+
+class FailingStartup:
+    @hookimpl
+    def startup(self, app, settings):
+        raise RuntimeError("plugin could not start")
+
+_real = batlehub.plugins.get_plugin_manager
+
+def get_plugin_manager(load_entrypoints=True):
+    pm = _real(load_entrypoints=False)
+    pm.register(FailingStartup(), name="failing-startup")
+    return pm
+
+batlehub.plugins.get_plugin_manager = get_plugin_manager
+from batlehub.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_serve_exits_when_a_plugin_fails_to_start(env: dict[str, str], tmp_path: Path) -> None:
+    """An unexpected start-up failure must end the process (an orchestrator restarts it), not
+    leave it hanging on the backends' threads that were already open."""
+    config = tmp_path / "hub.toml"
+    config.write_text(f'registries = []\n[server]\nhost = "127.0.0.1"\nport = {free_port()}\n')
+    result = subprocess.run(
+        [sys.executable, "-c", FAILING_PLUGIN_SERVE, "serve", "--config", str(config), "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert result.returncode != 0
+    assert "plugin could not start" in result.stderr
+
+
+def test_serve_with_an_unwritable_data_dir_is_one_clear_line(env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("")
+    config = tmp_path / "hub.toml"
+    config.write_text(
+        f'registries = []\n[server]\nhost = "127.0.0.1"\nport = {free_port()}\n'
+        f'[database]\npath = "{tmp_path / "db" / "hub.db"}"\n[storage]\npath = "{tmp_path / "blobs"}"\n'
+    )
+    result = run(["serve", "--config", str(config), "--data-dir", str(tmp_path / "afile" / "sub")], env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "batlehub: cannot write the first-start admin token to " in result.stderr
