@@ -213,8 +213,14 @@ async def add_ip_block(request: web.Request) -> web.Response:
 
 
 async def delete_ip_block(request: web.Request) -> web.Response:
+    import ipaddress
+
     identity = require_admin(request)
     ip = request.match_info["ip"]
+    try:  # blocks are stored under the canonical form ("2001:db8::7"), however the operator types it
+        ip = str(ipaddress.ip_address(ip))
+    except ValueError:
+        pass  # not an address: nothing can be blocked under it, and the 404 below says so
     if not await request.app[appkeys.CACHE].unblock_ip(ip):
         raise NotFound(f"no block for {ip}")
     await _audit(request, "ip_block.remove", identity, target=ip)
