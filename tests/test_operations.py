@@ -47,6 +47,8 @@ CONFIG_USER_TOKEN = "ops-carol-config-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 RATE_LIMIT = 50
 VERSION_QUOTA = 5
+BYTE_QUOTA = 1000
+"""About four of the test tarballs (each a little over 200 bytes)."""
 VIOLATION_THRESHOLD = 6
 BAN_SECS = 600
 
@@ -103,6 +105,21 @@ mode = "local"
 [registries.quota]
 max_versions_per_user = 1
 enforcement = "warn"
+
+[[registries]]
+type = "npm"
+name = "quotabytes"
+mode = "local"
+[registries.quota]
+max_bytes_per_user = {byte_quota}
+
+[[registries]]
+type = "npm"
+name = "burst"
+mode = "local"
+[registries.rate_limit]
+requests_per_window = 3
+window_secs = 2
 
 [ip_blocking]
 enabled = true
@@ -169,6 +186,7 @@ def cluster(
         config_user_token=CONFIG_USER_TOKEN,
         rate_limit=RATE_LIMIT,
         version_quota=VERSION_QUOTA,
+        byte_quota=BYTE_QUOTA,
         violation_threshold=VIOLATION_THRESHOLD,
         ban_secs=BAN_SECS,
     )
@@ -512,6 +530,24 @@ async def test_anonymous_requests_are_limited_per_client_ip(cluster: Cluster) ->
         assert statuses.count(200) == RATE_LIMIT and statuses[-2:] == [429, 429]
 
 
+async def test_retry_after_says_when_requests_are_allowed_again(cluster: Cluster) -> None:
+    async with client() as session:
+        token = (await create_token(session, cluster.a, "ryan"))["token"]
+        statuses, last = [], {}
+        for i in range(4):
+            url = f"{cluster.replica(i).url}/registries/burst/-/ping"
+            status, last, _ = await call(session, "GET", url, headers=bearer(token))
+            statuses.append(status)
+        assert statuses == [200, 200, 200, 429]
+        wait = int(last["Retry-After"])
+        assert 1 <= wait <= 2 and last["X-RateLimit-Limit"] == "3"
+        await asyncio.sleep(wait + 0.2)
+        status, headers, _ = await call(
+            session, "GET", f"{cluster.b.url}/registries/burst/-/ping", headers=bearer(token)
+        )
+        assert status == 200 and headers["X-RateLimit-Remaining"] == "2"
+
+
 # --- IP blocking -------------------------------------------------------------------------------------
 
 
@@ -555,6 +591,12 @@ async def test_block_made_on_one_replica_holds_on_the_other(cluster: Cluster) ->
         for hub in (cluster.a, cluster.b):
             _, _, listed = await call(admin, "GET", f"{hub.url}/api/v1/admin/ip-blocks", headers=ADMIN, expect=200)
             assert "127.0.0.5" in {b["ip"] for b in listed["blocks"]}
+
+        # Addresses are compared in their canonical form, however an operator writes them.
+        status, made = await block(admin, cluster.a, "2001:DB8:0::7")
+        assert status == 201 and made["ip"] == "2001:db8::7"
+        url = f"{cluster.b.url}/api/v1/admin/ip-blocks/2001:DB8:0:0::7"
+        assert (await call(admin, "DELETE", url, headers=ADMIN))[0] == 200
 
         # Lifted on B, open again on A.
         status, _, _ = await call(admin, "DELETE", f"{cluster.b.url}/api/v1/admin/ip-blocks/127.0.0.5", headers=ADMIN)
@@ -756,6 +798,29 @@ async def test_concurrent_publishes_on_both_replicas_never_pass_the_version_quot
             assert usage["enforcement"] == "block"
 
 
+async def test_concurrent_publishes_never_pass_the_byte_quota(cluster: Cluster) -> None:
+    async with client(limit=40) as session:
+        token = (await create_token(session, cluster.a, "bea"))["token"]
+        results = await asyncio.gather(
+            *(
+                publish(session, cluster.replica(i), "quotabytes", token, "ops-quota-bytes", f"1.0.{i}")
+                for i in range(12)
+            )
+        )
+        accepted = [size for status, _, _, size in results if status == 201]
+        refused = [size for status, _, _, size in results if status != 201]
+        assert accepted and refused, [r[:3] for r in results]
+        assert all(
+            400 <= status < 500 and "quota exceeded" in body["error"] for status, _, body, _ in results if status != 201
+        )
+        usage = await quota_of(session, cluster.b, "quotabytes", "bea")
+        assert usage["used_bytes"] == sum(accepted) <= BYTE_QUOTA
+        assert usage["used_bytes"] + min(refused) > BYTE_QUOTA  # nothing was refused that still fitted
+        assert usage["used_versions"] == len(accepted) and usage["max_bytes"] == BYTE_QUOTA
+        document = await packument(session, cluster.a, "quotabytes", "ops-quota-bytes")
+        assert len(document["versions"]) == len(accepted)
+
+
 async def test_npm_prints_the_quota_error(cluster: Cluster, tmp_path: Path) -> None:
     async with client() as session:
         token = (await create_token(session, cluster.a, "nina"))["token"]
@@ -801,7 +866,7 @@ async def test_a_failed_publish_leaves_the_counter_exactly_as_it_was(cluster: Cl
         ]
 
 
-async def test_warn_enforcement_publishes_with_a_warning_header(cluster: Cluster) -> None:
+async def test_warn_enforcement_publishes_with_a_warning_header(cluster: Cluster, tmp_path: Path) -> None:
     async with client() as session:
         token = (await create_token(session, cluster.a, "walt"))["token"]
         status, headers, _, _ = await publish(session, cluster.a, "quotawarn", token, "ops-quota-warn", "1.0.0")
@@ -813,6 +878,14 @@ async def test_warn_enforcement_publishes_with_a_warning_header(cluster: Cluster
         assert sorted(document["versions"]) == ["1.0.0", "1.0.1"]
         usage = await quota_of(session, cluster.a, "quotawarn", "walt")
         assert usage["used_versions"] == 2 and usage["enforcement"] == "warn"
+
+    # npm shows the warning to whoever publishes.
+    package = make_package(tmp_path, "ops-quota-warn", "1.0.2")
+    result = run_npm(
+        ["publish"], cwd=package, env=npm_env(tmp_path, cluster.registry_url(cluster.b, "quotawarn"), token)
+    )
+    assert result.returncode == 0, npm_output(result)
+    assert "npm notice quota exceeded for user 'walt'" in npm_output(result)
 
 
 async def test_unpublish_gives_the_quota_back(cluster: Cluster) -> None:
