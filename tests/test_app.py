@@ -4,6 +4,7 @@ added by a plugin defined right here."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -16,13 +17,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
-from batlehub import appkeys
+from batlehub import admin, appkeys
 from batlehub.app import create_app
 from batlehub.auth import require
+from batlehub.builtin.cache_memory import MemoryCache
 from batlehub.config import parse_settings
 from batlehub.errors import ConfigError, NotFound
 from batlehub.interfaces import (
     BlobStat,
+    CacheBackendType,
     RegistryFormatType,
     RegistryServices,
     StorageBackendType,
@@ -258,6 +261,59 @@ async def test_unknown_registry_option_is_a_config_error(make_client: ClientFact
     assert info.value.problems == ["registries[0].colour: unknown key"]
 
 
+class FlakyCache(MemoryCache):
+    """The memory cache, with a ping that can be made to fail or hang."""
+
+    mode = "ok"
+
+    async def ping(self) -> None:
+        if self.mode == "fail":
+            raise ConnectionError("cache went away")
+        if self.mode == "hang":
+            await asyncio.sleep(60)
+
+
+class FlakyCachePlugin:
+    @hookimpl
+    def register_cache_backends(self) -> list[CacheBackendType]:
+        return [CacheBackendType(name="flaky", description="test", factory=lambda section, settings: FlakyCache())]
+
+
+@pytest.fixture
+def flaky_pm(pm: pluggy.PluginManager) -> Any:
+    pm.register(FlakyCachePlugin(), name="test-flaky-cache")
+    yield pm
+    pm.unregister(name="test-flaky-cache")
+
+
+async def test_cache_failing_is_degraded_not_down(make_client: ClientFactory, flaky_pm: Any) -> None:
+    client = await make_client(cache={"type": "flaky"})
+    client.app[appkeys.CACHE].mode = "fail"
+    response = await client.get(HEALTH)
+    assert response.status == 200
+    body = await response.json()
+    assert body["status"] == "degraded"
+    assert "cache went away" in body["checks"]["cache"]
+
+
+async def test_a_hanging_check_is_reported_within_the_health_timeout(
+    make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "HEALTH_CHECK_TIMEOUT", 0.2)
+    client = await make_client(storage={"type": "tiny"})
+    storage = client.app[appkeys.STORAGE]
+
+    async def hang() -> None:
+        await asyncio.sleep(60)
+
+    storage.ping = hang
+    started = time.monotonic()
+    response = await client.get(HEALTH)
+    assert time.monotonic() - started < 5
+    assert response.status == 503
+    assert (await response.json())["checks"]["storage"] == "error: no answer within 0.2s"
+
+
 # --- admin API access --------------------------------------------------------------------------------
 
 
@@ -486,6 +542,33 @@ async def test_no_automatic_block_below_the_threshold_or_when_disabled(make_clie
     assert (await client.get("/registries/reg/ping")).status == 200  # ip_blocking.enabled is false
 
 
+async def test_trusted_proxy_is_never_banned_but_clients_behind_it_are(make_client: ClientFactory) -> None:
+    client = await make_client(
+        registries=[ping_registry()],
+        server={"trusted_proxies": ["127.0.0.1/32"]},
+        ip_blocking={"enabled": True, "violation_threshold": 2, "trigger_on_status": [401]},
+    )
+    bad = {"Authorization": "Bearer wrong-token"}
+    for _ in range(3):  # health checks and the like straight from the proxy: never counted
+        assert (await client.get("/registries/reg/ping", headers=bad)).status == 401
+    assert (await client.get("/registries/reg/ping")).status == 200
+    attacker = {**bad, "X-Forwarded-For": "198.51.100.20"}
+    for _ in range(2):
+        assert (await client.get("/registries/reg/ping", headers=attacker)).status == 401
+    assert (await client.get("/registries/reg/ping", headers={"X-Forwarded-For": "198.51.100.20"})).status == 403
+    assert (await client.get("/registries/reg/ping", headers={"X-Forwarded-For": "198.51.100.21"})).status == 200
+    blocks = await (await client.get("/api/v1/admin/ip-blocks", headers=ADMIN)).json()
+    assert [b["ip"] for b in blocks["blocks"]] == ["198.51.100.20"]
+
+
+async def test_unblock_accepts_any_spelling_of_the_address(make_client: ClientFactory) -> None:
+    client = await make_client()
+    await client.post("/api/v1/admin/ip-blocks", json={"ip": "2001:DB8:0:0::7"}, headers=ADMIN)
+    listing = await (await client.get("/api/v1/admin/ip-blocks", headers=ADMIN)).json()
+    assert [b["ip"] for b in listing["blocks"]] == ["2001:db8::7"]
+    assert (await client.delete("/api/v1/admin/ip-blocks/2001:DB8:0:0::7", headers=ADMIN)).status == 200
+
+
 # --- rate limits --------------------------------------------------------------------------------------
 
 
@@ -512,6 +595,17 @@ async def test_rate_limit(make_client: ClientFactory) -> None:
     assert (await client.get("/registries/free/ping")).status == 200
     assert "X-RateLimit-Limit" not in (await client.get("/registries/free/ping")).headers
     assert (await client.get(HEALTH)).status == 200
+
+
+async def test_rate_limit_counts_anonymous_clients_by_their_forwarded_address(make_client: ClientFactory) -> None:
+    client = await make_client(
+        registries=[ping_registry(rate_limit={"requests_per_window": 1})],
+        server={"trusted_proxies": ["127.0.0.1/32"]},
+    )
+    first = {"X-Forwarded-For": "198.51.100.1"}
+    assert (await client.get("/registries/reg/ping", headers=first)).status == 200
+    assert (await client.get("/registries/reg/ping", headers=first)).status == 429
+    assert (await client.get("/registries/reg/ping", headers={"X-Forwarded-For": "198.51.100.2"})).status == 200
 
 
 async def test_rate_limit_headers_ride_on_errors_too(make_client: ClientFactory) -> None:
