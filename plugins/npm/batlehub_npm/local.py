@@ -189,15 +189,17 @@ class LocalStore:
         )
 
     async def search(self, text: str, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
-        """Local packages whose name or description contains `text` (case-insensitive)."""
-        pattern = "%" + text.lower().replace("\\", "").replace("%", "").replace("_", "\\_") + "%"
+        """Local packages whose name, description or keywords contain `text` (case-insensitive)."""
+        needle = text.lower()
+        pattern = "%" + needle.replace("\\", "").replace("%", "").replace("_", "\\_") + "%"
         rows = await self.db.fetch(
             "SELECT name, modified, extra FROM packages WHERE registry = $1"
             " AND (LOWER(name) LIKE $2 ESCAPE '\\' OR LOWER(extra) LIKE $2 ESCAPE '\\') ORDER BY name",
             self.registry.name,
             pattern,
         )
-        return rows[offset : offset + limit], len(rows)
+        matches = [row for row in rows if _matches(row, needle)]  # the SQL also matched readmes
+        return matches[offset : offset + limit], len(matches)
 
     async def latest_manifest(self, name: str) -> dict[str, Any] | None:
         version = await self.db.fetchval(
@@ -294,7 +296,7 @@ class LocalStore:
                     "UPDATE packages SET extra = $3 WHERE registry = $1 AND name = $2",
                     self.registry.name,
                     name,
-                    json.dumps(extra),
+                    json.dumps(extra, ensure_ascii=False),
                 )
                 await conn.execute(
                     "INSERT INTO artifacts (storage_key, size, sha512, sha1, created) VALUES ($1, $2, $3, $4, $5)"
@@ -584,6 +586,15 @@ class LocalStore:
                 )
         finally:
             await self.sync_stamp(name)
+
+
+def _matches(row: Mapping[str, Any], needle: str) -> bool:
+    if needle in row["name"].lower():
+        return True
+    extra = json.loads(row["extra"] or "{}")
+    keywords = extra.get("keywords") if isinstance(extra.get("keywords"), list) else []
+    words = [str(extra.get("description") or ""), *(str(k) for k in keywords)]
+    return any(needle in word.lower() for word in words)
 
 
 def _b64(hex_digest: str) -> str:

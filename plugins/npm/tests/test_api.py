@@ -235,7 +235,7 @@ async def test_identity_endpoints(client: Any) -> None:
 
 
 async def test_search_and_local_audit(client: Any) -> None:
-    await publish(client, "search-me", "1.0.0", description="a needle in here", keywords=["k"])
+    await publish(client, "search-me", "1.0.0", description="a needle in here", keywords=["k"], readme="zebra")
     await publish(client, "@s/search-me-too", "2.0.0")
     result = await (await client.get("/registries/npm/-/v1/search?text=search-me&size=20")).json()
     names = [o["package"]["name"] for o in result["objects"]]
@@ -245,6 +245,8 @@ async def test_search_and_local_audit(client: Any) -> None:
     assert set(first["score"]["detail"]) == {"quality", "popularity", "maintenance"}
     by_description = await (await client.get("/registries/npm/-/v1/search?text=needle")).json()
     assert [o["package"]["name"] for o in by_description["objects"]] == ["search-me"]
+    by_readme = await (await client.get("/registries/npm/-/v1/search?text=zebra")).json()
+    assert by_readme["objects"] == [] and by_readme["total"] == 0  # readmes are not searched
 
     bulk = await client.post(
         "/registries/npm/-/npm/v1/security/advisories/bulk",
