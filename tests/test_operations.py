@@ -22,6 +22,7 @@ import base64
 import hashlib
 import io
 import json
+import os
 import subprocess
 import tarfile
 import time
@@ -345,6 +346,52 @@ def npm_output(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout + result.stderr
 
 
+def npm_login(cwd: Path, env: dict[str, str], username: str, password: str, timeout: float = 60) -> tuple[int, str]:
+    """Run the real interactive `npm login` on a pseudo-terminal, answering its prompts.
+
+    Returns the exit code and everything npm printed. npm first tries web login; the hub answers
+    404 there, and npm falls back to asking for a username and a password.
+    """
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: become npm
+        try:
+            os.chdir(cwd)
+            os.execvpe("npm", ["npm", "login"], env)
+        finally:
+            os._exit(127)
+    out = b""
+    answers = [(b"Username:", username), (b"Password:", password)]
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:  # the child closed the terminal: it is done
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            if answers and answers[0][0] in out.rsplit(b"\n", 1)[-1]:
+                os.write(fd, answers.pop(0)[1].encode() + b"\r")
+                out += b"\n"
+        else:
+            os.kill(pid, 9)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+def npmrc_of(env: dict[str, str]) -> str:
+    """The `.npmrc` that npm reads (and writes, e.g. on login) with this environment."""
+    return Path(env["npm_config_userconfig"]).read_text()
+
+
 # --- tokens ------------------------------------------------------------------------------------------
 
 
@@ -400,7 +447,7 @@ async def test_token_list_shows_no_secrets(cluster: Cluster) -> None:
         assert status == 403
 
 
-async def test_npm_login_with_a_token_then_the_real_npm_whoami(cluster: Cluster, tmp_path: Path) -> None:
+async def test_npm_login_with_a_token_then_npm_whoami(cluster: Cluster, tmp_path: Path) -> None:
     async with client() as session:
         token = (await create_token(session, cluster.a, "lena"))["token"]
         login = f"{cluster.b.url}/registries/npm/-/user/org.couchdb.user:lena"
@@ -414,10 +461,20 @@ async def test_npm_login_with_a_token_then_the_real_npm_whoami(cluster: Cluster,
         status, _, _ = await call(session, "PUT", carol, json_body={**document, "name": "carol"})
         assert status == 401
 
+    # The real, interactive `npm login`: user id and token; npm keeps the token in its .npmrc.
     registry = cluster.registry_url(cluster.b)
-    result = run_npm(["whoami"], cwd=tmp_path, env=npm_env(tmp_path, registry, token))
+    env = npm_env(tmp_path, registry)
+    code, printed = npm_login(tmp_path, env, "lena", token)
+    assert code == 0 and "Logged in" in printed, printed
+    assert f":_authToken={token}" in npmrc_of(env)
+    result = run_npm(["whoami"], cwd=tmp_path, env=env)
     assert result.returncode == 0, npm_output(result)
     assert result.stdout.strip() == "lena"
+
+    refused_env = npm_env(tmp_path, registry)
+    code, printed = npm_login(tmp_path, refused_env, "lena", "not-a-token")
+    assert code != 0 and "log in with your user id and an access token" in printed, printed
+    assert "_authToken" not in npmrc_of(refused_env)
 
 
 async def test_npm_logout_revokes_only_the_token_it_logs_out(cluster: Cluster, tmp_path: Path) -> None:
