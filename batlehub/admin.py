@@ -21,6 +21,8 @@ from batlehub.plugins import describe_plugins
 
 HEALTH_CHECK_TIMEOUT = 3.0
 BANNER_LEVELS = ("info", "warning", "error")
+MAX_TOKEN_DAYS = 36500
+"""100 years; more overflows the expiry to infinity. For a token that never expires, send null."""
 
 
 def add_routes(app: web.Application) -> None:
@@ -53,12 +55,18 @@ async def _read_json(request: web.Request, limit: int = 65536) -> dict[str, Any]
     if len(raw) > limit:
         raise BadRequest(f"request body is larger than {limit} bytes")
     try:
-        data = json.loads(raw or b"{}")
+        data = json.loads(raw or b"{}", parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("request body is not valid JSON") from None
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     return data
+
+
+def _not_json(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; as a duration or expiry they slip past every "> 0"
+    # check (a token that never expires, a block forever) and come back out as invalid JSON.
+    raise ValueError(f"{name} is not JSON")
 
 
 def _identity(request: web.Request) -> Identity:
@@ -243,8 +251,10 @@ async def create_token(request: web.Request) -> web.Response:
         raise BadRequest("user_id: expected a non-empty string")
     if role not in ("user", "admin"):
         raise BadRequest('role: expected "user" or "admin"')
-    if days is not None and (isinstance(days, bool) or not isinstance(days, int | float) or days <= 0):
-        raise BadRequest("expires_in_days: expected a positive number or null")
+    if days is not None and (
+        isinstance(days, bool) or not isinstance(days, int | float) or not 0 < days <= MAX_TOKEN_DAYS
+    ):
+        raise BadRequest(f"expires_in_days: expected a positive number up to {MAX_TOKEN_DAYS}, or null")
     description = data.get("description", "")
     if not isinstance(description, str):
         raise BadRequest("description: expected a string")
