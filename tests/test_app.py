@@ -693,6 +693,10 @@ async def test_audit_log_records_admin_changes_with_filters_and_paging(make_clie
         ("PUT", "/api/v1/admin/banner", b'{"message": ""}', "message:"),
         ("PUT", "/api/v1/admin/banner", b'{"message": "hi", "level": "loud"}', "level:"),
         ("PUT", "/api/v1/admin/banner", b"\xff\xfe", "request body is not valid JSON"),
+        # Python's json reads these; as durations they would never run out.
+        ("POST", "/api/v1/admin/tokens", b'{"user_id": "x", "expires_in_days": NaN}', "request body is not valid"),
+        ("POST", "/api/v1/admin/ip-blocks", b'{"ip": "192.0.2.1", "duration_secs": Infinity}', "request body is"),
+        ("POST", "/api/v1/admin/tokens", b'{"user_id": "x", "expires_in_days": 1e308}', "expires_in_days:"),
     ],
 )
 async def test_bad_admin_bodies_are_400_with_a_clear_error(
