@@ -8,6 +8,7 @@ a config in one go: `server.port: expected an integer, got "abc"`.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -269,8 +270,8 @@ def _int(minimum: int | None = None, maximum: int | None = None) -> Callable[[st
 
 def _number(minimum: float = 0.0) -> Callable[[str, Any, _Problems], Any]:
     def convert(key: str, value: Any, problems: _Problems) -> Any:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.add(key, f"expected a number, got {_describe(value)}")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            problems.add(key, f"expected a number, got {_describe(value)}")  # TOML has nan and inf
             return _INVALID
         if value < minimum:
             problems.add(key, f"must be at least {minimum:g}, got {value}")
