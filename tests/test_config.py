@@ -181,6 +181,8 @@ def test_wrong_type_names_the_key() -> None:
         ({"database": {"type": "oracle"}}, 'database.type: expected one of sqlite, postgresql, got "oracle"'),
         ({"database": {"type": "postgresql"}}, "database.url: required"),
         ({"server": 5}, "server: expected a table, got 5"),
+        ({"server": {"shutdown_timeout_secs": float("inf")}}, "server.shutdown_timeout_secs: expected a number"),
+        ({"ip_blocking": {"ban_duration_secs": float("nan")}}, "ip_blocking.ban_duration_secs: expected a number"),
     ],
 )
 def test_bad_values_name_their_key(raw: dict, expected: str) -> None:
