@@ -148,9 +148,7 @@ def local_packument(package: LocalPackage, base_url: str, registry: str, *, abbr
     if "latest" not in dist_tags and versions:
         dist_tags["latest"] = latest_version(list(versions)) or next(iter(versions))
     if abbreviated:
-        return abbreviate(
-            {"name": package.name.name, "modified": time["modified"], "dist-tags": dist_tags, "versions": versions}
-        )
+        return abbreviate({"name": package.name.name, "dist-tags": dist_tags, "versions": versions, "time": time})
     extra = package.extra
     doc: dict[str, Any] = {
         "_id": package.name.name,
