@@ -187,6 +187,17 @@ def make_client(aiohttp_client: Any, tmp_path: Path, pm: pluggy.PluginManager) -
     return make
 
 
+@pytest.fixture
+def database_raw(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """`[database]` for tests parametrized (indirectly) over "sqlite" and "postgresql"."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        return {"type": "postgresql", "url": request.getfixturevalue("fresh_postgres_url")}
+    return {}
+
+
+BOTH_DATABASES = pytest.mark.parametrize("database_raw", ["sqlite", "postgresql"], indirect=True)
+
+
 def ping_registry(name: str = "reg", **extra: Any) -> dict[str, Any]:
     return {"type": "ping", "name": name, **extra}
 
@@ -366,8 +377,9 @@ async def test_unknown_token_is_401_not_anonymous(make_client: ClientFactory) ->
     assert (await malformed.json())["error"] == "malformed Basic credentials"
 
 
-async def test_tokens_create_use_revoke(make_client: ClientFactory) -> None:
-    client = await make_client(registries=[ping_registry()])
+@BOTH_DATABASES
+async def test_tokens_create_use_revoke(make_client: ClientFactory, database_raw: dict[str, Any]) -> None:
+    client = await make_client(registries=[ping_registry()], database=database_raw)
     created = await client.post(
         "/api/v1/admin/tokens", json={"user_id": "gina", "role": "user", "expires_in_days": 30}, headers=ADMIN
     )
@@ -630,8 +642,11 @@ async def test_banner_set_get_clear(make_client: ClientFactory) -> None:
     assert await (await client.get("/api/v1/banner")).json() == {"message": None}
 
 
-async def test_audit_log_records_admin_changes_with_filters_and_paging(make_client: ClientFactory) -> None:
-    client = await make_client()
+@BOTH_DATABASES
+async def test_audit_log_records_admin_changes_with_filters_and_paging(
+    make_client: ClientFactory, database_raw: dict[str, Any]
+) -> None:
+    client = await make_client(database=database_raw)
     token = await (await client.post("/api/v1/admin/tokens", json={"user_id": "hal"}, headers=ADMIN)).json()
     await client.delete(f"/api/v1/admin/tokens/{token['id']}", headers=ADMIN)
     await client.put("/api/v1/admin/banner", json={"message": "hello"}, headers=ADMIN)
