@@ -169,6 +169,7 @@ class NpmRegistry:
                 warm_packages=list(self.options.warm_packages),
             )
         self._warm_task: asyncio.Task[None] | None = None
+        self._banner_warned_at = float("-inf")
         self._routes: dict[tuple[str, str], Handler] = {
             ("package", "GET"): self.get_packument,
             ("package", "PUT"): self.put_package,
@@ -228,8 +229,11 @@ class NpmRegistry:
     async def _notice(self) -> str | None:
         try:
             banner = await self.services.cache.get_banner()
-        except Exception:
-            log.warning("could not read the banner", exc_info=True)
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._banner_warned_at > 60:  # once a minute, not once per request
+                self._banner_warned_at = now
+                log.warning("could not read the banner from the cache backend: %s", exc)
             return None
         if banner is None or not banner.message:
             return None
