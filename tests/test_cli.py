@@ -96,6 +96,19 @@ def test_plugins_lists_the_builtins_with_versions(env: dict[str, str]) -> None:
     assert "hooks: register_cache_backends" in out
 
 
+def test_plugins_lists_installed_distributions(env: dict[str, str]) -> None:
+    """Entry points of the `batlehub` group show up with their own distribution and version."""
+    pytest.importorskip("batlehub_npm", reason="needs an installed plugin distribution")
+    from importlib.metadata import version
+
+    autoload = {k: v for k, v in env.items() if k != "BATLEHUB_DISABLE_PLUGIN_AUTOLOAD"}
+    result = run(["plugins"], autoload)
+    assert result.returncode == 0, result.stderr
+    assert f"npm  [batlehub-npm {version('batlehub-npm')}]" in result.stdout
+    assert "provides: registry:npm" in result.stdout
+    assert "npm  [" not in run(["plugins"], env).stdout  # BATLEHUB_DISABLE_PLUGIN_AUTOLOAD=1
+
+
 # --- check-config -------------------------------------------------------------------------------------
 
 
