@@ -95,6 +95,14 @@ class LocalStore:
         self.services = services
         self.db = services.db
         self.cache = services.cache
+        self._warned_at = float("-inf")
+
+    def _warn(self, message: str) -> None:
+        """Log cache trouble once a minute: it would otherwise be once per request."""
+        now = time.monotonic()
+        if now - self._warned_at > 60:
+            self._warned_at = now
+            log.warning("registry %s: %s", self.registry.name, message)
 
     # --- revision stamps ------------------------------------------------------------------------
 
@@ -114,8 +122,8 @@ class LocalStore:
         """
         try:
             cached = await self.cache.get(self._stamp_key(name))
-        except Exception:
-            log.warning("cache unavailable for %s; reading the database", name, exc_info=True)
+        except Exception as exc:
+            self._warn(f"cache backend unavailable, reading revisions from the database: {exc}")
             return await self._db_stamp(name)
         if cached is not None:
             return None if cached == _ABSENT else cached.decode()
@@ -132,8 +140,8 @@ class LocalStore:
         for _ in range(5):
             try:
                 await self.cache.set(self._stamp_key(name), stamp.encode() if stamp else _ABSENT, STAMP_TTL_SECS)
-            except Exception:
-                log.warning("could not mirror the revision of %s into the cache", name, exc_info=True)
+            except Exception as exc:
+                self._warn(f"could not mirror revisions into the cache backend: {exc}")
                 return stamp
             again = await self._db_stamp(name)
             if again == stamp:
