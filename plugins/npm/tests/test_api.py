@@ -16,7 +16,9 @@ import pytest
 from npm_testdata import ADMIN, ALICE, BOB, auth, make_tarball, publish_body
 
 from batlehub.app import create_app
+from batlehub.builtin.cache_memory import MemoryCache
 from batlehub.config import Settings
+from batlehub.interfaces import CacheBackendType
 from batlehub.plugins import get_plugin_manager, hookimpl
 
 ABBREVIATED = "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, */*"
@@ -358,3 +360,51 @@ async def test_tarballs_from_s3_streamed_or_redirected(
         assert response.status == 200 and await response.read() == tarball
         head = await client.head("/registries/npm/s3pkg/-/s3pkg-1.0.0.tgz")
         assert int(head.headers["Content-Length"]) == len(tarball)
+
+
+class FlakyCache(MemoryCache):
+    """A cache backend that has gone away for metadata, banners and leases (rate limits and IP
+    blocks keep working, so the core's own middlewares are not what this test is about)."""
+
+    broken = False
+
+    async def _fail(self, *args: Any, **kwargs: Any) -> Any:
+        if FlakyCache.broken:
+            raise ConnectionError("cache backend unreachable")
+
+    async def get(self, key: str) -> bytes | None:
+        await self._fail()
+        return await super().get(key)
+
+    async def set(
+        self, key: str, value: bytes, ttl_secs: float | None = None, stale_retention_secs: float = 86400.0
+    ) -> None:
+        await self._fail()
+        await super().set(key, value, ttl_secs, stale_retention_secs)
+
+    async def get_banner(self) -> Any:
+        await self._fail()
+        return await super().get_banner()
+
+
+async def test_a_failing_cache_backend_never_fails_npm_requests(
+    aiohttp_client: Any, settings_factory: Callable[..., Settings]
+) -> None:
+    class FlakyCachePlugin:
+        @hookimpl
+        def register_cache_backends(self) -> list[CacheBackendType]:
+            return [CacheBackendType(name="flaky", description="test", factory=lambda section, settings: FlakyCache())]
+
+    pm = get_plugin_manager()
+    pm.register(FlakyCachePlugin(), name="flaky-cache")
+    client = await aiohttp_client(create_app(settings_factory(cache={"type": "flaky"}), pm=pm))
+    assert (await publish(client, "sturdy", "1.0.0")).status == 201
+    assert (await client.get("/registries/npm/sturdy")).status == 200
+    FlakyCache.broken = True
+    try:
+        assert (await publish(client, "sturdy", "1.1.0")).status == 201
+        doc = await (await client.get("/registries/npm/sturdy")).json()
+        assert sorted(doc["versions"]) == ["1.0.0", "1.1.0"]  # the database answered
+        assert (await client.get("/registries/npm/sturdy/-/sturdy-1.1.0.tgz")).status == 200
+    finally:
+        FlakyCache.broken = False
