@@ -223,7 +223,7 @@ class NpmRegistry:
                 exc.headers.setdefault("npm-notice", notice)
             raise
         if notice and not response.prepared:
-            response.headers["npm-notice"] = notice
+            response.headers.setdefault("npm-notice", notice)  # a handler's own notice (quota) wins
         return response
 
     async def _notice(self) -> str | None:
