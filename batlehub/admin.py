@@ -7,6 +7,7 @@ import json
 import math
 import time
 from collections.abc import Awaitable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +312,23 @@ def _query_number(request: web.Request, name: str, default: float | None) -> flo
     return value
 
 
+def _query_time(request: web.Request, name: str) -> float | None:
+    """Epoch seconds, or an ISO 8601 time (`2026-11-28T05:00:00Z`; without a zone, UTC): an
+    operator reading the log types dates, a script passes numbers."""
+    raw = request.query.get(name, "")
+    try:
+        return _query_number(request, name, None)
+    except BadRequest:
+        pass
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise BadRequest(f"{name}: expected epoch seconds or an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
 async def get_audit_log(request: web.Request) -> web.Response:
     require_admin(request)
     where, args = [], []
@@ -325,8 +343,8 @@ async def get_audit_log(request: web.Request) -> web.Response:
         add("user_id = ?", request.query["user"])
     if request.query.get("action"):
         add("action = ?", request.query["action"])
-    since = _query_number(request, "since", None)
-    until = _query_number(request, "until", None)
+    since = _query_time(request, "since")
+    until = _query_time(request, "until")
     if since is not None:
         add("ts >= ?", since)
     if until is not None:
