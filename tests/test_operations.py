@@ -31,6 +31,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -965,7 +966,7 @@ async def test_the_quota_warning_reaches_npm_while_a_banner_is_set(cluster: Clus
         assert "quota exceeded" in headers.get("npm-notice", "")
 
 
-async def test_unpublish_gives_the_quota_back(cluster: Cluster) -> None:
+async def test_unpublish_gives_the_quota_back(cluster: Cluster, tmp_path: Path) -> None:
     name = "ops-quota-unpublish"
     async with client() as session:
         token = (await create_token(session, cluster.a, "ursula"))["token"]
@@ -994,6 +995,22 @@ async def test_unpublish_gives_the_quota_back(cluster: Cluster) -> None:
         assert status == 200, body
         usage = await quota_of(session, cluster.b, "quota", "ursula")
         assert (usage["used_versions"], usage["used_bytes"]) == (0, 0)
+
+        for version in ("2.0.0", "2.0.1"):
+            assert (await publish(session, cluster.b, "quota", token, name, version))[0] == 201
+
+    # The real `npm unpublish name@version` (a document PUT, then a tarball DELETE) gives back one
+    # version, not two.
+    result = run_npm(
+        ["unpublish", f"{name}@2.0.0", "--force"],
+        cwd=tmp_path,
+        env=npm_env(tmp_path, cluster.registry_url(cluster.a, "quota"), ADMIN_TOKEN),
+    )
+    assert result.returncode == 0, npm_output(result)
+    async with client() as session:
+        usage = await quota_of(session, cluster.b, "quota", "ursula")
+        assert usage["used_versions"] == 1
+        assert sorted((await packument(session, cluster.b, "quota", name))["versions"]) == ["2.0.1"]
 
 
 # --- audit log ---------------------------------------------------------------------------------------
@@ -1114,6 +1131,15 @@ async def test_audit_log_records_who_what_when_where_and_filters(cluster: Cluste
         assert {e["registry"] for e in in_registry["entries"]} == {"npm"}
         assert {"npm.publish", "npm.unpublish", "npm.dist-tag.add"} <= {e["action"] for e in in_registry["entries"]}
         assert (await audit_log(session, cluster.a, user="aude", until=started))["total"] == 0
+        # Times as an operator types them work as well as epoch seconds.
+        iso = {k: datetime.fromtimestamp(v, UTC).isoformat() for k, v in (("since", started), ("until", finished))}
+        assert (await audit_log(session, cluster.b, user="aude", **iso))["entries"] == by_aude["entries"]
+        naive = datetime.fromtimestamp(finished, UTC).replace(tzinfo=None).isoformat()  # no zone: UTC
+        assert (await audit_log(session, cluster.b, user="aude", since=naive))["total"] == 0
+        status, _, body = await call(
+            session, "GET", f"{cluster.a.url}/api/v1/admin/audit-log?since=yesterday", headers=ADMIN
+        )
+        assert status == 400 and "since" in body["error"]
         assert (await audit_log(session, cluster.a, user="aude", since=finished))["total"] == 0
 
         # Paging: newest first, pages of two that add up to the whole list without overlap.
