@@ -121,7 +121,7 @@ name = "burst"
 mode = "local"
 [registries.rate_limit]
 requests_per_window = 3
-window_secs = 2
+window_secs = 3
 
 [ip_blocking]
 enabled = true
@@ -509,10 +509,10 @@ async def test_an_expired_token_is_refused_on_both_replicas(cluster: Cluster) ->
             "POST",
             f"{cluster.a.url}/api/v1/admin/tokens",
             headers=ADMIN,
-            json_body={"user_id": "eve", "role": "user", "expires_in_days": 1.5 / 86400},
+            json_body={"user_id": "eve", "role": "user", "expires_in_days": 2 / 86400},
             expect=201,
         )
-        assert made["expires"] - made["created"] == pytest.approx(1.5, abs=0.01)
+        assert made["expires"] - made["created"] == pytest.approx(2, abs=0.01)
         assert (await whoami_status(session, cluster.b, made["token"]))[0] == 200
         await asyncio.sleep(max(0.0, made["expires"] - time.time()) + 0.1)
         for hub in (cluster.a, cluster.b):
@@ -598,7 +598,7 @@ async def test_retry_after_says_when_requests_are_allowed_again(cluster: Cluster
             statuses.append(status)
         assert statuses == [200, 200, 200, 429]
         wait = int(last["Retry-After"])
-        assert 1 <= wait <= 2 and last["X-RateLimit-Limit"] == "3"
+        assert 1 <= wait <= 3 and last["X-RateLimit-Limit"] == "3"
         await asyncio.sleep(wait + 0.2)
         status, headers, _ = await call(
             session, "GET", f"{cluster.b.url}/registries/burst/-/ping", headers=bearer(token)
@@ -778,7 +778,6 @@ async def test_hammering_a_block_neither_shortens_nor_rewrites_it(cluster: Clust
 # --- banner ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 async def test_banner_set_on_one_replica_shows_on_the_other_and_in_npm_install(
     cluster: Cluster, tmp_path: Path
 ) -> None:
