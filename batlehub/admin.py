@@ -390,8 +390,12 @@ def add_static_ui(app: web.Application, static_dir: Path) -> None:
         tail = request.match_info.get("tail", "")
         if tail.startswith(("api/", "registries/")):
             raise NotFound("not found")
-        candidate = (root / tail).resolve() if tail else root / "index.html"
-        if candidate.is_relative_to(root) and candidate.is_file():
+        try:  # a NUL byte or an over-long name is no file of ours, not a server error
+            candidate = (root / tail).resolve() if tail else root / "index.html"
+            is_ours = candidate.is_relative_to(root) and candidate.is_file()
+        except (OSError, ValueError):
+            is_ours = False
+        if is_ours:
             return web.FileResponse(candidate)
         index = root / "index.html"
         if index.is_file():
