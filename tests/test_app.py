@@ -817,3 +817,14 @@ async def test_static_ui_never_serves_outside_its_directory(
     text = await response.text()
     assert "top secret" not in text
     assert "root:" not in text
+    assert response.status in (200, 404)
+
+
+@pytest.mark.parametrize("path", ["/%00", "/assets/a%00b.js", "/" + "a" * 5000])
+async def test_static_ui_odd_paths_are_not_server_errors(
+    make_client: ClientFactory, static_dir: Path, path: str
+) -> None:
+    client = await make_client(server={"static_dir": str(static_dir)})
+    response = await client.get(URL(path, encoded=True))
+    assert response.status == 200
+    assert await response.text() == "<html>batlehub ui</html>"
