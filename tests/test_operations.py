@@ -945,10 +945,6 @@ async def test_warn_enforcement_publishes_with_a_warning_header(cluster: Cluster
     assert "npm notice quota exceeded for user 'walt'" in npm_output(result)
 
 
-@pytest.mark.xfail(
-    reason="npm plugin: while a banner is set, its npm-notice replaces the quota warning's (reported to npm-local)",
-    strict=True,
-)
 async def test_the_quota_warning_reaches_npm_while_a_banner_is_set(cluster: Cluster) -> None:
     async with client() as session:
         token = (await create_token(session, cluster.a, "wanda"))["token"]
