@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 TOKEN_PREFIX = "bh_"
 FIRST_START_DESCRIPTION = "first-start admin token"
+FIRST_START_TOKEN_ID = "first-start-admin"
 LAST_USED_RESOLUTION_SECS = 60.0
 """`last_used` is written at most once a minute per token, not on every request (a database write
 per request would cost more than the answer is worth to an operator)."""
@@ -193,26 +194,34 @@ class Authenticator:
         )
 
     async def ensure_first_start_token(self, data_dir: Path) -> Path | None:
-        """With no tokens configured and no first-start token yet, create an admin token and write
-        it to `<data_dir>/admin.token` (mode 0600). Returns the path when one was created."""
+        """With no tokens configured and no first-start token ever made, create an admin token and
+        write it to `<data_dir>/admin.token` (mode 0600). Returns the path when one was created.
+
+        The row has a fixed id, so replicas starting together create one token between them, and
+        an operator who revoked it does not get it back at the next start.
+        """
         if self._config_tokens:
             return None
-        existing = await self.db.fetchval(
-            "SELECT COUNT(*) FROM tokens WHERE description = $1 AND revoked = 0", FIRST_START_DESCRIPTION
-        )
-        if existing:
-            return None
-        # The file first: if it cannot be written, no token exists that nobody can ever read, and
-        # the next start (with the directory fixed) tries again.
         token, path = new_token(), data_dir / "admin.token"
+        created = await self.db.execute(
+            "INSERT INTO tokens (id, token_hash, user_id, role, created, description)"
+            " VALUES ($1, $2, 'admin', 'admin', $3, $4) ON CONFLICT (id) DO NOTHING",
+            FIRST_START_TOKEN_ID,
+            hash_token(token),
+            time.time(),
+            FIRST_START_DESCRIPTION,
+        )
+        if not created:
+            return None
         try:
             _write_secret(path, token)
         except OSError as exc:
+            # Nobody could ever read this token: forget it, so the next start tries again.
+            await self.db.execute("DELETE FROM tokens WHERE id = $1", FIRST_START_TOKEN_ID)
             raise StartupError(
                 f"cannot write the first-start admin token to {path}: {exc.strerror or exc}"
                 " (check --data-dir / BATLEHUB_DATA_DIR, or configure [[auth]] tokens)"
             ) from exc
-        await self.create_token("admin", "admin", None, FIRST_START_DESCRIPTION, token=token)
         return path
 
 

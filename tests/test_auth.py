@@ -3,6 +3,7 @@ config and database tokens, the first-start admin token file, and the DESIGN §6
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import stat
@@ -175,6 +176,26 @@ async def test_first_start_admin_token_file(tmp_path: Path, db: Database) -> Non
     again = Authenticator(parse_settings({"registries": []}, data_dir=data_dir), db)
     assert await again.ensure_first_start_token(data_dir) is None
     assert path.read_text().strip() == token
+    assert await db.fetchval("SELECT COUNT(*) FROM tokens") == 1
+
+
+async def test_revoked_first_start_token_stays_revoked(tmp_path: Path, db: Database) -> None:
+    data_dir = tmp_path / "data"
+    auth = Authenticator(parse_settings({"registries": []}, data_dir=data_dir), db)
+    token = (await auth.ensure_first_start_token(data_dir)).read_text().strip()  # type: ignore[union-attr]
+    (record,) = await auth.list_tokens()
+    assert await auth.revoke_token(record["id"])
+    # A restart must not hand out a fresh admin token the operator did not ask for.
+    assert await auth.ensure_first_start_token(data_dir) is None
+    assert (data_dir / "admin.token").read_text().strip() == token
+    with pytest.raises(Unauthorized):
+        await auth.authenticate(f"Bearer {token}")
+
+
+async def test_replicas_starting_together_create_one_first_start_token(tmp_path: Path, db: Database) -> None:
+    replicas = [Authenticator(parse_settings({"registries": []}, data_dir=tmp_path / f"r{i}"), db) for i in range(3)]
+    paths = await asyncio.gather(*(a.ensure_first_start_token(tmp_path / f"r{i}") for i, a in enumerate(replicas)))
+    assert len([p for p in paths if p is not None]) == 1
     assert await db.fetchval("SELECT COUNT(*) FROM tokens") == 1
 
 
