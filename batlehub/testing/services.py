@@ -21,6 +21,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import ctypes
 import fcntl
 import glob
 import json
@@ -104,23 +105,48 @@ def _describe_failure(what: str, reason: str, log: Path | None) -> str:
     return message
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this child when the process that started it dies, even by SIGKILL.
+
+    Runs in the child between fork and exec (after any user switch, which would clear it). The
+    signal follows the *thread* that started the child: start services from the main thread.
+    """
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+# Looked up here, not in the forked child, where loading a library is unsafe.
+_prctl = getattr(ctypes.CDLL(None), "prctl", None) if sys.platform == "linux" else None
+
+
 class ManagedProcess:
     """A child process in its own process group, its output appended to a log file.
 
     Own process group so that stopping it also stops anything it spawned, and so that a Ctrl-C in
     the terminal reaches pytest first (which then stops children in order). Every live instance is
-    also stopped at interpreter exit, so an aborted session does not leave servers behind.
+    stopped at interpreter exit, and on Linux the child is also told to exit when pytest dies
+    without cleaning up (killed, or a timeout), so no server outlives its test session.
     """
 
     _live: set[ManagedProcess] = set()
 
     def __init__(
-        self, argv: list[str], log: Path, *, env: dict[str, str] | None = None, cwd: Path | None = None
+        self,
+        argv: list[str],
+        log: Path,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        user: str | None = None,
+        stop_signal: signal.Signals = signal.SIGTERM,
     ) -> None:
         self.argv = argv
         self.log = log
         self.env = env
         self.cwd = cwd
+        self.user = user
+        self.stop_signal = stop_signal
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -139,6 +165,10 @@ class ManagedProcess:
                     env=self.env,
                     cwd=self.cwd,
                     start_new_session=True,
+                    user=self.user,
+                    group=self.user,
+                    extra_groups=[] if self.user else None,
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                 )
             except OSError as exc:
                 raise ServiceStartError(f"cannot run {self.argv[0]}: {exc}") from exc
@@ -158,14 +188,14 @@ class ManagedProcess:
             os.killpg(self.proc.pid, sig)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM to the process (as a service manager would send it), then SIGKILL to its whole
+        """`stop_signal` to the process (as a service manager sends it), then SIGKILL to its whole
         group if it has not exited after `timeout` seconds. Anything it left behind is killed too."""
         if self.proc is None:
             return
         # Only signal the group while its leader is ours and alive: once the leader is reaped, the
         # id could belong to someone else's process.
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(self.stop_signal)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -307,7 +337,11 @@ def find_postgres_bin() -> Path:
 
 
 class PostgresCluster:
-    """A throwaway cluster: trust auth on loopback, fsync off, removed with its folder at stop."""
+    """A throwaway cluster: trust auth on loopback, fsync off, removed with its folder at stop.
+
+    The server runs in the foreground as our child (not daemonised by pg_ctl), so it is stopped
+    like every other test service, even when pytest itself is killed.
+    """
 
     def __init__(self) -> None:
         self.bin = find_postgres_bin()
@@ -315,62 +349,74 @@ class PostgresCluster:
         self.root = _scratch_dir("pg")
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
-        # initdb refuses to run as root; run the server as the `postgres` system user then.
-        self.as_root = os.geteuid() == 0
+        # PostgreSQL refuses to run as root; use the `postgres` system user then.
+        self.user = "postgres" if os.geteuid() == 0 else None
         self.stopped_by_test = False
+        options = {
+            "listen_addresses": LOOPBACK,
+            "unix_socket_directories": str(self.root),
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "max_connections": "300",
+        }
+        argv = [str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port)]
+        argv += [arg for key, value in options.items() for arg in ("-c", f"{key}={value}")]
+        # SIGINT is PostgreSQL's "fast" shutdown: it does not wait for clients to disconnect.
+        self.process = ManagedProcess(argv, self.log, cwd=self.root, user=self.user, stop_signal=signal.SIGINT)
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@{LOOPBACK}:{self.port}/postgres"
 
-    def _run(self, argv: list[str], what: str) -> None:
-        if self.as_root:
-            argv = ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(argv)]
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise ServiceStartError(
-                _describe_failure(
-                    f"PostgreSQL {what}",
-                    f"`{shlex.join(argv)}` exited with {result.returncode}\n{result.stdout}{result.stderr}",
-                    self.log if self.log.exists() else None,
-                )
-            )
+    def _accepting(self) -> bool:
+        argv = [str(self.bin / "pg_isready"), "-q", "-h", LOOPBACK, "-p", str(self.port), "-U", "postgres"]
+        return subprocess.run(argv, timeout=10).returncode == 0
 
     def start(self) -> None:
         """Create the cluster on first start; later starts reuse its data on the same port."""
-        if (self.data / "PG_VERSION").exists():
-            self._run([*self._pg_ctl(), "-w", "-t", "60", "start"], "start")
-            self.stopped_by_test = False
-            return
-        if self.as_root:
+        if self.user:
             try:
-                shutil.chown(self.root, "postgres", "postgres")
+                shutil.chown(self.root, self.user, self.user)
             except LookupError as exc:
                 raise ServiceStartError(
                     "running as root but there is no `postgres` user to own the test cluster "
                     "(apt-get install -y postgresql creates it), or set BATLEHUB_TEST_POSTGRES_URL"
                 ) from exc
-        initdb = [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
-        self._run([*initdb, "-E", "UTF8", "--no-locale", "--no-sync"], "initdb")
-        self._run([*self._pg_ctl(), "-w", "-t", "60", "start"], "start")
-
-    def _pg_ctl(self) -> list[str]:
-        options = (
-            f"-p {self.port} -k {self.root} -c listen_addresses={LOOPBACK} -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300"
-        )
-        return [str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log)]
+        if not self.data.exists():
+            initdb = [str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
+            initdb += ["-E", "UTF8", "--no-locale", "--no-sync"]
+            result = subprocess.run(
+                initdb,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                user=self.user,
+                group=self.user,
+                extra_groups=[] if self.user else None,
+                cwd=self.root,
+            )
+            if result.returncode != 0:
+                raise ServiceStartError(
+                    f"PostgreSQL initdb failed ({result.returncode}):\n{result.stdout}{result.stderr}"
+                )
+        self.process.start()
+        wait_until(self._accepting, what="PostgreSQL", process=self.process, log=self.log)
+        self.stopped_by_test = False
 
     def stop(self) -> None:
-        """Stop the server as an outage would (`pg_ctl stop -m fast`: sessions are terminated);
-        the data is kept, and `start()` brings it back on the same port."""
-        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"], "stop")
+        """Stop the server as an outage would (fast shutdown: sessions are terminated); the data is
+        kept, and `start()` brings it back on the same port."""
+        self.process.stop()
+        self.stopped_by_test = True
+
+    def kill(self) -> None:
+        """SIGKILL the server: a crash. `start()` recovers it from its write-ahead log."""
+        self.process.kill()
         self.stopped_by_test = True
 
     def destroy(self) -> None:
-        if self.data.exists():
-            with contextlib.suppress(ServiceStartError, subprocess.TimeoutExpired):
-                self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop"], "stop")
+        self.process.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
 
