@@ -9,6 +9,7 @@ booleans (0/1), TEXT for JSON.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import re
 import time
@@ -213,6 +214,9 @@ class SqliteDatabase:
         self.path = path
         self._conn: Any = None
         self._lock = asyncio.Lock()
+        self._in_transaction: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            f"sqlite_tx_{id(self)}", default=False
+        )
 
     async def connect(self) -> None:
         import aiosqlite
@@ -238,30 +242,44 @@ class SqliteDatabase:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_SqliteConnection]:
         async with self._lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
+            token = self._in_transaction.set(True)
             try:
-                yield _SqliteConnection(self._conn)
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
-                raise
-            else:
-                await self._conn.execute("COMMIT")
+                await self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield _SqliteConnection(self._conn)
+                except BaseException:
+                    await self._conn.execute("ROLLBACK")
+                    raise
+                else:
+                    await self._conn.execute("COMMIT")
+            finally:
+                self._in_transaction.reset(token)
+
+    @asynccontextmanager
+    async def _statement(self) -> AsyncIterator[_SqliteConnection]:
+        """The connection for one statement. Inside our own transaction (this task, or a task it
+        started) the statement joins it: waiting for our own lock would never end."""
+        if self._in_transaction.get():
+            yield _SqliteConnection(self._conn)
+            return
+        async with self._lock:
+            yield _SqliteConnection(self._conn)
 
     async def execute(self, sql: str, *args: Any) -> int:
-        async with self._lock:
-            return await _SqliteConnection(self._conn).execute(sql, *args)
+        async with self._statement() as conn:
+            return await conn.execute(sql, *args)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        async with self._lock:
-            return await _SqliteConnection(self._conn).fetch(sql, *args)
+        async with self._statement() as conn:
+            return await conn.fetch(sql, *args)
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
-        async with self._lock:
-            return await _SqliteConnection(self._conn).fetchrow(sql, *args)
+        async with self._statement() as conn:
+            return await conn.fetchrow(sql, *args)
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
-        async with self._lock:
-            return await _SqliteConnection(self._conn).fetchval(sql, *args)
+        async with self._statement() as conn:
+            return await conn.fetchval(sql, *args)
 
     async def migrate(self, progress: Any = None) -> list[int]:
         async with self.transaction() as conn:  # BEGIN IMMEDIATE: one writer, so one migrator

@@ -105,6 +105,34 @@ async def test_transaction_rollback_leaves_nothing(database: Database) -> None:
     assert await database.fetchval("SELECT COUNT(*) FROM scratch") == 1
 
 
+async def test_database_shortcut_inside_a_transaction_does_not_hang(database: Database) -> None:
+    # On SQLite a statement through the Database (not the transaction's connection) inside the same
+    # task's transaction used to wait for its own lock forever.
+    await _scratch_table(database)
+    async with database.transaction() as conn:
+        await conn.execute("INSERT INTO scratch (id, a) VALUES ($1, $2)", 1, "x")
+        await asyncio.wait_for(database.fetchval("SELECT COUNT(*) FROM scratch"), 5)
+    # Other tasks still wait for the transaction instead of interleaving with it.
+    order: list[str] = []
+
+    async def writer() -> None:
+        async with database.transaction() as tx:
+            order.append("tx-begin")
+            await asyncio.sleep(0.05)
+            await tx.execute("INSERT INTO scratch (id, a) VALUES ($1, $2)", 2, "y")
+            order.append("tx-end")
+
+    async def reader() -> None:
+        await asyncio.sleep(0.01)
+        await database.fetchval("SELECT COUNT(*) FROM scratch")
+        order.append("read")
+
+    await asyncio.gather(writer(), reader())
+    if database.dialect == "sqlite":
+        assert order == ["tx-begin", "tx-end", "read"]
+    assert await database.fetchval("SELECT COUNT(*) FROM scratch") == 2
+
+
 async def test_failed_statement_rolls_back_the_whole_transaction(database: Database) -> None:
     await _scratch_table(database)
     with pytest.raises(Exception):  # noqa: B017 - each driver raises its own constraint error
