@@ -34,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -108,8 +109,7 @@ def _describe_failure(what: str, reason: str, log: Path | None) -> str:
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM this child when the process that started it dies, even by SIGKILL.
 
-    Runs in the child between fork and exec (after any user switch, which would clear it). The
-    signal follows the *thread* that started the child: start services from the main thread.
+    Runs in the child between fork and exec (after any user switch, which would clear it).
     """
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -153,6 +153,9 @@ class ManagedProcess:
         if self.running:
             return
         self.log.parent.mkdir(parents=True, exist_ok=True)
+        # Started from another thread, the child would die when that thread ends (e.g. an
+        # asyncio.to_thread worker at the end of a test), so only from the main one.
+        in_main_thread = threading.current_thread() is threading.main_thread()
         with open(self.log, "ab") as out:
             out.write(f"\n=== {time.strftime('%H:%M:%S')} starting: {shlex.join(self.argv)}\n".encode())
             out.flush()
@@ -168,7 +171,7 @@ class ManagedProcess:
                     user=self.user,
                     group=self.user,
                     extra_groups=[] if self.user else None,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                    preexec_fn=_die_with_parent if in_main_thread else None,
                 )
             except OSError as exc:
                 raise ServiceStartError(f"cannot run {self.argv[0]}: {exc}") from exc
