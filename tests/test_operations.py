@@ -674,6 +674,11 @@ async def test_forged_forwarded_for_from_an_untrusted_peer_changes_nothing(clust
             status, _, _ = await call(blocked, "GET", f"{cluster.b.url}/registries/npm/-/ping", headers=forged)
             assert status == 403, forged
 
+    # The operator learns why, once per peer and process, with the setting to change.
+    warnings = [line for line in cluster.b.logs().splitlines() if "ignoring X-Forwarded-For" in line]
+    assert [w for w in warnings if "from 127.0.0.6:" in w and "server.trusted_proxies" in w], warnings
+    assert len([w for w in warnings if "from 127.0.0.6:" in w]) == 1
+
     async with client("127.0.0.9") as innocent:
         # ... and naming a blocked address does not get an unblocked peer refused.
         for forged in ({"X-Forwarded-For": "192.0.2.66"}, {"X-Real-IP": "192.0.2.66"}):
