@@ -152,41 +152,54 @@ class LocalStore:
     # --- reading --------------------------------------------------------------------------------
 
     async def load(self, package: PackageName) -> LocalPackage | None:
-        """Everything about a local package; None when it does not exist here."""
+        """Everything about a local package; None when it does not exist here.
+
+        On PostgreSQL the reads share one snapshot, so a steady stream of publishes never makes a
+        read fail; on SQLite a write that slipped in between the reads makes them start again.
+        """
+        if self.db.dialect == "postgresql":
+            async with self.db.transaction() as conn:
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                loaded, _ = await self._read(conn, package)
+                return loaded
         for _ in range(3):
-            row = await self.db.fetchrow(
-                "SELECT revision, created, modified, extra FROM packages WHERE registry = $1 AND name = $2",
-                self.registry.name,
-                package.name,
-            )
-            if row is None:
-                return None
-            versions = await self.db.fetch(
-                "SELECT version, manifest, created FROM versions WHERE registry = $1 AND name = $2 ORDER BY created",
-                self.registry.name,
-                package.name,
-            )
-            tags = await self.db.fetch(
-                "SELECT tag, version FROM dist_tags WHERE registry = $1 AND name = $2",
-                self.registry.name,
-                package.name,
-            )
-            again = await self.db.fetchval(
-                "SELECT revision FROM packages WHERE registry = $1 AND name = $2", self.registry.name, package.name
-            )
-            if again == row["revision"]:  # no write slipped in between the reads
-                return LocalPackage(
-                    name=package,
-                    revision=int(row["revision"]),
-                    created=float(row["created"]),
-                    modified=float(row["modified"]),
-                    extra=json.loads(row["extra"] or "{}"),
-                    versions=[
-                        LocalVersion(v["version"], json.loads(v["manifest"]), float(v["created"])) for v in versions
-                    ],
-                    dist_tags={t["tag"]: t["version"] for t in tags},
-                )
+            loaded, consistent = await self._read(self.db, package)
+            if consistent:
+                return loaded
         raise Conflict(f"package {package.name} is changing too fast to read; try again")
+
+    async def _read(self, db: Any, package: PackageName) -> tuple[LocalPackage | None, bool]:
+        """The package as read by a few queries, and whether its revision held still meanwhile."""
+        row = await db.fetchrow(
+            "SELECT revision, created, modified, extra FROM packages WHERE registry = $1 AND name = $2",
+            self.registry.name,
+            package.name,
+        )
+        if row is None:
+            return None, True
+        versions = await db.fetch(
+            "SELECT version, manifest, created FROM versions WHERE registry = $1 AND name = $2 ORDER BY created",
+            self.registry.name,
+            package.name,
+        )
+        tags = await db.fetch(
+            "SELECT tag, version FROM dist_tags WHERE registry = $1 AND name = $2",
+            self.registry.name,
+            package.name,
+        )
+        again = await db.fetchval(
+            "SELECT revision FROM packages WHERE registry = $1 AND name = $2", self.registry.name, package.name
+        )
+        loaded = LocalPackage(
+            name=package,
+            revision=int(row["revision"]),
+            created=float(row["created"]),
+            modified=float(row["modified"]),
+            extra=json.loads(row["extra"] or "{}"),
+            versions=[LocalVersion(v["version"], json.loads(v["manifest"]), float(v["created"])) for v in versions],
+            dist_tags={t["tag"]: t["version"] for t in tags},
+        )
+        return loaded, again == row["revision"]
 
     async def artifact_key(self, package: PackageName, version: str) -> str | None:
         return await self.db.fetchval(
@@ -376,7 +389,8 @@ class LocalStore:
                 stored = {
                     r["version"]: r
                     for r in await conn.fetch(
-                        "SELECT version, manifest, size, publisher FROM versions WHERE registry = $1 AND name = $2",
+                        "SELECT version, manifest, size, publisher, artifact_key FROM versions"
+                        " WHERE registry = $1 AND name = $2",
                         self.registry.name,
                         name,
                     )
@@ -451,6 +465,11 @@ class LocalStore:
             version,
         )
         await quota.release(conn, self.registry.name, row["publisher"], int(row["size"] or 0))
+        key = row.get("artifact_key")
+        if key and not await conn.fetchval("SELECT 1 FROM versions WHERE artifact_key = $1 LIMIT 1", key):
+            # No version anywhere uses these bytes any more: let the storage sweep collect them once
+            # its grace period has passed (never at once: an identical publish may be in flight).
+            await conn.execute("DELETE FROM artifacts WHERE storage_key = $1", key)
 
     async def _delete_rows(self, conn: Connection, name: str) -> None:
         for table in ("versions", "dist_tags", "packages"):
@@ -470,7 +489,8 @@ class LocalStore:
                 if rev is not None and make_rev(name, row["created"], row["revision"] - 1) != rev:
                     raise Conflict(f"document revision {rev} of {name} is out of date; fetch it again and retry")
                 stored = await conn.fetchrow(
-                    "SELECT version, size, publisher FROM versions WHERE registry = $1 AND name = $2 AND version = $3",
+                    "SELECT version, size, publisher, artifact_key FROM versions"
+                    " WHERE registry = $1 AND name = $2 AND version = $3",
                     self.registry.name,
                     name,
                     version,
@@ -517,12 +537,12 @@ class LocalStore:
                 if rev is not None and make_rev(name, row["created"], row["revision"] - 1) != rev:
                     raise Conflict(f"document revision {rev} of {name} is out of date; fetch it again and retry")
                 stored = await conn.fetch(
-                    "SELECT version, size, publisher FROM versions WHERE registry = $1 AND name = $2",
+                    "SELECT version, size, publisher, artifact_key FROM versions WHERE registry = $1 AND name = $2",
                     self.registry.name,
                     name,
                 )
                 for item in stored:
-                    await quota.release(conn, self.registry.name, item["publisher"], int(item["size"] or 0))
+                    await self._remove_version(conn, name, item["version"], item)
                 await self._delete_rows(conn, name)
                 await audit.record(
                     conn,

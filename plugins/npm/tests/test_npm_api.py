@@ -15,11 +15,13 @@ import aiohttp
 import pytest
 from npm_testdata import ADMIN, ALICE, BOB, auth, make_tarball, publish_body
 
+from batlehub import appkeys
 from batlehub.app import create_app
 from batlehub.builtin.cache_memory import MemoryCache
 from batlehub.config import Settings
 from batlehub.interfaces import CacheBackendType
 from batlehub.plugins import get_plugin_manager, hookimpl
+from batlehub.sweep import sweep_orphans
 
 ABBREVIATED = "application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, */*"
 
@@ -196,6 +198,8 @@ async def test_deprecate_dist_tags_and_unpublish_like_the_cli(client: Any) -> No
     latest = await client.delete("/registries/npm/-/package/flow/dist-tags/latest", headers=auth(ADMIN))
     assert latest.status == 400
 
+    db = client.app[appkeys.DATABASE]
+    key = await db.fetchval("SELECT artifact_key FROM versions WHERE name = 'flow' AND version = '2.0.0'")
     # npm unpublish flow@2.0.0: PUT the document minus the version, then DELETE the tarball.
     doc = await (await client.get("/registries/npm/flow?write=true")).json()
     del doc["versions"]["2.0.0"]
@@ -211,6 +215,13 @@ async def test_deprecate_dist_tags_and_unpublish_like_the_cli(client: Any) -> No
     doc = await (await client.get("/registries/npm/flow")).json()
     assert sorted(doc["versions"]) == ["1.0.0", "1.1.0"] and doc["dist-tags"]["latest"] == "1.1.0"
     assert (await client.get("/registries/npm/flow/-/flow-2.0.0.tgz")).status == 404
+    # No row references the bytes any more, so the storage sweep removes them.
+    assert await db.fetchval("SELECT COUNT(*) FROM artifacts WHERE storage_key = $1", key) == 0
+    storage = client.app[appkeys.STORAGE]
+    assert await storage.stat(key) is not None
+    await sweep_orphans(db, storage, grace_secs=0)
+    assert await storage.stat(key) is None
+    assert (await client.get("/registries/npm/flow/-/flow-1.1.0.tgz")).status == 200
 
 
 async def test_identity_endpoints(client: Any) -> None:
