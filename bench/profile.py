@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--out-dir", default=str(REPO / "bench" / "results" / "profile"))
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--gil", action="store_true", help="only samples holding the GIL (Python CPU, no waits)")
+    parser.add_argument("--hub-env", action="append", metavar="KEY=VALUE", help="as for run.py (repeatable)")
     args = parser.parse_args(argv)
 
     py_spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
@@ -86,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    bench = Bench(argparse.Namespace(quick=True, duration=None, concurrency=None, npm_repeats=None, keep=args.keep))
+    bench = Bench(
+        argparse.Namespace(
+            quick=True, duration=None, concurrency=None, npm_repeats=None, keep=args.keep, hub_env=args.hub_env
+        )
+    )
     try:
         bench.setup()
         for case, server, url, headers in bench.cases():

@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchkit import BenchError, packages, report
-from benchkit.load import NPM_ABBREVIATED_ACCEPT, NPM_HEADERS, LoadResult, RssSampler, run_wrk
+from benchkit.load import NPM_ABBREVIATED_ACCEPT, NPM_HEADERS, LoadResult, RssSampler, cpu_seconds, run_wrk
 from benchkit.servers import (
     ADMIN_TOKEN,
     REPO,
@@ -66,8 +67,13 @@ class Bench:
         self.quick: bool = args.quick
         self.duration: float = args.duration or (2.0 if self.quick else 5.0)
         self.concurrencies: list[int] = args.concurrency or ([1, 64] if self.quick else [1, 16, 64])
-        self.npm_repeats: int = args.npm_repeats or (1 if self.quick else 2)
+        self.npm_repeats: int = args.npm_repeats or (1 if self.quick else 3)
         self.keep: bool = args.keep
+        self.hub_env: dict[str, str] = _env_pairs(getattr(args, "hub_env", None))
+        self.variant_env: dict[str, str] = _env_pairs(getattr(args, "variant_env", None))
+        self.variant: Hub | None = None
+        self.only: set[str] = set(getattr(args, "only", None) or ["load", "npm", "publish", "workers"])
+        self.case_filter: set[str] = set(getattr(args, "case", None) or [])
         self.scratch = Path(tempfile.mkdtemp(prefix="batlehub-bench-"))
         self.say = Progress()
         self.load_at_start = os.getloadavg()
@@ -85,14 +91,17 @@ class Bench:
 
     def _run(self) -> None:
         self.setup()
-        self._load_matrix()
-        time.sleep(2)
-        self.results["rss"]["idle-after-load"] = self._mib_map(self.hub.rss())
-        self.say(f"hub idle RSS after load: {self._fmt_rss(self.hub.rss())}")
-
-        self._npm_installs()
-        self._publish_huge()
-        self._workers()
+        if "load" in self.only:
+            self._load_matrix()
+            time.sleep(2)
+            self.results["rss"]["idle-after-load"] = self._mib_map(self.hub.rss())
+            self.say(f"hub idle RSS after load: {self._fmt_rss(self.hub.rss())}")
+        if "npm" in self.only:
+            self._npm_installs()
+        if "publish" in self.only:
+            self._publish_huge()
+        if "workers" in self.only:
+            self._workers()
         self.results["meta"] = self._meta()
 
     def close(self) -> None:
@@ -143,6 +152,12 @@ class Bench:
         time.sleep(1)
         self.results["rss"]["idle-after-warm"] = self._mib_map(self.hub.rss())
         say(f"hub idle RSS after data and warm-up: {self._fmt_rss(self.hub.rss())}")
+        if self.variant_env:
+            self.variant = self._start_hub(
+                "hubx", self.scratch / "hubx", proxy=True, local=True, data_dir=self.hub.data_dir, env=self.variant_env
+            )
+            self._warm_proxy(self.variant)
+            say(f"variant hub 'hubx' with {self.variant_env} at {self.variant.url} on the same data")
 
     # --- servers ------------------------------------------------------------------------------
 
@@ -152,7 +167,8 @@ class Bench:
             registries.append(HubRegistry("proxy", "proxy", (self.verdaccio.url,)))
         if local:
             registries.append(HubRegistry("local", "local"))
-        hub = Hub(root, registries, workers=workers, label=label, **kw)
+        env = {**self.hub_env, **kw.pop("env", {})}
+        hub = Hub(root, registries, workers=workers, label=label, env=env, **kw)
         hub.start()
         self.stoppers.append(hub.stop)
         return hub
@@ -185,14 +201,16 @@ class Bench:
     # --- HTTP load ------------------------------------------------------------------------------
 
     def _servers(self) -> dict[str, str]:
-        return {
-            "hub-proxy": self.hub.registry_url("proxy"),
-            "hub-local": self.hub.registry_url("local"),
-            "verdaccio": self.verdaccio.url,
-        }
+        servers = {"hub-proxy": self.hub.registry_url("proxy"), "hub-local": self.hub.registry_url("local")}
+        if self.variant is not None:
+            servers["hubx-proxy"] = self.variant.registry_url("proxy")
+            servers["hubx-local"] = self.variant.registry_url("local")
+        return {**servers, "verdaccio": self.verdaccio.url}
 
     def _pids(self, server: str) -> Callable[[], list[int]]:
         """The processes doing a server's work, for its RSS and CPU time."""
+        if server.startswith("hubx") and self.variant is not None:
+            return self.variant.server_pids
         if server.startswith("hub"):
             return self.hub.server_pids
         if server == "verdaccio":
@@ -249,7 +267,7 @@ class Bench:
         return url
 
     def _load_matrix(self) -> None:
-        cases = self.cases()
+        cases = [c for c in self.cases() if not self.case_filter or c[0] in self.case_filter]
         self.say(f"checked {len(cases)} URLs; warming each server up with 1s of load")
         for _case, _server, url, headers in cases:
             run_wrk(self.wrk, url, connections=16, duration=1, headers=headers)
@@ -308,10 +326,13 @@ class Bench:
         }
         (project / "package.json").write_text(json.dumps(manifest, indent=2))
 
-        def install(label: str, registry: str) -> float:
+        def install(label: str, registry: str, server_pids: Callable[[], list[int]]) -> float:
             shutil.rmtree(project / "node_modules", ignore_errors=True)
             (project / "package-lock.json").unlink(missing_ok=True)
             env = npm_env(self.scratch / "npm", registry)
+            pids = server_pids()
+            server_cpu = cpu_seconds(pids)
+            client_cpu = _children_cpu()
             started = time.perf_counter()
             result = run_npm(
                 ["install", "--no-audit", "--no-fund", "--ignore-scripts", "--loglevel=error"],
@@ -320,6 +341,8 @@ class Bench:
                 timeout=600,
             )
             seconds = time.perf_counter() - started
+            client_cpu = _children_cpu() - client_cpu
+            server_cpu = cpu_seconds(pids) - server_cpu
             if result.returncode != 0:
                 raise BenchError(f"npm install through {label} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
             installed = sum(1 for _ in (project / "node_modules").rglob("package.json"))
@@ -327,18 +350,30 @@ class Bench:
                 expected = len(self.dataset.tree)
                 raise BenchError(f"npm install through {label} installed {installed} packages, not {expected}")
             self.results["npm_install"].setdefault(label, []).append(round(seconds, 3))
-            self.say(f"npm install ({installed} packages, fresh npm cache) through {label}: {seconds:.2f}s")
+            detail = {
+                "wall_s": round(seconds, 3),
+                "npm_cpu_s": round(client_cpu, 2),
+                "server_cpu_s": round(server_cpu, 2),
+            }
+            self.results.setdefault("npm_install_detail", {}).setdefault(label, []).append(detail)
+            self.say(
+                f"npm install ({installed} packages, fresh npm cache) through {label}: {seconds:.2f}s"
+                f" (npm used {client_cpu:.2f} CPU-s, the server {server_cpu:.2f} CPU-s)"
+            )
             return seconds
 
+        verdaccio_pid = self.verdaccio.process.proc.pid  # type: ignore[union-attr]
         self.say("npm install: one priming run through the hub proxy (it is warm already; this primes npm itself)")
-        install("priming", self.hub.registry_url("proxy"))
+        install("priming", self.hub.registry_url("proxy"), self.hub.server_pids)
         self.results["npm_install"].pop("priming")
+        self.results["npm_install_detail"].pop("priming")
         for i in range(self.npm_repeats):
-            install("verdaccio", self.verdaccio.url)
-            install("hub-warm", self.hub.registry_url("proxy"))
-            install("hub-local", self.hub.registry_url("local"))
+            install("verdaccio", self.verdaccio.url, lambda: [verdaccio_pid])
+            install("hub-warm", self.hub.registry_url("proxy"), self.hub.server_pids)
+            install("hub-local", self.hub.registry_url("local"), self.hub.server_pids)
             cold = self._start_hub(f"hub-cold-{i}", self.scratch / f"hub-cold-{i}", proxy=True, local=False)
-            install("hub-cold", cold.registry_url("proxy"))
+            # The cold hub's work includes Verdaccio's: count both.
+            install("hub-cold", cold.registry_url("proxy"), lambda cold=cold: [*cold.server_pids(), verdaccio_pid])
             cold.stop()
 
     # --- big publish ------------------------------------------------------------------------------
@@ -462,6 +497,8 @@ class Bench:
             "npm_repeats": self.npm_repeats,
             "wrk_threads": 1,
             "git_commit": commit.stdout.strip() or "unknown",
+            "hub_env": self.hub_env,
+            "variant_env": self.variant_env,
             "versions": {
                 "python": platform.python_version(),
                 "batlehub": dist("batlehub"),
@@ -481,6 +518,24 @@ class Bench:
                 "big_tarball_bytes": len(self.dataset.big_tarball.tarball),
             },
         }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _env_pairs(items: list[str] | None) -> dict[str, str]:
+    pairs = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"bench: expected KEY=VALUE, got {item!r}")
+        # Relative paths (e.g. PYTHONPATH=bench/prototypes) are meant from the checkout.
+        if key == "PYTHONPATH" and not os.path.isabs(value):
+            value = str((REPO / value).resolve())
+        pairs[key] = value
+    return pairs
 
 
 def _decoded(body: bytes) -> bytes:
@@ -517,7 +572,8 @@ def _cpu_model() -> str:
 def print_report(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     load = results["load"]
-    hub_and_verdaccio = ["hub-proxy", "hub-local", "verdaccio"]
+    variants = ["hubx-proxy", "hubx-local"] if any(r["server"].startswith("hubx") for r in load) else []
+    hub_and_verdaccio = ["hub-proxy", "hub-local", *variants, "verdaccio"]
     titles = {
         "abbreviated": "Abbreviated packument, 300 versions (Accept: application/vnd.npm.install-v1+json, gzip)",
         "full": "Full packument, 300 versions (Accept: application/json, gzip)",
@@ -533,10 +589,13 @@ def print_report(results: dict[str, Any]) -> list[str]:
     cpu = report.cpu_table(load, [*hub_and_verdaccio, "nginx"])
     lines += ["", "Requests per CPU-second of the server's own processes", *cpu]
     installs = results["npm_install"]
-    lines += ["", "npm install, 150 packages, fresh npm cache (seconds, each run)"]
-    for label, times in installs.items():
-        lines.append(f"  {label:<10} {' '.join(f'{t:.2f}' for t in times)}  (best {min(times):.2f})")
-    lines += ["", "Publish of a 50 MiB tarball"]
+    if installs:
+        lines += ["", "npm install, 150 packages, fresh npm cache: wall seconds per run (CPU-s of npm / of the server)"]
+    for label, runs in results.get("npm_install_detail", {}).items():
+        cells = " ".join(f"{r['wall_s']:.2f} ({r['npm_cpu_s']:.1f}/{r['server_cpu_s']:.2f})" for r in runs)
+        lines.append(f"  {label:<10} {cells}  best {min(r['wall_s'] for r in runs):.2f}")
+    if results["publish"]:
+        lines += ["", "Publish of a 50 MiB tarball"]
     for label, entry in results["publish"].items():
         hwm = entry["rss_growth_hwm"]
         lines.append(
@@ -576,7 +635,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.json"), help="JSON results file")
     parser.add_argument("--duration", type=float, help="seconds per wrk run (default 5, quick 2)")
     parser.add_argument("--concurrency", type=int, action="append", help="repeatable (default 1 16 64, quick 1 64)")
-    parser.add_argument("--npm-repeats", type=int, help="npm install runs per registry (default 2, quick 1)")
+    parser.add_argument("--npm-repeats", type=int, help="npm install runs per registry (default 3, quick 1)")
+    parser.add_argument(
+        "--hub-env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="extra environment for hub processes, e.g. PYTHONPATH=bench/prototypes (repeatable)",
+    )
+    parser.add_argument(
+        "--variant-env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="also measure a second hub ('hubx-*') on the same data with this environment, e.g."
+        " PYTHONPATH=bench/prototypes to try an optimization side by side (repeatable)",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=["load", "npm", "publish", "workers"],
+        help="run only these parts (repeatable; default all)",
+    )
+    parser.add_argument(
+        "--case", action="append", help="load cases to run (abbreviated, full, revalidate-304, tarball; default all)"
+    )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, data) afterwards")
     args = parser.parse_args(argv)

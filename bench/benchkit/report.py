@@ -103,6 +103,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
     load = results["load"]
     conns = sorted({r["connections"] for r in load})
     targets: list[Target] = []
+    cases = {r["case"] for r in load}
 
     def ratios(case: str, hub: str, peer: str, key: str, invert: bool = False) -> list[float | None]:
         out = []
@@ -114,7 +115,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
             out.append(_ratio(p[key], h[key]) if invert else _ratio(h[key], p[key]))
         return out
 
-    for hub in ("hub-proxy", "hub-local"):
+    for hub in ("hub-proxy", "hub-local") if "abbreviated" in cases else ():
         rps = ratios("abbreviated", hub, "verdaccio", "rps")
         targets.append(
             Target(
@@ -135,7 +136,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
                 detail=" ".join(_fmt(v) for v in p99),
             )
         )
-    for hub in ("hub-proxy", "hub-local"):
+    for hub in ("hub-proxy", "hub-local") if "tarball" in cases else ():
         vs_verdaccio = ratios("tarball", hub, "verdaccio", "bytes_per_sec")
         vs_nginx = ratios("tarball", hub, "nginx", "bytes_per_sec")
         targets.append(
@@ -157,6 +158,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
             )
         )
     installs = results.get("npm_install", {})
+    if not installs:
+        return targets + _other_targets(results)
     verdaccio = _best(installs.get("verdaccio"))
     targets.append(
         Target(
@@ -174,6 +177,11 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
             False,
         )
     )
+    return targets + _other_targets(results)
+
+
+def _other_targets(results: dict[str, Any]) -> list[Target]:
+    targets: list[Target] = []
     publish = results.get("publish", {}).get("hub-local")
     if publish:
         growth = max(publish["rss_growth_sampled"], publish.get("rss_growth_hwm") or 0)

@@ -253,6 +253,7 @@ class Hub:
         workers: int = 1,
         label: str = "hub",
         data_dir: Path | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         """Config and log go to `root`; data (SQLite, blobs) to `data_dir`, by default `root` too,
         so a second hub can serve the first one's data."""
@@ -267,7 +268,7 @@ class Hub:
         self.config.write_text(self._config_text(registries))
         argv = [sys.executable, "-m", "batlehub", "serve", "--config", str(self.config)]
         argv += ["--data-dir", str(self.data_dir)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}, **(env or {})}
         self.process = ManagedProcess(argv, self.log, env=env, cwd=root)
 
     def _config_text(self, registries: list[HubRegistry]) -> str:
