@@ -105,10 +105,11 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     if problems:
         raise ConfigError(problems)
 
-    app = web.Application(middlewares=MIDDLEWARES, client_max_size=MAX_REQUEST_BODY)
+    state = HubState()
+    app = web.Application(middlewares=[_in_flight_counter(state), *MIDDLEWARES], client_max_size=MAX_REQUEST_BODY)
     app[appkeys.SETTINGS] = settings
     app[appkeys.PLUGIN_MANAGER] = pm
-    app[appkeys.STATE] = HubState()
+    app[appkeys.STATE] = state
 
     cache_type = types.cache[settings.cache["type"]]
     storage_type = types.storage[settings.storage["type"]]
@@ -152,6 +153,21 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     if settings.server.static_dir:
         admin.add_static_ui(app, settings.server.static_dir)
     return app
+
+
+def _in_flight_counter(state: HubState) -> Any:
+    """Counts requests in their handlers, so a graceful stop can wait for them (see cli)."""
+
+    @web.middleware
+    async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+        state.in_flight += 1
+        try:
+            response: web.StreamResponse = await handler(request)
+            return response
+        finally:
+            state.in_flight -= 1
+
+    return count
 
 
 class _UpstreamClient:

@@ -193,10 +193,11 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
     from batlehub.app import create_app
 
     app = create_app(settings)
-    # aiohttp waits up to shutdown_timeout for in-flight handlers, then as long again for the ones
-    # it cancelled: half of ours for each keeps the whole drain within shutdown_timeout_secs.
+    # The drain below waits up to half of shutdown_timeout_secs for requests in flight; aiohttp then
+    # waits up to shutdown_timeout for stragglers, and as long again for the ones it cancelled: a
+    # quarter each keeps the whole drain within shutdown_timeout_secs.
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_secs / 2
+        app, handle_signals=False, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_secs / 4
     )
     try:
         await runner.setup()
@@ -231,9 +232,28 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
     # let in-flight requests finish (up to shutdown_timeout_secs) before closing the backends.
     app[appkeys.STATE].shutting_down = True
     log.info("shutting down: draining in-flight requests (up to %gs)", settings.server.shutdown_timeout_secs)
+    for listening in list(runner.sites):
+        await listening.stop()
+    await _drain(app[appkeys.STATE], settings.server.shutdown_timeout_secs / 2)
     await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+async def _drain(state: Any, timeout_secs: float) -> None:
+    """Wait until no request is in a handler (or `timeout_secs` passed), with the listener closed.
+
+    Needed before `runner.cleanup()`: from that point aiohttp stops reading request bodies, so a
+    publish still uploading through a load balancer would stall and fail instead of finishing.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_secs
+    # Connections accepted just before the listener closed get to present their request first.
+    await asyncio.sleep(0.1)
+    while loop.time() < deadline:
+        if state.in_flight == 0:
+            return
+        await asyncio.sleep(0.05)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,6 +11,9 @@ class HubState:
     warnings: list[str] = field(default_factory=list)
     """Operator-facing problems found at start (e.g. a per-process cache with several replicas)."""
 
+    in_flight: int = 0
+    """Requests being handled right now (a graceful stop waits for them before closing)."""
+
     def warn(self, message: str) -> None:
         if message not in self.warnings:
             self.warnings.append(message)
