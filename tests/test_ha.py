@@ -274,6 +274,56 @@ async def test_rolling_restart_under_load_loses_nothing(
             load.requests += 1
             await asyncio.sleep(0.05)
 
+    big = unique("ha-big")
+    big_payload = os.urandom(4 * 1024 * 1024)
+    status, text = await put_json(
+        session, base + big, publish_body(big, "0.0.1", base, payload=big_payload), cluster.user_token
+    )
+    assert status == 201, text
+    big_publishes = ["0.0.1"]
+
+    async def slow_publisher() -> None:
+        """Publishes that take a second to stream: one is in flight whenever a replica gets SIGTERM,
+        and nginx cannot retry a body it already started to send."""
+        n = 0
+        while not load.stop.is_set():
+            n += 1
+            version = f"1.0.{n}"
+            body = publish_body(big, version, base, payload=big_payload)
+
+            async def chunks(body: bytes = body) -> AsyncIterator[bytes]:
+                for start in range(0, len(body), 128 * 1024):
+                    yield body[start : start + 128 * 1024]
+                    await asyncio.sleep(0.02)
+
+            headers = {**cluster.auth(), "Content-Type": "application/json"}
+            try:
+                async with session.put(base + big, data=chunks(), headers=headers) as response:
+                    text = await response.text()
+                    if response.status == 201:
+                        big_publishes.append(version)
+                    else:
+                        load.failures.append(f"streamed publish {version}: {response.status} {text[:200]}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                load.failures.append(f"streamed publish {version}: {exc!r}")
+            load.requests += 1
+
+    async def slow_reader() -> None:
+        """Downloads read slowly, so a transfer is under way whenever a replica gets SIGTERM."""
+        url = f"{base}{big}/-/{big}-0.0.1.tgz"
+        while not load.stop.is_set():
+            try:
+                async with session.get(url) as response:
+                    size = 0
+                    async for chunk in response.content.iter_chunked(256 * 1024):
+                        size += len(chunk)
+                        await asyncio.sleep(0.02)
+                    if response.status != 200 or size < len(big_payload):
+                        load.failures.append(f"slow GET {url}: {response.status}, {size} bytes")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                load.failures.append(f"slow GET {url}: {exc!r}")
+            load.requests += 1
+
     async def installer() -> None:
         while not load.stop.is_set():
             code, output = await npm_install(cluster, scratch, {top: "^1.0.0", local: "0.0.1"})
@@ -283,6 +333,7 @@ async def test_rolling_restart_under_load_loses_nothing(
 
     workers = [asyncio.create_task(reader(i)) for i in range(4)]
     workers += [asyncio.create_task(publisher()), asyncio.create_task(installer()), asyncio.create_task(installer())]
+    workers += [asyncio.create_task(slow_publisher()), asyncio.create_task(slow_reader())]
     began = time.monotonic()
     timings = []
     try:
@@ -297,7 +348,8 @@ async def test_rolling_restart_under_load_loses_nothing(
         await asyncio.gather(*workers, return_exceptions=True)
     elapsed = time.monotonic() - began
     print(
-        f"\nrolling restart: {load.requests} requests, {load.installs} npm installs, {len(load.publishes)} publishes"
+        f"\nrolling restart: {load.requests} requests, {load.installs} npm installs,"
+        f" {len(load.publishes) + len(big_publishes)} publishes"
         f" in {elapsed:.1f}s; failures: {len(load.failures)}; (drain, start) secs per replica:"
         f" {[(round(d, 1), round(s, 1)) for d, s in timings]}"
     )
@@ -312,6 +364,12 @@ async def test_rolling_restart_under_load_loses_nothing(
     for version in load.publishes:
         status, _ = await get(session, f"{base}{local}/-/{local}-{version}.tgz")
         assert status == 200, f"tarball of acknowledged {local}@{version}: {status}"
+    status, doc = await get(session, base + big)
+    assert status == 200 and set(big_publishes) <= set(doc["versions"]), doc
+    assert len(big_publishes) >= 3
+    for version in big_publishes:
+        status, _ = await get(session, f"{base}{big}/-/{big}-{version}.tgz")
+        assert status == 200, f"tarball of acknowledged {big}@{version}: {status}"
 
 
 # --- 2. concurrent first start --------------------------------------------------------------------
@@ -586,9 +644,11 @@ async def test_crash_mid_publish_leaves_no_version_and_the_sweep_removes_the_blo
             cut = len(data) if send_whole_attachment else len(data) // 2
             for start in range(0, cut, 256 * 1024):
                 yield data[start : min(cut, start + 256 * 1024)]
+            if send_whole_attachment:
+                yield tail[:-3]  # the attachment ends; only the document's closing braces are missing
             sent.set()
-            await asyncio.sleep(3600)  # the tail never comes: the client is still "sending"
-            yield tail
+            await asyncio.sleep(3600)  # the rest never comes: the client is still "sending"
+            yield tail[-3:]
 
         url = f"{cluster.replicas[index].url}/registries/{REGISTRY}/{name}"
         headers = {**cluster.auth(), "Content-Type": "application/json"}

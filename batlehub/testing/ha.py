@@ -343,7 +343,11 @@ class HaCluster:
         parts = []
         for path in sorted(self.base_dir.glob("replica*/hub.*.log")):
             parts.append(f"--- {path.relative_to(self.base_dir)} ---\n{log_tail(path, 40)}")
-        parts.append(f"--- nginx error.log ---\n{log_tail(self.nginx.error_log, 40)}")
+        try:
+            errors = [line for line in self.nginx.error_log.read_text().splitlines() if "[notice]" not in line]
+        except OSError:
+            errors = []
+        parts.append("--- nginx error.log (without notices) ---\n" + "\n".join(errors[-40:]))
         return "\n".join(parts)
 
     def describe(self) -> str:
