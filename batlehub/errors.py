@@ -13,6 +13,9 @@ class BatleHubError(Exception):
     """Base of every error that reaches a client with a meaningful status."""
 
     status: int = 500
+    violation: bool = True
+    """Whether this refusal counts towards automatic IP blocking when its status is in
+    `ip_blocking.trigger_on_status`. False for refusals that say nothing about abuse."""
 
     def __init__(self, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)

@@ -37,6 +37,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 HEALTH_PATH = "/api/v1/admin/health"
 _BLOCKED: Any = web.RequestKey("blocked", bool) if hasattr(web, "RequestKey") else "batlehub.blocked"
+# Set when the response is a refusal that says nothing about abuse (e.g. over quota).
+_NOT_A_VIOLATION: Any = (
+    web.RequestKey("not_a_violation", bool) if hasattr(web, "RequestKey") else "batlehub.not_a_violation"
+)
 REGISTRY_PREFIX = "/registries/"
 
 
@@ -90,6 +94,7 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
                 and status in blocking.trigger_on_status
                 and request.path != HEALTH_PATH
                 and not request.get(_BLOCKED)
+                and not request.get(_NOT_A_VIOLATION)
             ):
                 await _count_violation(request, ip)
 
@@ -147,6 +152,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except BatleHubError as exc:
+        if not exc.violation:
+            request[_NOT_A_VIOLATION] = True
         return json_error(exc.status, exc.message, exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:

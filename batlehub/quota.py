@@ -17,6 +17,8 @@ _UNLIMITED = 2**62
 
 class QuotaExceeded(BatleHubError):
     status = 403
+    # Many users may publish from one CI address; running out of quota is not abuse.
+    violation = False
 
 
 async def consume(conn: Connection, registry: RegistrySettings, user_id: str | None, size: int) -> str | None:

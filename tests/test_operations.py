@@ -860,6 +860,22 @@ async def test_concurrent_publishes_on_both_replicas_never_pass_the_version_quot
             assert usage["enforcement"] == "block"
 
 
+async def test_over_quota_refusals_do_not_get_an_address_banned(cluster: Cluster) -> None:
+    # Many users may publish from one CI address; running out of quota is not abuse, so these 403s
+    # must not count towards ip_blocking even though 403 is in trigger_on_status.
+    async with client() as admin, client("127.0.0.4") as ci:
+        token = (await create_token(admin, cluster.a, "olga"))["token"]
+        statuses = []
+        for i in range(VERSION_QUOTA + VIOLATION_THRESHOLD + 2):
+            status, _, _, _ = await publish(ci, cluster.replica(i), "quota", token, "ops-quota-noban", f"2.0.{i}")
+            statuses.append(status)
+        assert statuses.count(201) == VERSION_QUOTA and statuses.count(403) >= VIOLATION_THRESHOLD + 2, statuses
+        _, _, listed = await call(admin, "GET", f"{cluster.b.url}/api/v1/admin/ip-blocks", headers=ADMIN, expect=200)
+        assert "127.0.0.4" not in {b["ip"] for b in listed["blocks"]}
+        status, _, _ = await call(ci, "GET", f"{cluster.b.url}/registries/quota/ops-quota-noban")
+        assert status == 200
+
+
 async def test_concurrent_publishes_never_pass_the_byte_quota(cluster: Cluster) -> None:
     async with client(limit=40) as session:
         token = (await create_token(session, cluster.a, "bea"))["token"]
