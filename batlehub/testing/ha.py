@@ -155,9 +155,9 @@ class HaOptions:
     """What a cluster's replicas are configured with, beyond the shared services."""
 
     cache: str = "redis"
-    """"redis", "postgres" or "memory"."""
+    """The cache type: redis, postgres or memory."""
     storage: str = "s3"
-    """"s3" or "filesystem" (a folder per replica, like a local disk)."""
+    """The storage type: s3, or filesystem (a folder per replica, like a local disk)."""
     mode: str = "hybrid"
     metadata_ttl_secs: float = 300
     warm_packages: Sequence[str] = ()
@@ -172,7 +172,9 @@ class HaOptions:
 class HaCluster:
     """N replicas behind nginx. `url` is nginx; `replicas[i].url` reaches replica i directly."""
 
-    def __init__(self, base_dir: Path, services: HaServices, replicas: int = 3, options: HaOptions | None = None):
+    def __init__(
+        self, base_dir: Path, services: HaServices, replicas: int = 3, options: HaOptions | None = None
+    ) -> None:
         self.base_dir = base_dir
         self.services = services
         self.options = options or HaOptions()
