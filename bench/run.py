@@ -629,7 +629,15 @@ def print_report(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def render_markdown(json_file: str) -> int:
+    """`run.py --render-markdown results.json`: the Markdown tables of an earlier run."""
+    print("\n".join(report.markdown(json.loads(Path(json_file).read_text()))))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--render-markdown":
+        return render_markdown(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs, concurrencies 1 and 64 (~3 minutes)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.json"), help="JSON results file")
@@ -658,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--case", action="append", help="load cases to run (abbreviated, full, revalidate-304, tarball; default all)"
     )
+    parser.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown (for the README)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, data) afterwards")
     args = parser.parse_args(argv)
@@ -673,6 +682,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nresults written to {out}", flush=True)
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(report.markdown(results)) + "\n")
+        print(f"Markdown tables written to {args.markdown}", flush=True)
     failed = [t for t in results["targets"] if not t["passed"]]
     return 1 if failed and args.strict else 0
 

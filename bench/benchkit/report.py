@@ -226,3 +226,95 @@ def target_lines(targets: list[Target]) -> list[str]:
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     out.insert(1, "  ".join("-" * w for w in widths))
     return out
+
+
+def markdown(results: dict[str, Any]) -> list[str]:
+    """The run as Markdown tables, for bench/README.md (`run.py --markdown FILE`)."""
+    load = results["load"]
+    out: list[str] = []
+    titles = {
+        "abbreviated": "Abbreviated packument (300 versions)",
+        "full": "Full packument (300 versions)",
+        "revalidate-304": "Revalidation, If-None-Match → 304",
+        "tarball": "1 MiB tarball",
+    }
+    for case, title in titles.items():
+        rows = [r for r in load if r["case"] == case]
+        if not rows:
+            continue
+        servers = [s for s in ("hub-proxy", "hub-local", "verdaccio", "nginx") if any(r["server"] == s for r in rows)]
+        peers = [p for p in ("verdaccio", "nginx") if p in servers]
+        head = ["conc", *[f"{s} req/s (p99 ms)" for s in servers]]
+        head += [f"{h}/{p} req/s" for h in ("hub-proxy", "hub-local") for p in peers]
+        head += [f"{p}/{h} p99" for h in ("hub-proxy", "hub-local") for p in peers if p == "verdaccio"]
+        out += [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for c in sorted({r["connections"] for r in rows}):
+            got = {s: find(load, case, s, c) for s in servers}
+            cells = [str(c)]
+            cells += [f"{g['rps']:.0f} ({g['p99_ms']:.1f})" if g else "—" for g in got.values()]
+            for h in ("hub-proxy", "hub-local"):
+                for p in peers:
+                    cells.append(_fmt(_ratio(got[h] and got[h]["rps"], got[p] and got[p]["rps"])))
+            for h in ("hub-proxy", "hub-local"):
+                for p in peers:
+                    if p == "verdaccio":
+                        cells.append(_fmt(_ratio(got[p] and got[p]["p99_ms"], got[h] and got[h]["p99_ms"])))
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    cpu_servers = ["hub-proxy", "hub-local", "verdaccio", "nginx"]
+    out += ["**Requests per CPU-second of the server's own processes** (highest concurrency)", ""]
+    out += ["| case | " + " | ".join(cpu_servers) + " |", "|" + "---|" * (len(cpu_servers) + 1)]
+    top = max((r["connections"] for r in load), default=0)
+    for case in titles:
+        cells = [_fmt((find(load, case, s, top) or {}).get("rps_per_cpu"), 0) for s in cpu_servers]
+        if any(c != "—" for c in cells):
+            out.append(f"| {case} | " + " | ".join(cells) + " |")
+    out.append("")
+    details = results.get("npm_install_detail", {})
+    if details:
+        title = "**npm install**, 150 packages, fresh cache, no lockfile: wall seconds (CPU-s of npm / of the server)"
+        out += [title, ""]
+        out += ["| registry | runs | best |", "|---|---|---|"]
+        for label, runs in details.items():
+            cells = ", ".join(f"{r['wall_s']:.2f} ({r['npm_cpu_s']:.1f}/{r['server_cpu_s']:.2f})" for r in runs)
+            out.append(f"| {label} | {cells} | {min(r['wall_s'] for r in runs):.2f} |")
+        out.append("")
+    if results.get("publish"):
+        out += ["**50 MiB publish**", "", "| server | seconds | RSS growth (sampled / VmHWM) |", "|---|---|---|"]
+        for label, e in results["publish"].items():
+            hwm = e.get("rss_growth_hwm")
+            hwm_text = f"{hwm / MIB:.1f} MiB" if hwm is not None else "—"
+            out.append(f"| {label} | {e['seconds']:.2f} | {e['rss_growth_sampled'] / MIB:.1f} MiB / {hwm_text} |")
+        out.append("")
+    workers = results.get("workers")
+    if workers:
+        one, two = workers["one"], workers["two"]
+        out += [
+            f"**Workers** (abbreviated, hub-local, c={one['connections']}): 1 worker {one['rps']:.0f} req/s"
+            f" ({one['rps_per_cpu']:.0f} req/CPU-s), 2 workers {two['rps']:.0f} req/s"
+            f" ({two['rps_per_cpu']:.0f} req/CPU-s)",
+            "",
+        ]
+    rss = results.get("rss", {})
+    if rss:
+        out += ["**Hub RSS** (MiB): " + "; ".join(f"{k} {v}" for k, v in rss.items()), ""]
+    targets = results.get("targets") or [t.as_dict() for t in evaluate_targets(results)]
+    out += ["**Targets**", "", "| target | value | need | result |", "|---|---|---|---|"]
+    for t in targets:
+        need = f"{'≥' if t['higher_is_better'] else '≤'} {t['limit']:g}{t['unit']}"
+        out.append(f"| {t['name']} | {_fmt(t['value'])} | {need} | {'PASS' if t['passed'] else 'FAIL'} |")
+    meta = results.get("meta", {})
+    if meta:
+        versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
+        out += [
+            "",
+            f"{meta.get('cpu_count')} CPUs ({meta.get('cpu_model')}),"
+            f" load average {_loadavg(meta.get('load_average_at_start'))}"
+            f" at start; {versions}; wrk 1 thread, {meta.get('duration_s')} s per run; {meta.get('timestamp')},"
+            f" commit {meta.get('git_commit')}.",
+        ]
+    return out
+
+
+def _loadavg(value: Any) -> str:
+    return "/".join(f"{v:.1f}" for v in value) if isinstance(value, list | tuple) else "?"
