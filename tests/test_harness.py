@@ -16,9 +16,10 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from batlehub.testing import hub as hub_module
 from batlehub.testing.hub import HubStartError
 from batlehub.testing.npm import make_package, npm_env, run_npm
-from batlehub.testing.services import s3_client
+from batlehub.testing.services import PORT_IN_USE, RedisServer, _start_service, free_port, redis_ping, s3_client
 
 
 async def test_postgres_answers_queries(postgres_url: str) -> None:
@@ -212,3 +213,48 @@ async def test_hub_with_a_bad_config_exits_with_its_message(hub: Any) -> None:
 async def test_hub_that_cannot_start_fails_with_its_log(hub: Any) -> None:
     with pytest.raises(HubStartError, match=r"exited with code 1(.|\n)*server\.workers"):
         await hub("[server]\nworkers = 'many'\n")
+
+
+def test_a_service_whose_free_port_was_taken_meanwhile_starts_on_another(tmp_path: Path) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    made: list[RedisServer] = []
+
+    def make() -> RedisServer:
+        server = RedisServer(tmp_path / f"redis{len(made)}")
+        if not made:
+            server.port = taken  # as if another process grabbed it after free_port()
+            server.process.argv[server.process.argv.index("--port") + 1] = str(taken)
+        made.append(server)
+        return server
+
+    try:
+        server = _start_service(make)
+        try:
+            assert len(made) == 2
+            assert server.port != taken
+            assert redis_ping(server.port)
+        finally:
+            server.destroy()
+    finally:
+        blocker.close()
+
+
+async def test_hub_on_a_taken_port_fails_and_on_a_free_one_retries(hub: Any, monkeypatch: Any) -> None:
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    taken = blocker.getsockname()[1]
+    try:
+        with pytest.raises(HubStartError, match=PORT_IN_USE):
+            await hub("", port=taken)
+        # When the port came from free_port() but was grabbed before the hub bound it: new port.
+        ports = iter([taken])
+        monkeypatch.setattr(hub_module, "free_port", lambda: next(ports, None) or free_port())
+        server = await hub("")
+        assert server.port != taken
+        assert server.running
+    finally:
+        blocker.close()

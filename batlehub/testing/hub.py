@@ -23,11 +23,19 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from batlehub.testing.services import LOOPBACK, ManagedProcess, ServiceStartError, free_port, log_tail
+from batlehub.testing.services import (
+    LOOPBACK,
+    PORT_IN_USE,
+    ManagedProcess,
+    ServiceStartError,
+    free_port,
+    log_tail,
+)
 
 HEALTH_PATH = "/api/v1/admin/health"
 START_TIMEOUT_SECS = 30.0
 STOP_TIMEOUT_SECS = 15.0
+PORT_ATTEMPTS = 3
 
 
 class HubStartError(ServiceStartError):
@@ -169,20 +177,27 @@ class HubFactory:
             config_path.write_text(config)
         data = Path(data_dir) if data_dir is not None else folder / "data"
         data.mkdir(parents=True, exist_ok=True)
-        port = port or free_port()
-        process_env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
-        process_env.update(
-            {
-                "PYTHONUNBUFFERED": "1",
-                "BATLEHUB_SERVER__HOST": LOOPBACK,
-                "BATLEHUB_SERVER__PORT": str(port),
-                **(env or {}),
-            }
-        )
-        hub = Hub(config_path=config_path, data_dir=data, log_path=folder / "hub.log", port=port, env=process_env)
-        self.hubs.append(hub)
-        await hub.start(wait_for=wait_for, timeout_secs=timeout_secs)
-        return hub
+        base_env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
+        base_env.update({"PYTHONUNBUFFERED": "1", "BATLEHUB_SERVER__HOST": LOOPBACK})
+        chosen = port is not None or "BATLEHUB_SERVER__PORT" in (env or {})
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            hub_port = port or free_port()
+            process_env = {**base_env, "BATLEHUB_SERVER__PORT": str(hub_port), **(env or {})}
+            if "BATLEHUB_SERVER__PORT" in (env or {}):
+                hub_port = int(process_env["BATLEHUB_SERVER__PORT"])
+            hub = Hub(
+                config_path=config_path, data_dir=data, log_path=folder / "hub.log", port=hub_port, env=process_env
+            )
+            self.hubs.append(hub)
+            try:
+                await hub.start(wait_for=wait_for, timeout_secs=timeout_secs)
+            except HubStartError as exc:
+                # Another process may have taken the free port before the hub bound it.
+                if chosen or attempt == PORT_ATTEMPTS or not PORT_IN_USE.search(str(exc)):
+                    raise
+                continue
+            return hub
+        raise AssertionError("unreachable")
 
     def stop_all(self) -> None:
         for hub in self.hubs:

@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pytest
 
@@ -56,6 +56,9 @@ _REPO_ROOT = Path(__file__).resolve().parents[2]
 NODE_TOOL_VERSIONS = {"verdaccio": "6.8.0", "pnpm": "12.21.0", "yarn": "1.22.22"}
 """Pinned because Verdaccio 6.8.0 is the last release that runs on node 20, and a lockstep pin makes
 client behaviour reproducible between a laptop and CI."""
+
+
+_S = TypeVar("_S", bound="_Service")
 
 
 class ServiceStartError(RuntimeError):
@@ -271,14 +274,16 @@ def _http_status(url: str, timeout: float = 2.0) -> int:
         return exc.code
 
 
-class _Restartable(Protocol):
+class _Service(Protocol):
     stopped_by_test: bool
 
     def start(self) -> None: ...
 
+    def destroy(self) -> None: ...
+
 
 # Session services a test may stop; `restart_stopped_services` brings them back after each test.
-_RESTARTABLE: list[_Restartable] = []
+_RESTARTABLE: list[_Service] = []
 
 
 @pytest.fixture(autouse=True)
@@ -319,6 +324,37 @@ def _scratch_dir(prefix: str) -> Path:
     """A folder under the system temp dir. Not pytest's tmp_path: PostgreSQL runs as another user,
     which must be able to reach the folder, and pytest's base temp dir is private to us."""
     return Path(tempfile.mkdtemp(prefix=f"batlehub-{prefix}-"))
+
+
+PORT_IN_USE = re.compile(r"address already in use|EADDRINUSE", re.IGNORECASE)
+
+
+def _start_service(make: Callable[[], _S], attempts: int = 3) -> _S:
+    """Create and start a service; when another process took one of its free ports in the
+    meantime (a busy CI machine), try again with new ports."""
+    for attempt in range(1, attempts + 1):
+        service = make()
+        try:
+            service.start()
+            return service
+        except ServiceStartError as exc:
+            service.destroy()
+            if attempt == attempts or not PORT_IN_USE.search(str(exc)):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _session_service(make: Callable[[], _S]) -> Iterator[_S]:
+    """Body of a session fixture: start the service, let tests stop it (it is restarted after
+    the test), destroy it with its folder at the end."""
+    service = _start_service(make)
+    _RESTARTABLE.append(service)
+    try:
+        yield service
+    finally:
+        with contextlib.suppress(ValueError):
+            _RESTARTABLE.remove(service)
+        service.destroy()
 
 
 # --- PostgreSQL -----------------------------------------------------------------------------------
@@ -435,16 +471,7 @@ def postgres_server() -> Iterator[PostgresCluster | _ExternalService]:
     if external:
         yield _ExternalService(external, "BATLEHUB_TEST_POSTGRES_URL")
         return
-    cluster = PostgresCluster()
-    atexit.register(cluster.destroy)
-    try:
-        cluster.start()
-        _RESTARTABLE.append(cluster)
-        yield cluster
-    finally:
-        with contextlib.suppress(ValueError):
-            _RESTARTABLE.remove(cluster)
-        cluster.destroy()
+    yield from _session_service(PostgresCluster)
 
 
 @pytest.fixture(scope="session")
@@ -523,6 +550,10 @@ class RedisServer:
         self.stop()
         self.start()
 
+    def destroy(self) -> None:
+        self.process.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer | _ExternalService]:
@@ -531,17 +562,7 @@ def redis_server() -> Iterator[RedisServer | _ExternalService]:
     if external:
         yield _ExternalService(external, "BATLEHUB_TEST_REDIS_URL")
         return
-    root = _scratch_dir("redis")
-    server = RedisServer(root)
-    try:
-        server.start()
-        _RESTARTABLE.append(server)
-        yield server
-    finally:
-        with contextlib.suppress(ValueError):
-            _RESTARTABLE.remove(server)
-        server.process.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from _session_service(lambda: RedisServer(_scratch_dir("redis")))
 
 
 @pytest.fixture(scope="session")
@@ -668,6 +689,10 @@ class SeaweedFS:
         self.stop()
         self.start()
 
+    def destroy(self) -> None:
+        self.process.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
 
 def s3_client(config: dict[str, Any]) -> Any:
     """A boto3 client from an `s3_config` dict, addressing buckets by path as the fixture expects."""
@@ -696,17 +721,7 @@ def seaweedfs() -> Iterator[SeaweedFS | _ExternalService]:
     if endpoint:
         yield _ExternalService(endpoint, "BATLEHUB_TEST_S3_ENDPOINT")
         return
-    root = _scratch_dir("s3")
-    server = SeaweedFS(root)
-    try:
-        server.start()
-        _RESTARTABLE.append(server)
-        yield server
-    finally:
-        with contextlib.suppress(ValueError):
-            _RESTARTABLE.remove(server)
-        server.process.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from _session_service(lambda: SeaweedFS(_scratch_dir("s3")))
 
 
 @pytest.fixture(scope="session")
@@ -884,6 +899,10 @@ class VerdaccioServer:
         self.stop()
         self.start()
 
+    def destroy(self) -> None:
+        self.process.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
     def create_user(self, name: str, password: str) -> str:
         """Register a user the way `npm adduser` does and return its bearer token."""
         body = {
@@ -932,7 +951,7 @@ class VerdaccioServer:
                 break
             size = current
             time.sleep(settle)
-        requests = []
+        requests: list[RegistryRequest] = []
         if not self.request_log_path.exists():
             return requests
         for line in self.request_log_path.read_text(errors="replace").splitlines():
@@ -988,14 +1007,4 @@ def verdaccio(node_tools: NodeTools) -> Iterator[VerdaccioServer | _ExternalServ
     if external:
         yield _ExternalVerdaccio(external, os.environ.get("BATLEHUB_TEST_VERDACCIO_TOKEN", ""), node_tools)
         return
-    root = _scratch_dir("verdaccio")
-    server = VerdaccioServer(node_tools, root)
-    try:
-        server.start()
-        _RESTARTABLE.append(server)
-        yield server
-    finally:
-        with contextlib.suppress(ValueError):
-            _RESTARTABLE.remove(server)
-        server.process.stop()
-        shutil.rmtree(root, ignore_errors=True)
+    yield from _session_service(lambda: VerdaccioServer(node_tools, _scratch_dir("verdaccio")))
