@@ -19,7 +19,7 @@ import redis.exceptions
 from batlehub.testing import hub as hub_module
 from batlehub.testing.hub import HubStartError
 from batlehub.testing.npm import make_package, npm_env, run_npm
-from batlehub.testing.services import PORT_IN_USE, RedisServer, _start_service, free_port, redis_ping, s3_client
+from batlehub.testing.services import PORT_IN_USE, RedisServer, free_port, redis_ping, s3_client, start_service
 
 
 async def test_postgres_answers_queries(postgres_url: str) -> None:
@@ -231,7 +231,7 @@ def test_a_service_whose_free_port_was_taken_meanwhile_starts_on_another(tmp_pat
         return server
 
     try:
-        server = _start_service(make)
+        server = start_service(make)
         try:
             assert len(made) == 2
             assert server.port != taken

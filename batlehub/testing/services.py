@@ -320,7 +320,7 @@ class _ExternalService:
         self._skip()
 
 
-def _scratch_dir(prefix: str) -> Path:
+def scratch_dir(prefix: str) -> Path:
     """A folder under the system temp dir. Not pytest's tmp_path: PostgreSQL runs as another user,
     which must be able to reach the folder, and pytest's base temp dir is private to us."""
     return Path(tempfile.mkdtemp(prefix=f"batlehub-{prefix}-"))
@@ -329,7 +329,7 @@ def _scratch_dir(prefix: str) -> Path:
 PORT_IN_USE = re.compile(r"address already in use|EADDRINUSE", re.IGNORECASE)
 
 
-def _start_service(make: Callable[[], _S], attempts: int = 3) -> _S:
+def start_service(make: Callable[[], _S], attempts: int = 3) -> _S:
     """Create and start a service; when another process took one of its free ports in the
     meantime (a busy CI machine), try again with new ports."""
     for attempt in range(1, attempts + 1):
@@ -347,7 +347,7 @@ def _start_service(make: Callable[[], _S], attempts: int = 3) -> _S:
 def _session_service(make: Callable[[], _S]) -> Iterator[_S]:
     """Body of a session fixture: start the service, let tests stop it (it is restarted after
     the test), destroy it with its folder at the end."""
-    service = _start_service(make)
+    service = start_service(make)
     _RESTARTABLE.append(service)
     try:
         yield service
@@ -385,7 +385,7 @@ class PostgresCluster:
     def __init__(self) -> None:
         self.bin = find_postgres_bin()
         self.port = free_port()
-        self.root = _scratch_dir("pg")
+        self.root = scratch_dir("pg")
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
         # PostgreSQL refuses to run as root; use the `postgres` system user then.
@@ -562,7 +562,7 @@ def redis_server() -> Iterator[RedisServer | _ExternalService]:
     if external:
         yield _ExternalService(external, "BATLEHUB_TEST_REDIS_URL")
         return
-    yield from _session_service(lambda: RedisServer(_scratch_dir("redis")))
+    yield from _session_service(lambda: RedisServer(scratch_dir("redis")))
 
 
 @pytest.fixture(scope="session")
@@ -721,7 +721,7 @@ def seaweedfs() -> Iterator[SeaweedFS | _ExternalService]:
     if endpoint:
         yield _ExternalService(endpoint, "BATLEHUB_TEST_S3_ENDPOINT")
         return
-    yield from _session_service(lambda: SeaweedFS(_scratch_dir("s3")))
+    yield from _session_service(lambda: SeaweedFS(scratch_dir("s3")))
 
 
 @pytest.fixture(scope="session")
@@ -1007,4 +1007,4 @@ def verdaccio(node_tools: NodeTools) -> Iterator[VerdaccioServer | _ExternalServ
     if external:
         yield _ExternalVerdaccio(external, os.environ.get("BATLEHUB_TEST_VERDACCIO_TOKEN", ""), node_tools)
         return
-    yield from _session_service(lambda: VerdaccioServer(node_tools, _scratch_dir("verdaccio")))
+    yield from _session_service(lambda: VerdaccioServer(node_tools, scratch_dir("verdaccio")))
