@@ -11,8 +11,9 @@ services it manages itself:
                                    BATLEHUB_TEST_S3_SECRET_KEY, BATLEHUB_TEST_S3_BUCKET
     BATLEHUB_TEST_VERDACCIO_URL    http://host:port/, with BATLEHUB_TEST_VERDACCIO_TOKEN
 
-Services that fault tests stop (`redis_server`, `seaweedfs`, `verdaccio`) are restarted after the
-test if it left them stopped, so one failing fault test does not take the rest of the suite with it.
+Fault tests stop and start the shared servers through `postgres_server`, `redis_server`, `seaweedfs`
+and `verdaccio`; a server a test left stopped is started again after it, so one failing fault test
+does not take the rest of the suite with it. Against external services those tests skip.
 """
 
 from __future__ import annotations
@@ -239,15 +240,19 @@ def wait_until(
     """Poll `check` until it returns true; fail early, with the log, if `process` exits."""
     deadline = time.monotonic() + timeout
     delay = 0.05
+    last_error = ""
     while True:
         if process is not None and not process.running:
             reason = f"exited with code {process.returncode} before it was ready"
             raise ServiceStartError(_describe_failure(what, reason, log))
-        with contextlib.suppress(Exception):
+        try:
             if check():
                 return
+        except Exception as exc:
+            last_error = f" (last error: {exc!r})"
         if time.monotonic() > deadline:
-            raise ServiceStartError(_describe_failure(what, f"not ready after {timeout:.0f}s", log))
+            reason = f"not ready after {timeout:.0f}s{last_error}"
+            raise ServiceStartError(_describe_failure(what, reason, log))
         time.sleep(delay)
         delay = min(delay * 1.5, 0.5)
 
@@ -360,23 +365,31 @@ def _session_service(make: Callable[[], _S]) -> Iterator[_S]:
 # --- PostgreSQL -----------------------------------------------------------------------------------
 
 
+_POSTGRES_TOOLS = ("initdb", "postgres", "pg_isready")
+
+
 def find_postgres_bin() -> Path:
-    """The newest system-wide PostgreSQL server binaries (Debian puts them outside PATH)."""
-    candidates = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if Path(p, "initdb").exists()]
+    """The newest system-wide PostgreSQL server binaries (Debian keeps them off PATH)."""
+
+    def complete(folder: Path) -> bool:
+        return all((folder / tool).exists() for tool in _POSTGRES_TOOLS)
+
+    candidates = [Path(p) for p in glob.glob("/usr/lib/postgresql/*/bin") if complete(Path(p))]
     candidates.sort(key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
     if candidates:
         return candidates[-1]
     initdb = shutil.which("initdb")
-    if initdb and Path(initdb).resolve().with_name("pg_ctl").exists():
+    if initdb and complete(Path(initdb).resolve().parent):
         return Path(initdb).resolve().parent
     raise ServiceStartError(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin or on PATH. "
-        "Install them with `apt-get install -y postgresql`, or set BATLEHUB_TEST_POSTGRES_URL."
+        f"PostgreSQL server binaries ({', '.join(_POSTGRES_TOOLS)}) not found under "
+        "/usr/lib/postgresql/*/bin or on PATH. Install them with `apt-get install -y postgresql`, "
+        "or set BATLEHUB_TEST_POSTGRES_URL."
     )
 
 
 class PostgresCluster:
-    """A throwaway cluster: trust auth on loopback, fsync off, removed with its folder at stop.
+    """A throwaway cluster: trust auth on loopback, fsync off; `destroy()` removes it with its folder.
 
     The server runs in the foreground as our child (not daemonised by pg_ctl), so it is stopped
     like every other test service, even when pytest itself is killed.
