@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Literal
 
 import aiohttp
 import pytest
@@ -36,6 +37,9 @@ HEALTH_PATH = "/api/v1/admin/health"
 START_TIMEOUT_SECS = 30.0
 STOP_TIMEOUT_SECS = 15.0
 PORT_ATTEMPTS = 3
+WaitFor = Literal["healthy", "port"] | None
+"""What starting a hub waits for: health answering 200, any HTTP answer (a backend is down on
+purpose), or nothing (the test expects the process to exit)."""
 
 
 class HubStartError(ServiceStartError):
@@ -81,7 +85,7 @@ class Hub:
         except FileNotFoundError:
             return ""
 
-    async def start(self, *, wait_for: str | None = "healthy", timeout_secs: float = START_TIMEOUT_SECS) -> None:
+    async def start(self, *, wait_for: WaitFor = "healthy", timeout_secs: float = START_TIMEOUT_SECS) -> None:
         """Start the process; `wait_for` is "healthy" (health answers 200), "port" (accepts
         connections, e.g. when a backend is deliberately down) or None (don't wait)."""
         self.process.start()
@@ -92,7 +96,7 @@ class Hub:
         if token_file.exists():
             self.admin_token = token_file.read_text().strip()
 
-    async def _wait_ready(self, wait_for: str, timeout_secs: float) -> None:
+    async def _wait_ready(self, wait_for: WaitFor, timeout_secs: float) -> None:
         if wait_for not in ("healthy", "port"):
             raise ValueError(f'wait_for must be "healthy", "port" or None, not {wait_for!r}')
         deadline = time.monotonic() + timeout_secs
@@ -127,7 +131,7 @@ class Hub:
         """SIGKILL: a crash, as far as clients and the database can tell."""
         await asyncio.to_thread(self.process.kill)
 
-    async def restart(self, *, wait_for: str | None = "healthy", timeout_secs: float = START_TIMEOUT_SECS) -> None:
+    async def restart(self, *, wait_for: WaitFor = "healthy", timeout_secs: float = START_TIMEOUT_SECS) -> None:
         """Stop gracefully and start again on the same port, config, data folder and environment."""
         await self.stop()
         await self.start(wait_for=wait_for, timeout_secs=timeout_secs)
@@ -160,7 +164,7 @@ class HubFactory:
         env: Mapping[str, str] | None = None,
         data_dir: Path | str | None = None,
         port: int | None = None,
-        wait_for: str | None = "healthy",
+        wait_for: WaitFor = "healthy",
         timeout_secs: float = START_TIMEOUT_SECS,
     ) -> Hub:
         """Start `batlehub serve` with `config` (TOML text; None = no --config, the embedded default).
