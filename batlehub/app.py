@@ -17,6 +17,7 @@ import pluggy
 from aiohttp import web
 
 from batlehub import admin, appkeys, replicas, sweep
+from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
 from batlehub.config import Settings
 from batlehub.db import create_database
@@ -105,11 +106,12 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     if problems:
         raise ConfigError(problems)
 
-    state = HubState()
+    state = HubState(tracing=bool(settings.otel.endpoint))
     app = web.Application(middlewares=[_in_flight_counter(state), *MIDDLEWARES], client_max_size=MAX_REQUEST_BODY)
     app[appkeys.SETTINGS] = settings
     app[appkeys.PLUGIN_MANAGER] = pm
     app[appkeys.STATE] = state
+    app[appkeys.ACCESS_LOG] = LoggingAccessLog()
 
     cache_type = types.cache[settings.cache["type"]]
     storage_type = types.storage[settings.storage["type"]]

@@ -9,6 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     import pluggy
 
+    from batlehub.accesslog import AccessLog
     from batlehub.auth import Authenticator
     from batlehub.config import RegistrySettings, Settings
     from batlehub.db import Database
@@ -25,6 +26,7 @@ SERVICES: web.AppKey[RegistryServices] = web.AppKey("services")
 REGISTRIES: web.AppKey[dict[str, Registry]] = web.AppKey("registries")
 STATE: web.AppKey[HubState] = web.AppKey("state")
 """Process-wide runtime state (shutting down, warnings for health)."""
+ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")
 
 # Set on sub-applications of registries, so handlers find their own settings.
 REGISTRY_SETTINGS: web.AppKey[RegistrySettings] = web.AppKey("registry_settings")

@@ -162,7 +162,10 @@ def _serve_many(settings: Settings, workers: int) -> int:
     if not hasattr(socket, "SO_REUSEPORT"):
         raise StartupError("server.workers > 1 needs SO_REUSEPORT, which this platform lacks")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(settings, i), name=f"batlehub-worker-{i}") for i in range(workers)]
+    level = logging.getLevelName(logging.getLogger().level)
+    procs = [
+        ctx.Process(target=_worker_main, args=(settings, level), name=f"batlehub-worker-{i}") for i in range(workers)
+    ]
     for proc in procs:
         proc.start()
     log.info("started %d workers on %s:%d", workers, settings.server.host, settings.server.port)
@@ -181,8 +184,9 @@ def _serve_many(settings: Settings, workers: int) -> int:
     return code
 
 
-def _worker_main(settings: Settings, index: int) -> None:
-    _setup_logging(logging.getLevelName(logging.getLogger().level) if index else "INFO")
+def _worker_main(settings: Settings, log_level: str) -> None:
+    # A spawned process starts with logging unconfigured: give it the parent's level.
+    _setup_logging(log_level)
     raise SystemExit(asyncio.run(_serve_one(settings, reuse_port=True)))
 
 
@@ -190,9 +194,14 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
     from aiohttp import web
 
     from batlehub import appkeys
+    from batlehub.accesslog import StreamAccessLog
     from batlehub.app import create_app
+    from batlehub.tracing import configure_tracing
 
+    configure_tracing(settings.otel)
     app = create_app(settings)
+    if logging.getLogger("batlehub.access").isEnabledFor(logging.INFO):
+        app[appkeys.ACCESS_LOG] = StreamAccessLog(sys.stderr)
     # The drain below waits up to half of shutdown_timeout_secs for requests in flight; aiohttp then
     # waits up to shutdown_timeout for stragglers, and as long again for the ones it cancelled: a
     # quarter each keeps the whole drain within shutdown_timeout_secs.
@@ -236,6 +245,7 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
         await listening.stop()
     await _drain(app[appkeys.STATE], settings.server.shutdown_timeout_secs / 2)
     await runner.cleanup()
+    app[appkeys.ACCESS_LOG].flush()
     log.info("stopped")
     return 0
 

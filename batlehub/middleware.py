@@ -29,8 +29,7 @@ from batlehub.interfaces import IpBlock
 from batlehub.net import client_ip, is_trusted
 
 log = logging.getLogger("batlehub.server")
-access_log_logger = logging.getLogger("batlehub.access")
-# A no-op tracer unless the operator installs and configures an OpenTelemetry SDK ([otel]).
+# Spans only when [otel] endpoint is set (HubState.tracing); see batlehub.tracing.
 tracer = trace.get_tracer("batlehub")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -58,45 +57,55 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     settings = request.app[appkeys.SETTINGS]
     ip = client_ip(request.remote, request.headers, settings.server.trusted_proxies)
     request[appkeys.CLIENT_IP] = ip
-    started = time.perf_counter()
-    status = 500
+    if not request.app[appkeys.STATE].tracing:
+        return await _logged(request, handler, ip, None)
     attributes = {"http.request.method": request.method, "url.path": request.path, "client.address": ip}
     with tracer.start_as_current_span(
         f"{request.method} {request.path}", kind=trace.SpanKind.SERVER, attributes=attributes
     ) as span:
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
+        return await _logged(request, handler, ip, span)
+
+
+async def _logged(request: web.Request, handler: Handler, ip: str, span: Any) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        if span is not None:
             span.set_attribute("http.response.status_code", status)
-            elapsed_ms = (time.perf_counter() - started) * 1000
-            identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
-            access_log_logger.info(
-                "%s %s %d %.1fms user=%s ip=%s",
-                request.method,
-                request.rel_url.raw_path,
-                status,
-                elapsed_ms,
-                identity.user_id or "-",
-                ip,
-            )
-            if status in (401, 403) and not request.get(_BLOCKED):
-                await _audit_denied(request, identity, ip, status)
-            blocking = settings.ip_blocking
-            # A request refused by a block is not a new violation: counting it would let a blocked
-            # client replace an administrator's longer block with an automatic one.
-            if (
-                blocking.enabled
-                and status in blocking.trigger_on_status
-                and request.path != HEALTH_PATH
-                and not request.get(_BLOCKED)
-                and not request.get(_NOT_A_VIOLATION)
-            ):
-                await _count_violation(request, ip)
+        identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
+        request.app[appkeys.ACCESS_LOG].write(
+            request.method,
+            request.rel_url.raw_path,
+            status,
+            (time.perf_counter() - started) * 1000,
+            identity.user_id,
+            ip,
+        )
+        if status >= 400:
+            await _after_refusal(request, identity, ip, status)
+
+
+async def _after_refusal(request: web.Request, identity: Identity, ip: str, status: int) -> None:
+    if status in (401, 403) and not request.get(_BLOCKED):
+        await _audit_denied(request, identity, ip, status)
+    blocking = request.app[appkeys.SETTINGS].ip_blocking
+    # A request refused by a block is not a new violation: counting it would let a blocked
+    # client replace an administrator's longer block with an automatic one.
+    if (
+        blocking.enabled
+        and status in blocking.trigger_on_status
+        and request.path != HEALTH_PATH
+        and not request.get(_BLOCKED)
+        and not request.get(_NOT_A_VIOLATION)
+    ):
+        await _count_violation(request, ip)
 
 
 async def _audit_denied(request: web.Request, identity: Identity, ip: str, status: int) -> None:

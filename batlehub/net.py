@@ -7,6 +7,7 @@ ignored, so nobody escapes an IP block or frames another address by sending a he
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _warned_peers: set[str] = set()
 
 
+@functools.lru_cache(maxsize=8192)
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # Cached: the same few peers (a load balancer, a CI runner) send nearly every request.
     text = text.strip().strip('"')
     if text.startswith("[") and "]" in text:  # "[::1]:1234"
         text = text[1 : text.index("]")]
@@ -41,19 +44,28 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None
 def is_trusted(ip: str | None, trusted: Sequence[Network]) -> bool:
     if not ip or not trusted:
         return False
+    return _is_trusted(ip, tuple(trusted))
+
+
+@functools.lru_cache(maxsize=8192)
+def _is_trusted(ip: str, trusted: tuple[Network, ...]) -> bool:
     parsed = _parse_ip(ip)
     return parsed is not None and any(parsed in net for net in trusted)
+
+
+@functools.lru_cache(maxsize=8192)
+def _canonical(peer: str) -> str:
+    parsed = _parse_ip(peer)
+    return str(parsed) if parsed else peer
 
 
 def client_ip(peer: str | None, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
     """The client's address: walk `X-Forwarded-For` from the right past trusted hops when the
     direct peer is trusted; otherwise the direct peer itself."""
     get = headers.get
-    peer_ip = _parse_ip(peer) if peer else None
-    peer_text = str(peer_ip) if peer_ip else (peer or "unknown")
-    has_forwarding = bool(get("X-Forwarded-For") or get("X-Real-IP"))
+    peer_text = _canonical(peer) if peer else "unknown"
     if not is_trusted(peer_text, trusted):
-        if has_forwarding and peer_text not in _warned_peers:
+        if peer_text not in _warned_peers and (get("X-Forwarded-For") or get("X-Real-IP")):
             _warned_peers.add(peer_text)
             log.warning(
                 "ignoring X-Forwarded-For/X-Real-IP from %s: not in server.trusted_proxies "

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 @dataclass
 class HubState:
     shutting_down: bool = False
+    tracing: bool = False
+    """Whether requests get OpenTelemetry spans (`[otel] endpoint` is set)."""
     warnings: list[str] = field(default_factory=list)
     """Operator-facing problems found at start (e.g. a per-process cache with several replicas)."""
 
