@@ -186,3 +186,30 @@ async def test_ping_fails_when_root_is_gone(fs: FilesystemStorage) -> None:
     shutil.rmtree(fs.root)
     with pytest.raises(OSError):
         await fs.ping()
+
+
+async def test_directory_swapped_for_a_symlink_after_a_download_cannot_escape(
+    fs: FilesystemStorage, tmp_path: Path
+) -> None:
+    # local_path remembers directories it has checked; a directory replaced later by a symlink
+    # that leads outside the root must be noticed, not served from the remembered answer.
+    await fs.put("d/blob", chunked(b"inside"))
+    assert fs.local_path("d/blob") == fs.root.resolve() / "d" / "blob"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "blob").write_bytes(b"do not serve")
+    (fs.root / "d" / "blob").unlink()
+    (fs.root / "d").rmdir()
+    (fs.root / "d").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InvalidKey):
+        fs.local_path("d/blob")
+
+
+async def test_local_path_of_missing_keys_and_directories(fs: FilesystemStorage) -> None:
+    await fs.put("a/b/c", chunked(b"x"))
+    assert fs.local_path("a/b/c") is not None
+    assert fs.local_path("a/b") is None  # a directory is not an object
+    assert fs.local_path("a/b/c/d") is None
+    assert fs.local_path("nothing/here") is None
+    with pytest.raises(InvalidKey):
+        fs.local_path(".tmp/x")

@@ -20,6 +20,7 @@ import os
 import tempfile
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from stat import S_ISLNK, S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from batlehub.errors import ConfigError, Conflict, InvalidKey, NotFound
@@ -37,6 +38,9 @@ cheap next to the I/O, small enough that memory per upload stays flat."""
 FILE_MODE = 0o644
 """mkstemp creates 0600 files; artifacts are public bytes that a sidecar (backup, web server) may read."""
 
+MAX_REMEMBERED_DIRS = 100_000
+"""Key directories whose escape check `local_path` remembers (npm's blobs spread over 256)."""
+
 TMP_DIR = ".tmp"
 """Directory under the root for uploads in flight. A top-level key segment of this name is refused."""
 
@@ -47,6 +51,7 @@ class FilesystemStorage:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._resolved_root: Path | None = None
+        self._inside_dirs: dict[str, tuple[int, int]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -222,9 +227,57 @@ class FilesystemStorage:
     # --- capabilities ---------------------------------------------------------------------------
 
     def local_path(self, key: str) -> Path | None:
-        """The object's real path, so the server can use sendfile; None if it does not exist."""
+        """The object's real path, so the server can use sendfile; None if it does not exist.
+
+        Called on every download, so it avoids `Path.resolve()` (an `lstat` per path component)
+        when it can: the key is validated as usual, the file itself is `lstat`ed (one system call,
+        needed anyway to answer "does it exist"), and its directory is checked against the
+        escape check's remembered result by device and inode (one `stat`). A directory swapped for
+        a symlink that leads elsewhere has another inode, so it is resolved and checked again; a
+        symlinked file always takes the full path.
+        """
+        validate_key(key)
+        if key.split("/", 1)[0] == TMP_DIR:
+            raise InvalidKey(f"storage key {key!r} uses the reserved name {TMP_DIR!r}")
+        root = self._root()
+        full = f"{root}/{key}"
+        try:
+            st = os.lstat(full)
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        if st is not None and S_ISLNK(st.st_mode):
+            return self._resolved_local_path(key)
+        if not self._directory_is_inside(key.rpartition("/")[0]):
+            raise InvalidKey(f"storage key {key!r} resolves outside the storage root")
+        if st is None or not S_ISREG(st.st_mode):
+            return None
+        return root / key
+
+    def _resolved_local_path(self, key: str) -> Path | None:
         path = self._path(key).resolve()
         return path if path.is_file() else None
+
+    def _directory_is_inside(self, directory: str) -> bool:
+        """Whether the key directory `directory` (relative, maybe "") lies inside the root.
+
+        Remembers each checked directory's (device, inode); a later call costs one `stat`. A
+        directory that does not exist yet is inside (nothing can be served from it)."""
+        if not directory:
+            return True
+        root = self._root()
+        try:
+            st = os.stat(f"{root}/{directory}")
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        identity = (st.st_dev, st.st_ino)
+        if self._inside_dirs.get(directory) == identity:
+            return True
+        if not (root / directory).resolve(strict=False).is_relative_to(root):
+            return False
+        if len(self._inside_dirs) >= MAX_REMEMBERED_DIRS:
+            self._inside_dirs.clear()
+        self._inside_dirs[directory] = identity
+        return True
 
     async def presigned_url(self, key: str, expires_secs: int = 300) -> str | None:
         """Files have no URL of their own: the hub serves them."""
