@@ -40,6 +40,7 @@ from batlehub.interfaces import RegistryServices
 from batlehub.net import external_base_url
 from batlehub.plugins import gather_hook
 from batlehub_npm import documents
+from batlehub_npm.blobresponse import open_blob, plain_download
 from batlehub_npm.documents import Rendered, RenderedCache
 from batlehub_npm.local import LocalStore, parse_publish
 from batlehub_npm.names import (
@@ -60,6 +61,8 @@ _KNOWN_KEYS = {"mode", "upstreams", "cache"}
 SMALL_BODY_LIMIT = 1024 * 1024
 AUDIT_BODY_LIMIT = 32 * 1024 * 1024
 _GZIP_MAGIC = b"\x1f\x8b"
+ARTIFACT_KEY_MEMO_ENTRIES = 100_000
+"""(package, revision stamp, version) -> storage key entries a process remembers (~200 bytes each)."""
 
 Handler = Callable[[web.Request, Route], Awaitable[web.StreamResponse]]
 
@@ -145,6 +148,10 @@ async def _read_small_json(request: web.Request, limit: int = SMALL_BODY_LIMIT) 
         raise BadRequest("request body is not valid JSON") from None
 
 
+class _BlobMissing(Exception):
+    """A blob that should be stored is not (any more)."""
+
+
 class NpmRegistry:
     """A configured npm registry (implements `batlehub.interfaces.Registry`)."""
 
@@ -169,6 +176,7 @@ class NpmRegistry:
                 warm_packages=list(self.options.warm_packages),
             )
         self._warm_task: asyncio.Task[None] | None = None
+        self._artifact_keys: dict[tuple[str, str, str], str] = {}
         self._banner_warned_at = float("-inf")
         self._routes: dict[tuple[str, str], Handler] = {
             ("package", "GET"): self.get_packument,
@@ -389,13 +397,45 @@ class NpmRegistry:
         package = route.package
         assert package is not None and route.version is not None
         version = route.version
-        if await self._is_local(package) is not None:
-            key = await self.local.artifact_key(package, version)
-            if key is None:
-                raise NotFound(f"{package.name}@{version} not found in registry {self.name!r}")
-        else:
-            key = await self._proxied_tarball(package, version)
-        return await self._serve_blob(request, key, route.filename or package.tarball_filename(version))
+        filename = route.filename or package.tarball_filename(version)
+        stamp = await self._is_local(package)
+        if stamp is None:
+            return await self._get_proxied_tarball(request, package, version, filename)
+        # The artifact key of a version changes only with the package's revision (an unpublish
+        # bumps it), and the stamp is the shared revision: a remembered key is as good as a query.
+        memo = (package.name, stamp, version)
+        key = self._artifact_keys.get(memo)
+        if key is not None:
+            try:
+                return await self._serve_blob(request, key, filename)
+            except _BlobMissing:
+                del self._artifact_keys[memo]  # gone from storage under us: ask the database again
+        key = await self.local.artifact_key(package, version)
+        if key is None:
+            raise NotFound(f"{package.name}@{version} not found in registry {self.name!r}")
+        if len(self._artifact_keys) >= ARTIFACT_KEY_MEMO_ENTRIES:
+            self._artifact_keys.clear()
+        self._artifact_keys[memo] = key
+        try:
+            return await self._serve_blob(request, key, filename)
+        except _BlobMissing:
+            raise NotFound(f"tarball {filename} is missing from storage") from None
+
+    async def _get_proxied_tarball(
+        self, request: web.Request, package: PackageName, version: str, filename: str
+    ) -> web.StreamResponse:
+        key = await self._proxied_tarball(package, version)
+        try:
+            return await self._serve_blob(request, key, filename)
+        except _BlobMissing:
+            # The proxy remembered the blob as stored, but the storage sweep (or an operator)
+            # removed it since: make the proxy look again, which fetches it anew if need be.
+            self.proxy.forget_blob(key)
+        key = await self._proxied_tarball(package, version)
+        try:
+            return await self._serve_blob(request, key, filename)
+        except _BlobMissing:
+            raise NotFound(f"tarball {filename} is missing from storage") from None
 
     async def _proxied_tarball(self, package: PackageName, version: str) -> str:
         upstream = await self._upstream(package, abbreviated=True)
@@ -410,6 +450,8 @@ class NpmRegistry:
         return str(await self.proxy.tarball(package.name, version, manifest["dist"]))
 
     async def _serve_blob(self, request: web.Request, key: str, filename: str) -> web.StreamResponse:
+        """The response that sends a stored blob. Raises `_BlobMissing` when storage does not
+        have it, before anything is sent, so a caller that trusted a memo can look again."""
         storage = self.services.storage
         headers = {
             "Content-Type": "application/octet-stream",
@@ -418,13 +460,18 @@ class NpmRegistry:
         }
         path = storage.local_path(key)
         if path is not None:
-            return web.FileResponse(path, headers=headers)
+            if not plain_download(request):
+                return web.FileResponse(path, headers=headers)  # Range and conditional requests
+            try:
+                return open_blob(path, headers)
+            except FileNotFoundError:
+                raise _BlobMissing(key) from None
         url = await storage.presigned_url(key)
         if url:
             return web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
         stat = await storage.stat(key)
         if stat is None:
-            raise NotFound(f"tarball {filename} is missing from storage")
+            raise _BlobMissing(key)
         response = web.StreamResponse(headers={**headers, "Content-Length": str(stat.size)})
         await response.prepare(request)
         if request.method != "HEAD":

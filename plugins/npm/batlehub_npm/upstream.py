@@ -99,6 +99,8 @@ CACHED_BODY_MAX_BYTES = 8 * 1024 * 1024
 """Bodies larger than this are not put into a shared cache (they would slow it down for everyone);
 replicas read them from the database instead, once per change thanks to the memo."""
 CHUNK_SIZE = 64 * 1024
+STORED_MEMO_ENTRIES = 100_000
+"""Blob keys a process remembers as stored, so a download asks neither the database nor storage."""
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 _VERIFIABLE = ("sha512", "sha256", "sha1")  # what StorageBackend.put can check
@@ -349,6 +351,10 @@ class UpstreamProxy:
         self._failed_until: dict[str, float] = {}
         self._memo: OrderedDict[str, tuple[str, dict[str, Any], int]] = OrderedDict()
         self._memo_bytes = 0
+        # Blob keys found stored. Blobs are content-addressed, so a key's bytes never change; a
+        # blob that is deleted later (sweep) is reported back through `forget_blob`.
+        self._stored: set[str] = set()
+        self._headers: dict[bytes, _Copy] = {}
         self._warn_allowed = _Throttle(WARNING_EVERY_SECS)
         # A per-process cache would only hold a second copy of what the memo and the database
         # already have, unbounded in bytes: bodies go into shared caches only.
@@ -415,13 +421,25 @@ class UpstreamProxy:
         """A copy whose TTL has not run out (and that was confirmed after `since`), else None."""
         for v in self._variants(variant):
             raw = await self._cache_get(self._fresh_key(v, name))
-            copy = _Copy.from_header(raw) if raw else None
+            copy = self._header(raw) if raw else None
             if copy is None or (since is not None and copy.fetched < since):
                 continue
             data = await self._data_for(name, v, copy)
             if data is not None:
                 return self._document(copy, data, stale=False)
         return None
+
+    def _header(self, raw: bytes) -> _Copy | None:
+        """`_Copy.from_header`, remembered: a fresh header is read on every request and changes
+        only when the copy is fetched or renewed."""
+        copy = self._headers.get(raw)
+        if copy is None:
+            copy = _Copy.from_header(raw)
+            if copy is not None:
+                if len(self._headers) >= MEMO_MAX_ENTRIES:
+                    self._headers.clear()
+                self._headers[bytes(raw)] = copy
+        return copy
 
     async def _data_for(self, name: str, variant: str, copy: _Copy) -> dict[str, Any] | None:
         """The parsed body that `copy` describes: from memory, else the cache, else the database."""
@@ -695,7 +713,10 @@ class UpstreamProxy:
                 f"cannot verify {name}@{version}: its upstream metadata has no sha512 integrity or sha1 shasum"
             )
         key = blob_key(expected.get("sha512"), expected.get("sha1"))
+        if key in self._stored:
+            return key
         if await self._blob_ready(key):
+            self._remember_stored(key)
             return key
         url = str(dist.get("tarball") or "")
         if not url.startswith(("http://", "https://")):
@@ -712,7 +733,19 @@ class UpstreamProxy:
                 work=lambda: self._download(name, version, url, key, expected),
             )
 
-        return await self._single_flight(f"blob:{key}", fetch)
+        key = await self._single_flight(f"blob:{key}", fetch)
+        self._remember_stored(key)
+        return key
+
+    def _remember_stored(self, key: str) -> None:
+        if len(self._stored) >= STORED_MEMO_ENTRIES:
+            self._stored.clear()
+        self._stored.add(key)
+
+    def forget_blob(self, key: str) -> None:
+        """The blob under `key` turned out to be missing from storage (the orphan sweep deletes
+        blobs whose rows are gone): the next `tarball` call checks again and fetches it anew."""
+        self._stored.discard(key)
 
     async def _blob_ready(self, key: str) -> bool:
         row = await self.services.db.fetchrow("SELECT size FROM artifacts WHERE storage_key = $1", key)
