@@ -73,6 +73,8 @@ def npm_env(
             "npm_config_fund": "false",
             "YARN_CACHE_FOLDER": str(base / "yarn-cache"),
             "COREPACK_ENABLE_DOWNLOAD_PROMPT": "0",
+            # CI servers set this and the clients change behaviour on it (pnpm's frozen lockfile,
+            # no progress output); setting it everywhere makes a laptop run match CI.
             "CI": "true",
         }
     )
