@@ -58,6 +58,25 @@ async def test_fresh_postgres_database_is_dropped_after_the_test(postgres_url: s
     assert rows == []
 
 
+async def test_postgres_can_be_stopped_and_started_with_its_data(postgres_server: Any) -> None:
+    table = f"harness_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(postgres_server.url)
+    try:
+        await conn.execute(f"CREATE TABLE {table} (id int); INSERT INTO {table} VALUES (7)")
+    finally:
+        await conn.close()
+    postgres_server.stop()
+    with pytest.raises(OSError):
+        await asyncpg.connect(postgres_server.url, timeout=5)
+    postgres_server.start()
+    conn = await asyncpg.connect(postgres_server.url)
+    try:
+        assert await conn.fetchval(f"SELECT id FROM {table}") == 7
+        await conn.execute(f"DROP TABLE {table}")
+    finally:
+        await conn.close()
+
+
 async def test_redis_answers_ping(redis_url: str) -> None:
     client = aioredis.from_url(redis_url)
     try:
