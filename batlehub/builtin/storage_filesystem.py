@@ -113,15 +113,32 @@ class FilesystemStorage:
         max_size: int | None = None,
         expected: Mapping[str, str] | None = None,
     ) -> StoredBlob:
-        """Stream into a temp file, verify, fsync, then atomically rename onto `key`."""
+        """Stream into a temp file, verify, fsync, then atomically rename onto `key`.
+
+        An object smaller than `BLOCK_SIZE` (most package tarballs) is gathered in memory and
+        written, synced and renamed in one thread hand-off instead of four: under a burst of
+        downloads (a cold `npm install` through a proxy) the shared thread pool is the queue.
+        """
         path = self._path(key)
         digest = StreamDigest(max_size)
+        pending = bytearray()
+        iterator = aiter(chunks)
+        async for chunk in iterator:
+            digest.update(chunk)  # raises PayloadTooLarge as soon as the limit is passed
+            pending += chunk
+            if len(pending) >= BLOCK_SIZE:
+                break
+        else:
+            digest.check(expected)
+            await asyncio.to_thread(_write_small, bytes(pending), path, self._root())
+            return digest.blob(key)
         fd, tmp_name = await asyncio.to_thread(tempfile.mkstemp, prefix="put-", dir=self._root() / TMP_DIR)
         try:
             try:
-                pending = bytearray()
-                async for chunk in chunks:
-                    digest.update(chunk)  # raises PayloadTooLarge as soon as the limit is passed
+                block, pending = bytes(pending), bytearray()
+                await asyncio.to_thread(_write_all, fd, block)
+                async for chunk in iterator:
+                    digest.update(chunk)
                     pending += chunk
                     if len(pending) >= BLOCK_SIZE:
                         block, pending = bytes(pending), bytearray()
@@ -293,6 +310,25 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _write_small(data: bytes, path: Path, root: Path) -> None:
+    """A whole small object in one go: temp file, write, fsync, rename into place."""
+    fd, tmp_name = tempfile.mkstemp(prefix="put-", dir=root / TMP_DIR)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fchmod(fd, FILE_MODE)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _move_into_place(tmp_name, path, root)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _move_into_place(tmp_name: str, path: Path, root: Path) -> None:
