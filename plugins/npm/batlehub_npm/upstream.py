@@ -54,7 +54,7 @@ from batlehub.errors import (
 
 if TYPE_CHECKING:
     from batlehub.config import RegistrySettings
-    from batlehub.interfaces import RegistryServices
+    from batlehub.interfaces import RegistryServices, StoredBlob
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,20 @@ def upstream_path(name: str) -> str:
     if not name or "/" in name or name in (".", "..") or name.startswith("@"):
         raise BadRequest(f"invalid package name {name!r}")
     return quote(name, safe="@")
+
+
+def _has_local_files(services: RegistryServices) -> bool:
+    """Whether the configured storage backend has the `local_path` capability, i.e. whether
+    `local_path(key) is None` means "not stored" rather than "not a local file"."""
+    try:
+        wanted = str(services.settings.storage.get("type", "filesystem"))
+        for types in services.pm.hook.register_storage_backends():
+            for kind in types:
+                if kind.name == wanted:
+                    return "local_path" in kind.capabilities
+    except Exception:  # no plugin manager (some tests) or an odd plugin: take the general path
+        return False
+    return False
 
 
 # --- values -------------------------------------------------------------------------------------
@@ -355,6 +369,8 @@ class UpstreamProxy:
         # blob that is deleted later (sweep) is reported back through `forget_blob`.
         self._stored: set[str] = set()
         self._headers: dict[bytes, _Copy] = {}
+        self._writes: set[asyncio.Task[None]] = set()
+        self._local_files = _has_local_files(services)
         self._warn_allowed = _Throttle(WARNING_EVERY_SECS)
         # A per-process cache would only hold a second copy of what the memo and the database
         # already have, unbounded in bytes: bodies go into shared caches only.
@@ -366,6 +382,8 @@ class UpstreamProxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        # Durable copies written after answering: let them land before the database closes.
+        await asyncio.gather(*self._writes, return_exceptions=True)
         self._memo.clear()
         self._memo_bytes = 0
 
@@ -461,26 +479,34 @@ class UpstreamProxy:
         return _open_envelope(raw) if raw else None
 
     async def _db_envelope(self, name: str, variant: str) -> tuple[_Copy, bytes] | None:
+        return (await self._db_envelopes(name, (variant,))).get(variant)
+
+    async def _db_envelopes(self, name: str, variants: tuple[str, ...]) -> dict[str, tuple[_Copy, bytes]]:
+        """The stored copies of `name` in the given variants, by variant (one statement)."""
+        marks = ", ".join(f"${i}" for i in range(3, 3 + len(variants)))
         try:
-            row = await self.services.db.fetchrow(
-                "SELECT body, etag, last_modified, fetched FROM upstream_documents"
-                " WHERE registry = $1 AND name = $2 AND variant = $3",
+            rows = await self.services.db.fetch(
+                "SELECT variant, body, etag, last_modified, fetched FROM upstream_documents"
+                f" WHERE registry = $1 AND name = $2 AND variant IN ({marks})",
                 self.registry,
                 name,
-                variant,
+                *variants,
             )
         except Exception as exc:
             if self._warn_allowed("db-read"):
                 log.warning("cannot read stored upstream documents from the database: %s", exc)
-            return None
-        if row is None:
-            return None
-        opened = _open_envelope(row["body"])
-        if opened is None:
-            return None
-        # A 304 renews the columns without rewriting the body: they are the current validators.
-        copy = replace(opened[0], fetched=float(row["fetched"]), etag=row["etag"], last_modified=row["last_modified"])
-        return copy, opened[1]
+            return {}
+        found = {}
+        for row in rows:
+            opened = _open_envelope(row["body"])
+            if opened is None:
+                continue
+            # A 304 renews the columns without rewriting the body: they are the current validators.
+            copy = replace(
+                opened[0], fetched=float(row["fetched"]), etag=row["etag"], last_modified=row["last_modified"]
+            )
+            found[str(row["variant"])] = (copy, opened[1])
+        return found
 
     def _parse_and_remember(self, body_key: str, content_id: str, body: bytes) -> dict[str, Any] | None:
         try:
@@ -494,7 +520,16 @@ class UpstreamProxy:
 
     async def _last_good(self, name: str, variant: str) -> _LastGood | None:
         """The newest stored copy, fresh or not: what revalidation and `serve_stale` start from."""
-        for v in self._variants(variant):
+        variants = self._variants(variant)
+        stored: dict[str, tuple[_Copy, bytes]] | None = None
+
+        async def from_db(name: str, v: str) -> tuple[_Copy, bytes] | None:
+            nonlocal stored
+            if stored is None:  # every variant in one statement: a cold miss asks for two
+                stored = await self._db_envelopes(name, variants)
+            return stored.get(v)
+
+        for v in variants:
             # The header key holds the current validators (a 304 renews only it).
             raw = await self._cache_get(self._fresh_key(v, name), stale=True)
             header = _Copy.from_header(raw) if raw else None
@@ -502,7 +537,7 @@ class UpstreamProxy:
             memo = self._memo.get(body_key)
             if header is not None and memo is not None and memo[0] == header.content_id:
                 return _LastGood(header, memo[1], None, in_cache=True)
-            for source, in_cache in ((self._cache_envelope, True), (self._db_envelope, False)):
+            for source, in_cache in ((self._cache_envelope, True), (from_db, False)):
                 found = await source(name, v)
                 if found is None:
                     continue
@@ -644,15 +679,31 @@ class UpstreamProxy:
             self._memo_bytes -= dropped
 
     async def _store(self, name: str, copy: _Copy, body: bytes) -> None:
-        """Keep a new body: durably first, then the cache body, then the fresh header that tells
-        waiting replicas it is there."""
+        """Keep a new body: in the database (the durable last good copy), the cache body, then
+        the fresh header that tells waiting replicas it is there.
+
+        The database write happens after answering (a background task, awaited by `close`) when
+        nobody needs it meanwhile: this process has the document in its memo, and other replicas
+        find the body in the shared cache. Only a body too large for the shared cache is written
+        first, because other replicas read it from the database."""
         envelope = _envelope(copy, body)
+        write = self._write_document(name, copy, envelope)
+        if self._cache_bodies and len(envelope) > CACHED_BODY_MAX_BYTES:
+            await write
+        else:
+            self._background(write)
+        await self._cache_body(name, copy, envelope)
+        await self._cache_set(self._fresh_key(copy.variant, name), copy.header(), ttl=self.metadata_ttl_secs)
+
+    async def _write_document(self, name: str, copy: _Copy, envelope: bytes) -> None:
         try:
+            # Never replace a newer copy (writes that finish out of order on a pool).
             await self.services.db.execute(
                 "INSERT INTO upstream_documents (registry, name, variant, body, etag, last_modified, fetched)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7)"
                 " ON CONFLICT (registry, name, variant) DO UPDATE SET body = excluded.body,"
-                " etag = excluded.etag, last_modified = excluded.last_modified, fetched = excluded.fetched",
+                " etag = excluded.etag, last_modified = excluded.last_modified, fetched = excluded.fetched"
+                " WHERE upstream_documents.fetched <= excluded.fetched",
                 self.registry,
                 name,
                 copy.variant,
@@ -664,8 +715,6 @@ class UpstreamProxy:
         except Exception as exc:
             if self._warn_allowed("db-write"):
                 log.warning("cannot keep the upstream copy of %s in the database: %s", name, exc)
-        await self._cache_body(name, copy, envelope)
-        await self._cache_set(self._fresh_key(copy.variant, name), copy.header(), ttl=self.metadata_ttl_secs)
 
     async def _cache_body(self, name: str, copy: _Copy, envelope: bytes) -> None:
         if self._cache_bodies and len(envelope) <= CACHED_BODY_MAX_BYTES:
@@ -731,6 +780,7 @@ class UpstreamProxy:
                 wait_secs=TARBALL_WAIT_SECS,
                 ready=ready,
                 work=lambda: self._download(name, version, url, key, expected),
+                checked=True,
             )
 
         key = await self._single_flight(f"blob:{key}", fetch)
@@ -748,6 +798,13 @@ class UpstreamProxy:
         self._stored.discard(key)
 
     async def _blob_ready(self, key: str) -> bool:
+        """Stored and recorded. With local files the file is looked at first (one `lstat`, no
+        thread), so a miss costs no database statement: a cold install misses on every tarball,
+        and on SQLite every statement waits its turn for the one connection."""
+        if self._local_files:
+            if self.services.storage.local_path(key) is None:
+                return False
+            return await self.services.db.fetchrow("SELECT size FROM artifacts WHERE storage_key = $1", key) is not None
         row = await self.services.db.fetchrow("SELECT size FROM artifacts WHERE storage_key = $1", key)
         return row is not None and await self.services.storage.stat(key) is not None
 
@@ -792,17 +849,34 @@ class UpstreamProxy:
             raise UpstreamError(
                 f"cannot fetch the tarball of {name}@{version} from the upstream registry ({_reason(exc)})"
             ) from exc
-        await self.services.db.execute(
-            "INSERT INTO artifacts (storage_key, size, sha512, sha1, created) VALUES ($1, $2, $3, $4, $5)"
-            " ON CONFLICT (storage_key) DO NOTHING",
-            key,
-            blob.size,
-            blob.sha512,
-            blob.sha1,
-            time.time(),
-        )
+        # The row is written after answering (awaited by `close`): until the sweep's grace period
+        # has passed, a fresh blob is safe without it, and this process remembers the key as
+        # stored. If the write fails, the sweep may collect the blob later; it is fetched again.
+        self._background(self._record(key, blob))
         log.info("registry %s: stored %s@%s (%d bytes) from %s", self.registry, name, version, blob.size, url)
         return key
+
+    async def _record(self, key: str, blob: StoredBlob) -> None:
+        try:
+            await self.services.db.execute(
+                "INSERT INTO artifacts (storage_key, size, sha512, sha1, created) VALUES ($1, $2, $3, $4, $5)"
+                " ON CONFLICT (storage_key) DO NOTHING",
+                key,
+                blob.size,
+                blob.sha512,
+                blob.sha1,
+                time.time(),
+            )
+        except Exception as exc:
+            self.forget_blob(key)
+            if self._warn_allowed("db-write"):
+                log.warning("registry %s: cannot record the stored blob %s: %s", self.registry, key, exc)
+
+    def _background(self, work: Awaitable[None]) -> None:
+        """Run a write after answering; `close` waits for the ones still running."""
+        task = asyncio.ensure_future(work)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     # --- audit ----------------------------------------------------------------------------------
 
@@ -910,12 +984,18 @@ class UpstreamProxy:
         wait_secs: float,
         ready: Callable[[], Awaitable[T | None]],
         work: Callable[[], Awaitable[T]],
+        checked: bool = False,
     ) -> T:
         """Across replicas: do `work` while holding the lease, or, while someone else holds it,
-        watch `ready()` for their result; after `wait_secs` of waiting, do the work anyway."""
+        watch `ready()` for their result; after `wait_secs` of waiting, do the work anyway.
+
+        `checked`: the caller has just found `ready()` empty, so a lease taken at the first try
+        needs no second look (at worst another replica finished in between, and the work is done
+        twice with the same result)."""
         owner = uuid.uuid4().hex
         deadline = time.monotonic() + wait_secs
         held = await self._try_lease(lease_key, owner)
+        contended = not held
         while not held:
             await asyncio.sleep(LEASE_POLL_SECS)
             result = await ready()
@@ -927,10 +1007,11 @@ class UpstreamProxy:
             held = await self._try_lease(lease_key, owner)
         keeper = asyncio.create_task(self._keep_lease(lease_key, owner)) if held else None
         try:
-            # Another replica may have finished just before the lease was ours.
-            result = await ready()
-            if result is not None:
-                return result
+            if contended or not checked:
+                # Another replica may have finished just before the lease was ours.
+                result = await ready()
+                if result is not None:
+                    return result
             return await work()
         finally:
             if keeper is not None:

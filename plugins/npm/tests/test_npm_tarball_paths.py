@@ -4,6 +4,7 @@ one of them went stale — a blob deleted under the memo, a Range or conditional
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -17,6 +18,7 @@ from npm_testdata import ALICE, auth, hub_settings, make_tarball, publish_body
 
 from batlehub import appkeys
 from batlehub.app import create_app
+from batlehub.db import SqliteDatabase
 from batlehub.sweep import sweep_orphans
 
 
@@ -123,3 +125,33 @@ async def test_a_proxied_blob_deleted_by_the_sweep_is_fetched_again(proxy_client
     assert response.status == 200 and await response.read() == upstream.tarball
     assert upstream.tarball_requests == 2
     assert await db.fetchval("SELECT COUNT(*) FROM artifacts") == 1  # recorded again, safe from the sweep
+
+
+async def test_copies_written_after_answering_are_durable_once_the_hub_stops(
+    aiohttp_client: Any, tmp_path: Path, upstream: Upstream
+) -> None:
+    # The durable packument copy and the artifacts row are written after the client got its
+    # answer; a shutdown right after must still leave both in the database.
+    registries = [{"type": "npm", "name": "npm", "mode": "proxy", "upstreams": [upstream.url]}]
+    settings = hub_settings(tmp_path / "data", registries=registries)
+    client = await aiohttp_client(create_app(settings))
+    database = client.app[appkeys.DATABASE]
+    execute = database.execute
+
+    async def slow_insert(sql: str, *args: Any) -> int:
+        if sql.startswith("INSERT"):
+            await asyncio.sleep(0.3)  # still running when the hub is told to stop
+        return int(await execute(sql, *args))
+
+    database.execute = slow_insert
+    assert (await client.get("/registries/npm/proxied")).status == 200
+    assert (await client.get("/registries/npm/proxied/-/proxied-1.0.0.tgz")).status == 200
+    await client.close()
+
+    db = SqliteDatabase(settings.sqlite_path)
+    await db.connect()
+    try:
+        assert await db.fetchval("SELECT COUNT(*) FROM upstream_documents WHERE name = 'proxied'") == 1
+        assert await db.fetchval("SELECT size FROM artifacts") == len(upstream.tarball)
+    finally:
+        await db.close()
