@@ -40,6 +40,8 @@ FILE_MODE = 0o644
 
 MAX_REMEMBERED_DIRS = 100_000
 """Key directories whose escape check `local_path` remembers (npm's blobs spread over 256)."""
+MAX_REMEMBERED_KEYS = 10_000
+"""Validated keys `local_path` remembers (the hot downloads; ~300 bytes each)."""
 
 TMP_DIR = ".tmp"
 """Directory under the root for uploads in flight. A top-level key segment of this name is refused."""
@@ -52,6 +54,7 @@ class FilesystemStorage:
         self.root = Path(root)
         self._resolved_root: Path | None = None
         self._inside_dirs: dict[str, tuple[int, int]] = {}
+        self._full_paths: dict[str, str] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -253,11 +256,16 @@ class FilesystemStorage:
         a symlink that leads elsewhere has another inode, so it is resolved and checked again; a
         symlinked file always takes the full path.
         """
-        validate_key(key)
-        if key.split("/", 1)[0] == TMP_DIR:
-            raise InvalidKey(f"storage key {key!r} uses the reserved name {TMP_DIR!r}")
         root = self._root()
-        full = f"{root}/{key}"
+        full = self._full_paths.get(key)
+        if full is None:
+            validate_key(key)  # a pure function of the key: checked once per key
+            if key.split("/", 1)[0] == TMP_DIR:
+                raise InvalidKey(f"storage key {key!r} uses the reserved name {TMP_DIR!r}")
+            full = f"{root}/{key}"
+            if len(self._full_paths) >= MAX_REMEMBERED_KEYS:
+                self._full_paths.clear()
+            self._full_paths[key] = full
         try:
             st = os.lstat(full)
         except (FileNotFoundError, NotADirectoryError):
