@@ -388,7 +388,40 @@ def find_postgres_bin() -> Path:
     )
 
 
-class PostgresCluster:
+class _ChildService:
+    """A service that runs as our child process (`self.process`) in its own folder (`self.root`).
+
+    Subclasses start it (`start()`, which ends with `self.stopped_by_test = False`); stopping,
+    killing, restarting and removing are the same for every one of them.
+    """
+
+    process: ManagedProcess
+    root: Path
+    stopped_by_test = False
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop it as an outage would; `start()` brings it back on the same port."""
+        self.process.stop()
+        self.stopped_by_test = True
+
+    def kill(self) -> None:
+        """SIGKILL: a crash."""
+        self.process.kill()
+        self.stopped_by_test = True
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def destroy(self) -> None:
+        self.process.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class PostgresCluster(_ChildService):
     """A throwaway cluster: trust auth on loopback, fsync off; `destroy()` removes it with its folder.
 
     The server runs in the foreground as our child (not daemonised by pg_ctl), so it is stopped
@@ -456,21 +489,6 @@ class PostgresCluster:
         wait_until(self._accepting, what="PostgreSQL", process=self.process, log=self.log)
         self.stopped_by_test = False
 
-    def stop(self) -> None:
-        """Stop the server as an outage would (fast shutdown: sessions are terminated); the data is
-        kept, and `start()` brings it back on the same port."""
-        self.process.stop()
-        self.stopped_by_test = True
-
-    def kill(self) -> None:
-        """SIGKILL the server: a crash. `start()` recovers it from its write-ahead log."""
-        self.process.kill()
-        self.stopped_by_test = True
-
-    def destroy(self) -> None:
-        self.process.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
-
 
 def _with_database(dsn: str, name: str) -> str:
     parts = urllib.parse.urlsplit(dsn)
@@ -523,7 +541,7 @@ def redis_ping(port: int, host: str = LOOPBACK) -> bool:
         return s.recv(64).startswith(b"+PONG")
 
 
-class RedisServer:
+class RedisServer(_ChildService):
     """redis-server without persistence, kept as our child so a test can stop and restart it."""
 
     def __init__(self, root: Path) -> None:
@@ -550,22 +568,6 @@ class RedisServer:
         self.process.start()
         wait_until(lambda: redis_ping(self.port), what="redis-server", process=self.process, log=self.log)
         self.stopped_by_test = False
-
-    def stop(self) -> None:
-        self.process.stop()
-        self.stopped_by_test = True
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.stopped_by_test = True
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def destroy(self) -> None:
-        self.process.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -598,7 +600,7 @@ def find_weed() -> str:
     return found
 
 
-class SeaweedFS:
+class SeaweedFS(_ChildService):
     """`weed mini` (master, volume, filer and S3 gateway in one process) with one S3 identity.
 
     Every component gets explicit free ports, gRPC included: weed otherwise derives gRPC ports as
@@ -689,22 +691,6 @@ class SeaweedFS:
 
         wait_until(bucket_ready, what="SeaweedFS bucket", process=self.process, log=self.log)
         self.stopped_by_test = False
-
-    def stop(self) -> None:
-        self.process.stop()
-        self.stopped_by_test = True
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.stopped_by_test = True
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def destroy(self) -> None:
-        self.process.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def s3_client(config: dict[str, Any]) -> Any:
@@ -850,7 +836,7 @@ class RegistryRequest:
     path: str
 
 
-class VerdaccioServer:
+class VerdaccioServer(_ChildService):
     """A real npm registry with no uplinks: the offline upstream for the npm plugin's tests."""
 
     def __init__(self, tools: NodeTools, root: Path) -> None:
@@ -899,22 +885,6 @@ class VerdaccioServer:
         if not self.token:
             self.token = self.create_user("batlehub-test", uuid.uuid4().hex)
         self.stopped_by_test = False
-
-    def stop(self) -> None:
-        self.process.stop()
-        self.stopped_by_test = True
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.stopped_by_test = True
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def destroy(self) -> None:
-        self.process.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
     def create_user(self, name: str, password: str) -> str:
         """Register a user the way `npm adduser` does and return its bearer token."""
