@@ -19,7 +19,7 @@ from aiohttp import web
 from batlehub import admin, appkeys, replicas, sweep
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
-from batlehub.config import Settings
+from batlehub.config import REGISTRY_CORE_KEYS, Settings
 from batlehub.db import create_database
 from batlehub.errors import ConfigError, StartupError
 from batlehub.interfaces import (
@@ -69,32 +69,55 @@ def _not_installed(section: str, name: str, choices: Mapping[str, Any]) -> str:
     )
 
 
-def check_plugins_config(settings: Settings, types: InstalledTypes) -> list[str]:
-    """Problems that need the installed plugins to see: unknown types and their own keys."""
-    problems = []
-    for section, table, choices in (
-        ("cache", settings.cache, types.cache),
-        ("storage", settings.storage, types.storage),
-    ):
-        chosen = choices.get(table["type"])
+def check_plugins_config(
+    settings: Settings | None, types: InstalledTypes, raw: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Problems that need the installed plugins to see: unknown types and their own keys.
+
+    With `settings` (valid core settings), the chosen backend factories are asked too. Without
+    them (the core settings have problems of their own), `raw` — the merged, unvalidated settings —
+    is checked as far as it can be, so that `check-config` lists every problem in one go.
+    """
+    problems: list[str] = []
+    if settings is not None:
+        tables: list[tuple[str, Any]] = [("cache", settings.cache), ("storage", settings.storage)]
+        registries = [(r.type, r.options) for r in settings.registries]
+    else:
+        raw = raw or {}
+        tables = [(name, raw.get(name, {})) for name in ("cache", "storage")]
+        entries = raw.get("registries", [])
+        registries = [
+            (entry.get("type"), {k: v for k, v in entry.items() if k not in REGISTRY_CORE_KEYS})
+            for entry in (entries if isinstance(entries, list) else [])
+            if isinstance(entry, Mapping)
+        ]
+    defaults = {"cache": "memory", "storage": "filesystem"}
+    for section, table in tables:
+        if not isinstance(table, Mapping):
+            continue  # reported by the core's own validation
+        choices: Mapping[str, Any] = types.cache if section == "cache" else types.storage
+        type_name = table.get("type", defaults[section])
+        chosen = choices.get(type_name)
         if chosen is None:
-            problems.append(_not_installed(section, table["type"], choices))
+            problems.append(_not_installed(section, str(type_name), choices))
             continue
         unknown = [key for key in table if key != "type" and key not in chosen.config_keys]
         for key in unknown:
             known = ", ".join(sorted({"type", *chosen.config_keys}))
             problems.append(f"{section}.{key}: unknown key for type {chosen.name!r} (known: {known})")
-        if not unknown:
+        if not unknown and settings is not None:
             try:  # factories only construct (no I/O) and raise ConfigError for bad values
                 chosen.factory(table, settings)
             except ConfigError as exc:
                 problems.extend(exc.problems)
-    for index, registry in enumerate(settings.registries):
-        fmt = types.registries.get(registry.type)
+    for index, (registry_type, options) in enumerate(registries):
+        if not isinstance(registry_type, str):
+            continue  # reported by the core's own validation
+        fmt = types.registries.get(registry_type)
         if fmt is None:
-            problems.append(_not_installed(f"registries[{index}]", registry.type, types.registries))
+            problems.append(_not_installed(f"registries[{index}]", registry_type, types.registries))
             continue
-        problems.extend(f"registries[{index}].{p}" for p in fmt.validate(registry.options))
+        problems.extend(f"registries[{index}].{p}" for p in fmt.validate(options))
     return problems
 
 

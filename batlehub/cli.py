@@ -72,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return _plugins()
-        settings = load_settings(args.config, data_dir=args.data_dir)
         if args.command == "check-config":
-            return _check_config(settings)
+            return _check_config(args.config, args.data_dir)
+        settings = load_settings(args.config, data_dir=args.data_dir)
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         return _serve(settings)
@@ -112,11 +112,19 @@ def _plugins() -> int:
     return 0
 
 
-def _check_config(settings: Settings) -> int:
+def _check_config(config_file: str | None, data_dir: str | None) -> int:
     from batlehub.app import check_plugins_config, installed_types
+    from batlehub.config import parse_settings, read_raw
     from batlehub.plugins import get_plugin_manager
 
-    problems = check_plugins_config(settings, installed_types(get_plugin_manager()))
+    types = installed_types(get_plugin_manager())
+    raw, source = read_raw(config_file)  # a missing or unreadable file is the only problem to show
+    try:
+        settings = parse_settings(raw, data_dir=data_dir, source=source)
+    except ConfigError as exc:
+        # Add what the plugins say about the same file, so that one run lists every problem.
+        raise ConfigError(exc.problems + check_plugins_config(None, types, raw)) from None
+    problems = check_plugins_config(settings, types)
     if problems:
         raise ConfigError(problems)
     print(f"configuration is valid ({settings.source})")
