@@ -382,8 +382,7 @@ class UpstreamProxy:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        # Durable copies written after answering: let them land before the database closes.
-        await asyncio.gather(*self._writes, return_exceptions=True)
+        await self.settle()  # durable copies written after answering land before the database closes
         self._memo.clear()
         self._memo_bytes = 0
 
@@ -871,6 +870,11 @@ class UpstreamProxy:
             self.forget_blob(key)
             if self._warn_allowed("db-write"):
                 log.warning("registry %s: cannot record the stored blob %s: %s", self.registry, key, exc)
+
+    async def settle(self) -> None:
+        """Wait for the database writes made after answering (artifact rows, durable copies)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
 
     def _background(self, work: Awaitable[None]) -> None:
         """Run a write after answering; `close` waits for the ones still running."""

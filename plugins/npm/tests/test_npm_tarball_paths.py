@@ -118,12 +118,15 @@ async def test_a_proxied_blob_deleted_by_the_sweep_is_fetched_again(proxy_client
     # sweep deletes the blob while this process still remembers it as stored.
     db = proxy_client.app[appkeys.DATABASE]
     storage = proxy_client.app[appkeys.STORAGE]
+    proxy = proxy_client.app[appkeys.REGISTRIES]["npm"].proxy
+    await proxy.settle()  # the artifacts row is written after answering
     await db.execute("DELETE FROM artifacts")
     assert len((await sweep_orphans(db, storage, grace_secs=0)).deleted) == 1
 
     response = await proxy_client.get(url)
     assert response.status == 200 and await response.read() == upstream.tarball
     assert upstream.tarball_requests == 2
+    await proxy.settle()
     assert await db.fetchval("SELECT COUNT(*) FROM artifacts") == 1  # recorded again, safe from the sweep
 
 

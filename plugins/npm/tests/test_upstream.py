@@ -496,7 +496,9 @@ async def test_upstream_down_serves_the_last_good_copy_even_after_a_restart(
         stale = await proxy.packument(name)
         assert stale is not None and stale.stale and stale.data == good.data
 
-        # A restarted hub has an empty memory cache: the copy comes from the database.
+        # A restarted hub has an empty memory cache: the copy comes from the database (a clean
+        # shutdown lets the copy written after answering land first).
+        await proxy.settle()
         restarted = proxies(make_services(MemoryCache()), [verdaccio.url], ttl=0.2)
         from_db = await restarted.packument(name)
         assert from_db is not None and from_db.stale
@@ -583,6 +585,7 @@ async def test_a_failing_cache_backend_never_fails_a_request(
     await publish(http, verdaccio, name, "1.0.0")
     healthy = proxies(make_services(BrokenCache()), [verdaccio.url])
     assert (await healthy.packument(name)) is not None
+    await healthy.settle()  # the durable copy is written after answering
 
     # Cache down and upstream down: the database still answers.
     outage = proxies(make_services(BrokenCache()), [dead_upstream])
@@ -613,6 +616,7 @@ async def test_tarball_is_verified_stored_once_and_recorded(
     expected_key = blob_key(hashlib.sha512(tarball).hexdigest(), None)
     assert set(keys) == {expected_key}
     assert b"".join([chunk async for chunk in storage.get(expected_key)]) == tarball
+    await proxy.settle()  # the artifacts row is written after answering
     row = await services.db.fetchrow("SELECT size, sha1 FROM artifacts WHERE storage_key = $1", expected_key)
     assert row == {"size": len(tarball), "sha1": hashlib.sha1(tarball).hexdigest()}
     assert proxy.stats.tarball_downloads == 1
@@ -653,6 +657,7 @@ async def test_tampered_tarball_is_refused_and_nothing_is_stored(
     assert caught.value.status == 422
     assert f"integrity check failed for {name}@1.0.0: upstream bytes do not match" in caught.value.message
     assert await stored_keys(storage) == []
+    await proxy.settle()
     assert await services.db.fetchval("SELECT COUNT(*) FROM artifacts") == 0
 
 
