@@ -240,15 +240,24 @@ class LocalStore:
 
     # --- writing --------------------------------------------------------------------------------
 
-    async def _bump(self, conn: Connection, name: str, now: float) -> dict[str, Any] | None:
-        """Bump an existing package's revision (locking its row); None if it does not exist."""
-        return await conn.fetchrow(
+    async def _bump(self, conn: Connection, name: str, now: float, rev: str | None = None) -> dict[str, Any]:
+        """Bump an existing package's revision, locking its row for the rest of the transaction.
+
+        Raises `NotFound` if the package does not exist, and `Conflict` if `rev` (the `_rev` the
+        client read) is no longer the current one.
+        """
+        row = await conn.fetchrow(
             "UPDATE packages SET revision = revision + 1, modified = $3 WHERE registry = $1 AND name = $2"
             " RETURNING revision, created, extra",
             self.registry.name,
             name,
             now,
         )
+        if row is None:
+            raise NotFound(f"package {name} is not published in registry {self.registry.name!r}")
+        if rev is not None and make_rev(name, row["created"], row["revision"] - 1) != rev:
+            raise Conflict(f"document revision {rev} of {name} is out of date; fetch it again and retry")
+        return row
 
     async def publish(
         self, request: PublishRequest, blob: StoredBlob, user_id: str | None, client_ip: str | None
@@ -381,11 +390,7 @@ class LocalStore:
         removed: list[str] = []
         try:
             async with self.db.transaction() as conn:
-                row = await self._bump(conn, name, now)
-                if row is None:
-                    raise NotFound(f"package {name} is not published in registry {self.registry.name!r}")
-                if rev is not None and make_rev(name, row["created"], row["revision"] - 1) != rev:
-                    raise Conflict(f"document revision {rev} of {name} is out of date; fetch it again and retry")
+                await self._bump(conn, name, now, rev)
                 stored = {
                     r["version"]: r
                     for r in await conn.fetch(
@@ -483,11 +488,7 @@ class LocalStore:
         name = package.name
         try:
             async with self.db.transaction() as conn:
-                row = await self._bump(conn, name, time.time())
-                if row is None:
-                    raise NotFound(f"package {name} is not published in registry {self.registry.name!r}")
-                if rev is not None and make_rev(name, row["created"], row["revision"] - 1) != rev:
-                    raise Conflict(f"document revision {rev} of {name} is out of date; fetch it again and retry")
+                await self._bump(conn, name, time.time(), rev)
                 stored = await conn.fetchrow(
                     "SELECT version, size, publisher, artifact_key FROM versions"
                     " WHERE registry = $1 AND name = $2 AND version = $3",
@@ -531,11 +532,7 @@ class LocalStore:
         name = package.name
         try:
             async with self.db.transaction() as conn:
-                row = await self._bump(conn, name, time.time())
-                if row is None:
-                    raise NotFound(f"package {name} is not published in registry {self.registry.name!r}")
-                if rev is not None and make_rev(name, row["created"], row["revision"] - 1) != rev:
-                    raise Conflict(f"document revision {rev} of {name} is out of date; fetch it again and retry")
+                await self._bump(conn, name, time.time(), rev)
                 stored = await conn.fetch(
                     "SELECT version, size, publisher, artifact_key FROM versions WHERE registry = $1 AND name = $2",
                     self.registry.name,
@@ -563,8 +560,7 @@ class LocalStore:
         name = package.name
         try:
             async with self.db.transaction() as conn:
-                if await self._bump(conn, name, time.time()) is None:
-                    raise NotFound(f"package {name} is not published in registry {self.registry.name!r}")
+                await self._bump(conn, name, time.time())
                 if not await conn.fetchval(
                     "SELECT 1 FROM versions WHERE registry = $1 AND name = $2 AND version = $3",
                     self.registry.name,
@@ -593,8 +589,7 @@ class LocalStore:
         name = package.name
         try:
             async with self.db.transaction() as conn:
-                if await self._bump(conn, name, time.time()) is None:
-                    raise NotFound(f"package {name} is not published in registry {self.registry.name!r}")
+                await self._bump(conn, name, time.time())
                 removed = await conn.execute(
                     "DELETE FROM dist_tags WHERE registry = $1 AND name = $2 AND tag = $3",
                     self.registry.name,
