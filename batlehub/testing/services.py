@@ -349,9 +349,14 @@ def start_service(make: Callable[[], _S], attempts: int = 3) -> _S:
     raise AssertionError("unreachable")
 
 
-def _session_service(make: Callable[[], _S]) -> Iterator[_S]:
+def _session_service(make: Callable[[], _S], external_env: str | None = None) -> Iterator[_S | _ExternalService]:
     """Body of a session fixture: start the service, let tests stop it (it is restarted after
-    the test), destroy it with its folder at the end."""
+    the test), destroy it with its folder at the end. When `external_env` names an environment
+    variable that is set, use the service at that URL instead and start nothing."""
+    external = os.environ.get(external_env) if external_env else None
+    if external:
+        yield _ExternalService(external, external_env or "")
+        return
     service = start_service(make)
     _RESTARTABLE.append(service)
     try:
@@ -498,11 +503,7 @@ def _with_database(dsn: str, name: str) -> str:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresCluster | _ExternalService]:
     """The session's PostgreSQL server, with `.url`, and `.stop()` / `.start()` for fault tests."""
-    external = os.environ.get("BATLEHUB_TEST_POSTGRES_URL")
-    if external:
-        yield _ExternalService(external, "BATLEHUB_TEST_POSTGRES_URL")
-        return
-    yield from _session_service(PostgresCluster)
+    yield from _session_service(PostgresCluster, "BATLEHUB_TEST_POSTGRES_URL")
 
 
 @pytest.fixture(scope="session")
@@ -573,11 +574,7 @@ class RedisServer(_ChildService):
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer | _ExternalService]:
     """The session's Redis, with `.url`, `.stop()`, `.kill()`, `.start()`, `.restart()` for fault tests."""
-    external = os.environ.get("BATLEHUB_TEST_REDIS_URL")
-    if external:
-        yield _ExternalService(external, "BATLEHUB_TEST_REDIS_URL")
-        return
-    yield from _session_service(lambda: RedisServer(scratch_dir("redis")))
+    yield from _session_service(lambda: RedisServer(scratch_dir("redis")), "BATLEHUB_TEST_REDIS_URL")
 
 
 @pytest.fixture(scope="session")
@@ -716,11 +713,7 @@ def s3_client(config: dict[str, Any]) -> Any:
 @pytest.fixture(scope="session")
 def seaweedfs() -> Iterator[SeaweedFS | _ExternalService]:
     """The session's S3 server, with `.config`, `.client()`, `.stop()`, `.kill()`, `.start()`."""
-    endpoint = os.environ.get("BATLEHUB_TEST_S3_ENDPOINT")
-    if endpoint:
-        yield _ExternalService(endpoint, "BATLEHUB_TEST_S3_ENDPOINT")
-        return
-    yield from _session_service(lambda: SeaweedFS(scratch_dir("s3")))
+    yield from _session_service(lambda: SeaweedFS(scratch_dir("s3")), "BATLEHUB_TEST_S3_ENDPOINT")
 
 
 @pytest.fixture(scope="session")
