@@ -38,7 +38,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from batlehub.testing.hub import Hub, HubFactory
+from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
 from batlehub.testing.npm import make_package, npm_env, run_npm
 from batlehub.testing.services import run_coroutine_sync
 
@@ -68,16 +68,7 @@ url = "{database_url}"
 type = "filesystem"
 path = "{storage_path}"
 
-[[auth]]
-type = "token"
-[[auth.tokens]]
-value = "{admin_token}"
-role = "admin"
-user_id = "admin"
-[[auth.tokens]]
-value = "{config_user_token}"
-role = "user"
-user_id = "carol"
+{auth}
 
 [[registries]]
 type = "npm"
@@ -184,8 +175,7 @@ def cluster(
         database_url=_database_url(postgres_url, database),
         cache=cache,
         storage_path=root / "storage",
-        admin_token=ADMIN_TOKEN,
-        config_user_token=CONFIG_USER_TOKEN,
+        auth=token_auth_toml({"admin": (ADMIN_TOKEN, "admin"), "carol": (CONFIG_USER_TOKEN, "user")}),
         rate_limit=RATE_LIMIT,
         version_quota=VERSION_QUOTA,
         byte_quota=BYTE_QUOTA,

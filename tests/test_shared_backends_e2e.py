@@ -18,7 +18,7 @@ import boto3
 import pytest
 import redis
 
-from batlehub.testing.hub import Hub, HubFactory
+from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
 from batlehub.testing.npm import make_package, npm_env, run_npm
 
 pytestmark = [pytest.mark.npm_cli]
@@ -48,16 +48,7 @@ secret_access_key = "{s3["secret_access_key"]}"
 force_path_style = true
 prefix = "{prefix}"
 
-[[auth]]
-type = "token"
-[[auth.tokens]]
-value = "{ADMIN}"
-role = "admin"
-user_id = "admin"
-[[auth.tokens]]
-value = "{ALICE}"
-role = "user"
-user_id = "alice"
+{token_auth_toml({"admin": (ADMIN, "admin"), "alice": (ALICE, "user")})}
 
 [[registries]]
 type = "npm"

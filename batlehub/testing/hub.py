@@ -216,3 +216,11 @@ def hub(tmp_path: Path) -> Iterator[HubFactory]:
         yield factory
     finally:
         factory.stop_all()
+
+
+def token_auth_toml(tokens: Mapping[str, tuple[str, str]]) -> str:
+    """An `[[auth]]` block for a test config: user id -> (token, role)."""
+    lines = ["[[auth]]", 'type = "token"']
+    for user_id, (token, role) in tokens.items():
+        lines += ["[[auth.tokens]]", f'value = "{token}"', f'role = "{role}"', f'user_id = "{user_id}"']
+    return "\n".join(lines) + "\n"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from batlehub.testing.hub import Hub, HubFactory
+from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
 from batlehub.testing.npm import make_package, npm_env, run_npm
 from batlehub.testing.services import NodeTools, run_coroutine_sync
 
@@ -29,20 +29,7 @@ ALICE = "e2e-alice-token-0123456789"
 BOB = "e2e-bob-token-0123456789"
 
 CONFIG = f"""
-[[auth]]
-type = "token"
-[[auth.tokens]]
-value = "{ADMIN}"
-role = "admin"
-user_id = "admin"
-[[auth.tokens]]
-value = "{ALICE}"
-role = "user"
-user_id = "alice"
-[[auth.tokens]]
-value = "{BOB}"
-role = "user"
-user_id = "bob"
+{token_auth_toml({"admin": (ADMIN, "admin"), "alice": (ALICE, "user"), "bob": (BOB, "user")})}
 
 [[registries]]
 type = "npm"

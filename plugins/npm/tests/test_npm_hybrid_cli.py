@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from batlehub.testing.hub import Hub, HubFactory
+from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
 from batlehub.testing.npm import make_package, npm_env, run_npm
 from batlehub.testing.services import run_coroutine_sync
 
@@ -25,16 +25,7 @@ ADMIN = "hybrid-admin-token-0123456789"
 
 def config(upstream: str) -> str:
     return f"""
-[[auth]]
-type = "token"
-[[auth.tokens]]
-value = "{ALICE}"
-role = "user"
-user_id = "alice"
-[[auth.tokens]]
-value = "{ADMIN}"
-role = "admin"
-user_id = "admin"
+{token_auth_toml({"alice": (ALICE, "user"), "admin": (ADMIN, "admin")})}
 
 [[registries]]
 type = "npm"
