@@ -106,9 +106,13 @@ class Nginx:
         for folder in (root, root / "temp"):
             folder.chmod(0o755)
         self.conf = root / "nginx.conf"
+        template = NGINX_CONF.read_text()
         self.conf.write_text(
-            render_nginx_conf(NGINX_CONF.read_text(), listen_port=self.port, replica_ports=replica_ports, prefix=root)
+            render_nginx_conf(template, listen_port=self.port, replica_ports=replica_ports, prefix=root)
         )
+        found = re.search(r"fail_timeout=(\d+)s?\b", template)
+        self.fail_timeout_secs = float(found.group(1)) if found else 10.0
+        """How long nginx skips a replica after a failed attempt (its default: 10 s)."""
         argv = [find_nginx(), "-p", str(root), "-c", str(self.conf), "-e", str(root / "error.log"), "-g", "daemon off;"]
         self.process = ManagedProcess(argv, root / "nginx.out")
 
@@ -312,7 +316,11 @@ class HaCluster:
 
     async def replace(self, index: int, *, stop_timeout_secs: float | None = None) -> tuple[float, float]:
         """A rolling-restart step: SIGTERM replica `index`, wait for it to drain and exit, start a
-        new process in its place and wait until it is healthy. Returns (drain secs, start secs)."""
+        new process in its place and wait until it is healthy, then until nginx routes to it
+        again. Returns (drain secs, start secs).
+
+        nginx's passive health skips a replica for `fail_timeout` after a refused connection: a
+        step that took the next replica down sooner could leave nginx with none it believes in."""
         old = self.replicas[index]
         began = time.monotonic()
         timeout = stop_timeout_secs if stop_timeout_secs is not None else self.options.shutdown_timeout_secs + 15
@@ -322,7 +330,9 @@ class HaCluster:
             raise HubStartError(f"replica {index} exited with {code} on SIGTERM:\n{log_tail(old.log_path, 60)}")
         drained = time.monotonic()
         await self.start_replica(index)
-        return drained - began, time.monotonic() - drained
+        started = time.monotonic()
+        await asyncio.sleep(self.nginx.fail_timeout_secs)
+        return drained - began, started - drained
 
     async def kill(self, index: int) -> None:
         """SIGKILL replica `index` (a crash)."""
