@@ -1,4 +1,5 @@
-"""Core HTTP routes: health, the banner, registries, and the admin API (DESIGN §7)."""
+"""Core HTTP routes: health, the banner, registries, and the admin API (DESIGN §7). Package
+ownership has its own module (`batlehub.ownership`)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from typing import Any
 
 from aiohttp import web
 
-from batlehub import appkeys, audit
-from batlehub.auth import ANONYMOUS, Identity, has_permission, require_admin
+from batlehub import appkeys, audit, ownership, quota
+from batlehub.auth import Identity, has_permission
 from batlehub.errors import BadRequest, NotFound
 from batlehub.interfaces import Banner, IpBlock
 from batlehub.net import is_trusted
 from batlehub.plugins import describe_plugins
+from batlehub.requests import identity, read_json, registry_url, require_admin
 
 HEALTH_CHECK_TIMEOUT = 3.0
 BANNER_LEVELS = ("info", "warning", "error")
@@ -41,6 +43,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/api/v1/admin/tokens/{id}", delete_token)
     app.router.add_get("/api/v1/admin/quota/{registry}/{user_id}", get_quota)
     app.router.add_get("/api/v1/admin/audit-log", get_audit_log)
+    ownership.add_routes(app)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -49,30 +52,12 @@ def _json(data: Any, status: int = 200) -> web.Response:
     )
 
 
-async def _read_json(request: web.Request, limit: int = 65536) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > limit:
-        raise BadRequest(f"request body is larger than {limit} bytes")
-    raw = await request.content.read(limit + 1)
-    if len(raw) > limit:
-        raise BadRequest(f"request body is larger than {limit} bytes")
-    try:
-        data = json.loads(raw or b"{}", parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON") from None
+async def read_object(request: web.Request, limit: int = 65536) -> dict[str, Any]:
+    """A JSON object body (an empty body is `{}`)."""
+    data = await read_json(request, limit, default={})
     if not isinstance(data, dict):
         raise BadRequest("request body must be a JSON object")
     return data
-
-
-def _not_json(name: str) -> Any:
-    # Python's json accepts NaN and Infinity; as a duration or expiry they slip past every "> 0"
-    # check (a token that never expires, a block forever) and come back out as invalid JSON.
-    raise ValueError(f"{name} is not JSON")
-
-
-def _identity(request: web.Request) -> Identity:
-    identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
-    return identity
 
 
 # --- health ----------------------------------------------------------------------------------------
@@ -124,22 +109,22 @@ async def get_banner(request: web.Request) -> web.Response:
 
 
 async def put_banner(request: web.Request) -> web.Response:
-    identity = require_admin(request)
-    data = await _read_json(request)
+    admin = require_admin(request)
+    data = await read_object(request)
     message, level = data.get("message"), data.get("level", "info")
     if not isinstance(message, str) or not message.strip() or len(message) > 1000 or "\n" in message:
         raise BadRequest("message: expected a non-empty single-line string of at most 1000 characters")
     if level not in BANNER_LEVELS:
         raise BadRequest(f"level: expected one of {', '.join(BANNER_LEVELS)}")
     await request.app[appkeys.CACHE].set_banner(Banner(message=message, level=level))
-    await _audit(request, "banner.set", identity, target=message)
+    await _audit(request, "banner.set", admin, target=message)
     return _json({"message": message, "level": level})
 
 
 async def delete_banner(request: web.Request) -> web.Response:
-    identity = require_admin(request)
+    admin = require_admin(request)
     await request.app[appkeys.CACHE].set_banner(None)
-    await _audit(request, "banner.clear", identity)
+    await _audit(request, "banner.clear", admin)
     return _json({"ok": True})
 
 
@@ -147,20 +132,17 @@ async def delete_banner(request: web.Request) -> web.Response:
 
 
 async def list_registries(request: web.Request) -> web.Response:
-    identity = _identity(request)
+    caller = identity(request)
     settings = request.app[appkeys.SETTINGS]
-    from batlehub.net import external_base_url
-
-    base = external_base_url(request)
     items = [
         {
             "name": r.name,
             "type": r.type,
             "mode": r.options.get("mode"),
-            "url": f"{base}/registries/{r.name}/",
+            "url": registry_url(request, r.name) + "/",
         }
         for r in settings.registries
-        if has_permission(identity, r, "releases:read")
+        if has_permission(caller, r, "releases:read")
     ]
     return _json({"registries": items})
 
@@ -200,8 +182,8 @@ async def list_ip_blocks(request: web.Request) -> web.Response:
 async def add_ip_block(request: web.Request) -> web.Response:
     import ipaddress
 
-    identity = require_admin(request)
-    data = await _read_json(request)
+    admin = require_admin(request)
+    data = await read_object(request)
     ip, reason = data.get("ip"), data.get("reason", "blocked by an administrator")
     duration = data.get("duration_secs", request.app[appkeys.SETTINGS].ip_blocking.ban_duration_secs)
     try:
@@ -217,14 +199,14 @@ async def add_ip_block(request: web.Request) -> web.Response:
     now = time.time()
     block = IpBlock(ip=ip, reason=reason, expires_at=now + float(duration), created_at=now)
     await request.app[appkeys.CACHE].block_ip(block)
-    await _audit(request, "ip_block.add", identity, target=ip, detail={"reason": reason, "duration_secs": duration})
+    await _audit(request, "ip_block.add", admin, target=ip, detail={"reason": reason, "duration_secs": duration})
     return _json(_block_json(block), 201)
 
 
 async def delete_ip_block(request: web.Request) -> web.Response:
     import ipaddress
 
-    identity = require_admin(request)
+    admin = require_admin(request)
     ip = request.match_info["ip"]
     try:  # blocks are stored under the canonical form ("2001:db8::7"), however the operator types it
         ip = str(ipaddress.ip_address(ip))
@@ -232,7 +214,7 @@ async def delete_ip_block(request: web.Request) -> web.Response:
         pass  # not an address: nothing can be blocked under it, and the 404 below says so
     if not await request.app[appkeys.CACHE].unblock_ip(ip):
         raise NotFound(f"no block for {ip}")
-    await _audit(request, "ip_block.remove", identity, target=ip)
+    await _audit(request, "ip_block.remove", admin, target=ip)
     return _json({"ok": True})
 
 
@@ -245,8 +227,8 @@ async def list_tokens(request: web.Request) -> web.Response:
 
 
 async def create_token(request: web.Request) -> web.Response:
-    identity = require_admin(request)
-    data = await _read_json(request)
+    admin = require_admin(request)
+    data = await read_object(request)
     user_id, role, days = data.get("user_id"), data.get("role", "user"), data.get("expires_in_days")
     if not isinstance(user_id, str) or not user_id or len(user_id) > 200:
         raise BadRequest("user_id: expected a non-empty string")
@@ -260,16 +242,16 @@ async def create_token(request: web.Request) -> web.Response:
     if not isinstance(description, str):
         raise BadRequest("description: expected a string")
     record, token = await request.app[appkeys.AUTH].create_token(user_id, role, days, description)
-    await _audit(request, "token.create", identity, target=record["id"], detail={"user_id": user_id, "role": role})
+    await _audit(request, "token.create", admin, target=record["id"], detail={"user_id": user_id, "role": role})
     return _json({**record, "token": token}, 201)
 
 
 async def delete_token(request: web.Request) -> web.Response:
-    identity = require_admin(request)
+    admin = require_admin(request)
     token_id = request.match_info["id"]
     if not await request.app[appkeys.AUTH].revoke_token(token_id):
         raise NotFound(f"no active token with id {token_id}")
-    await _audit(request, "token.revoke", identity, target=token_id)
+    await _audit(request, "token.revoke", admin, target=token_id)
     return _json({"ok": True})
 
 
@@ -282,19 +264,17 @@ async def get_quota(request: web.Request) -> web.Response:
     registry = request.app[appkeys.SETTINGS].registry(registry_name)
     if registry is None:
         raise NotFound(f"no registry named {registry_name!r}")
-    row = await request.app[appkeys.DATABASE].fetchrow(
-        "SELECT bytes, versions FROM quota_usage WHERE registry = $1 AND user_id = $2", registry_name, user_id
-    )
-    quota = registry.quota
+    used_bytes, used_versions = await quota.usage(request.app[appkeys.DATABASE], registry_name, user_id)
+    limits = registry.quota
     return _json(
         {
             "registry": registry_name,
             "user_id": user_id,
-            "used_bytes": int(row["bytes"]) if row else 0,
-            "used_versions": int(row["versions"]) if row else 0,
-            "max_bytes": quota.max_bytes_per_user if quota else 0,
-            "max_versions": quota.max_versions_per_user if quota else 0,
-            "enforcement": quota.enforcement if quota else None,
+            "used_bytes": used_bytes,
+            "used_versions": used_versions,
+            "max_bytes": limits.max_bytes_per_user if limits else 0,
+            "max_versions": limits.max_versions_per_user if limits else 0,
+            "enforcement": limits.enforcement if limits else None,
         }
     )
 
@@ -367,12 +347,12 @@ async def get_audit_log(request: web.Request) -> web.Response:
 
 
 async def _audit(
-    request: web.Request, action: str, identity: Identity, *, target: str | None = None, detail: Any = ""
+    request: web.Request, action: str, caller: Identity, *, target: str | None = None, detail: Any = ""
 ) -> None:
     await audit.record(
         request.app[appkeys.DATABASE],
         action,
-        user_id=identity.user_id,
+        user_id=caller.user_id,
         target=target,
         client_ip=request.get(appkeys.CLIENT_IP),
         detail=detail,

@@ -20,16 +20,14 @@ from batlehub import admin, appkeys, replicas, sweep
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
 from batlehub.config import REGISTRY_CORE_KEYS, Settings
+from batlehub.coordination import FailOpenCache
 from batlehub.db import create_database
 from batlehub.errors import ConfigError, StartupError
-from batlehub.interfaces import (
-    CacheBackendType,
-    RegistryFormatType,
-    RegistryServices,
-    StorageBackendType,
-)
+from batlehub.interfaces import CacheBackendType, RegistryFormatType, StorageBackendType
 from batlehub.middleware import MIDDLEWARES
 from batlehub.plugins import flatten, gather_hook, get_plugin_manager
+from batlehub.registries import RegistryServices
+from batlehub.requests import registry_path
 from batlehub.state import HubState
 
 log = logging.getLogger("batlehub.server")
@@ -145,23 +143,33 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     http = _UpstreamClient()
     app[appkeys.DATABASE] = db
     app[appkeys.CACHE] = cache
+    app[appkeys.FAIL_OPEN_CACHE] = FailOpenCache(cache)
     app[appkeys.STORAGE] = storage
     app[appkeys.AUTH] = auth
-    services = RegistryServices(
-        settings=settings, db=db, cache=cache, storage=storage, auth=auth, http=http.session, pm=pm
-    )
-    app[appkeys.SERVICES] = services
 
-    registries = {}
+    registries, services = {}, {}
     for registry_settings in settings.registries:
-        registry = types.registries[registry_settings.type].factory(registry_settings, services)
+        format_type = types.registries[registry_settings.type]
+        services[registry_settings.name] = RegistryServices(
+            settings=settings,
+            registry=registry_settings,
+            format_type=format_type,
+            db=db,
+            cache=cache,
+            cache_type=cache_type,
+            storage=storage,
+            storage_type=storage_type,
+            tokens=auth,
+            http=http.session,
+            pm=pm,
+        )
+        registry = format_type.factory(registry_settings, services[registry_settings.name])
         subapp = registry.make_app()
         subapp[appkeys.REGISTRY_SETTINGS] = registry_settings
-        subapp[appkeys.SETTINGS] = settings
-        subapp[appkeys.CACHE] = cache
-        app.add_subapp(f"/registries/{registry_settings.name}/", subapp)
+        app.add_subapp(registry_path(registry_settings.name), subapp)
         registries[registry_settings.name] = registry
     app[appkeys.REGISTRIES] = registries
+    app[appkeys.REGISTRY_SERVICES] = services
 
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_backend_ctx(appkeys.CACHE, "cache"))
@@ -259,11 +267,13 @@ async def _registries_ctx(app: web.Application) -> AsyncIterator[None]:
     for registry in registries.values():
         await registry.startup()
     yield
-    for registry in registries.values():
+    for name, registry in registries.items():
         try:
             await registry.shutdown()
+            # Writes made after answering (durable copies, artifact rows) land before the database closes.
+            await app[appkeys.REGISTRY_SERVICES][name].close()
         except Exception:
-            log.exception("registry %s did not shut down cleanly", registry.name)
+            log.exception("registry %s did not shut down cleanly", name)
 
 
 async def _hooks_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -22,8 +22,6 @@ from typing import TYPE_CHECKING, Any
 from batlehub.errors import Forbidden, StartupError, Unauthorized
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from batlehub.config import RegistrySettings, Settings
     from batlehub.db import Database
 
@@ -93,10 +91,6 @@ class Authenticator:
             for entry in auth.tokens:
                 digest = entry.value[7:].lower() if entry.value.startswith("sha256:") else hash_token(entry.value)
                 self._config_tokens[digest] = (entry.role, entry.user_id)
-
-    @property
-    def has_config_tokens(self) -> bool:
-        return bool(self._config_tokens)
 
     async def authenticate(self, authorization: str | None) -> Identity:
         """The identity for an `Authorization` header; ANONYMOUS without one.
@@ -185,13 +179,29 @@ class Authenticator:
     async def revoke_token(self, token_id: str) -> bool:
         return await self.db.execute("UPDATE tokens SET revoked = 1 WHERE id = $1 AND revoked = 0", token_id) > 0
 
-    async def revoke_by_value(self, token: str) -> bool:
-        return (
-            await self.db.execute(
-                "UPDATE tokens SET revoked = 1 WHERE token_hash = $1 AND revoked = 0", hash_token(token)
-            )
-            > 0
+    async def user_exists(self, user_id: str) -> bool:
+        """Whether any configured or live database token belongs to `user_id` (users exist only
+        through their tokens)."""
+        if any(uid == user_id for _, uid in self._config_tokens.values()):
+            return True
+        row = await self.db.fetchrow(
+            "SELECT 1 AS hit FROM tokens WHERE user_id = $1 AND revoked = 0"
+            " AND (expires IS NULL OR expires > $2) LIMIT 1",
+            user_id,
+            time.time(),
         )
+        return row is not None
+
+    async def revoke_presented(self, caller: Identity, token: str) -> bool:
+        """Revoke `token` if it is the database token `caller` authenticated with (`npm logout`)."""
+        if caller.token_id is None:
+            return False
+        revoked = await self.db.execute(
+            "UPDATE tokens SET revoked = 1 WHERE id = $1 AND token_hash = $2 AND revoked = 0",
+            caller.token_id,
+            hash_token(token),
+        )
+        return revoked > 0
 
     async def ensure_first_start_token(self, data_dir: Path) -> Path | None:
         """With no tokens configured and no first-start token ever made, create an admin token and
@@ -250,30 +260,6 @@ def check_permission(identity: Identity, registry: RegistrySettings, permission:
             headers={"WWW-Authenticate": 'Basic realm="batlehub"'},
         )
     raise Forbidden(f"user {identity.user_id!r} may not {_verb(permission)} in registry {registry.name!r}")
-
-
-def require(request: web.Request, permission: str) -> Identity:
-    """Check `permission` for the current request in its registry; return the caller's identity.
-
-    For registry handlers: the registry is found through the request's (sub-)application.
-    """
-    from batlehub import appkeys
-
-    identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
-    registry = request.config_dict[appkeys.REGISTRY_SETTINGS]
-    check_permission(identity, registry, permission)
-    return identity
-
-
-def require_admin(request: web.Request) -> Identity:
-    from batlehub import appkeys
-
-    identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
-    if identity.anonymous:
-        raise Unauthorized("authentication required", headers={"WWW-Authenticate": 'Bearer realm="batlehub"'})
-    if identity.role != "admin":
-        raise Forbidden("admin role required")
-    return identity
 
 
 def _verb(permission: str) -> str:

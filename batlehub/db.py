@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from batlehub.config import Settings
-from batlehub.errors import ServiceUnavailable, StartupError
+from batlehub.errors import AlreadyExists, ServiceUnavailable, StartupError
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,13 @@ class Database(Protocol):
         """Return if the database answers; raise otherwise."""
 
     def transaction(self) -> Any:
-        """`async with db.transaction() as conn:` — commits on success, rolls back on error."""
+        """`async with db.transaction() as conn:` — commits on success, rolls back on error.
+
+        A statement that breaks a unique constraint raises `AlreadyExists` (a `Conflict`)."""
+
+    def snapshot(self) -> Any:
+        """`async with db.snapshot() as conn:` — read-only; every read sees the same committed
+        state, however many writes other connections commit meanwhile."""
 
     async def execute(self, sql: str, *args: Any) -> int: ...
 
@@ -158,6 +164,80 @@ MIGRATIONS: list[tuple[int, str, list[Any]]] = [
                 last_seen DOUBLE PRECISION NOT NULL)""",
         ],
     ),
+    (
+        3,
+        "files of versions, package and scope owners, names reserved for local use",
+        [
+            # A version may have several files (wheels and an sdist); `versions.artifact_key` keeps
+            # naming the first one, for releases that still read it.
+            """CREATE TABLE files (
+                registry TEXT NOT NULL,
+                name TEXT NOT NULL,
+                version TEXT NOT NULL,
+                filename TEXT NOT NULL,
+                artifact_key TEXT NOT NULL,
+                size BIGINT NOT NULL,
+                created DOUBLE PRECISION NOT NULL,
+                meta TEXT NOT NULL DEFAULT '{}',
+                PRIMARY KEY (registry, name, filename))""",
+            "CREATE INDEX files_version ON files (registry, name, version)",
+            "CREATE INDEX files_artifact ON files (artifact_key)",
+            "CREATE INDEX versions_artifact ON versions (artifact_key)",
+            "ALTER TABLE artifacts ADD COLUMN sha256 TEXT",
+            # Every version before this migration is npm's (the only format then): one tarball,
+            # named `<name without scope>-<version>.tgz`.
+            {
+                "sqlite": """INSERT INTO files (registry, name, version, filename, artifact_key, size, created)
+                    SELECT registry, name, version,
+                      CASE WHEN instr(name, '/') > 0 THEN substr(name, instr(name, '/') + 1) ELSE name END
+                        || '-' || version || '.tgz',
+                      artifact_key, size, created
+                    FROM versions WHERE artifact_key IS NOT NULL""",
+                "postgresql": """INSERT INTO files (registry, name, version, filename, artifact_key, size, created)
+                    SELECT registry, name, version,
+                      CASE WHEN strpos(name, '/') > 0 THEN substr(name, strpos(name, '/') + 1) ELSE name END
+                        || '-' || version || '.tgz',
+                      artifact_key, size, created
+                    FROM versions WHERE artifact_key IS NOT NULL""",
+            },
+            """CREATE TABLE package_owners (
+                registry TEXT NOT NULL,
+                name TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                added_by TEXT,
+                added DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (registry, name, user_id))""",
+            # Whoever published a version so far could change the package: they are its owners.
+            """INSERT INTO package_owners (registry, name, user_id, added_by, added)
+                SELECT registry, name, publisher, publisher, MIN(created) FROM versions
+                WHERE publisher IS NOT NULL GROUP BY registry, name, publisher""",
+            """CREATE TABLE scope_owners (
+                registry TEXT NOT NULL,
+                scope TEXT NOT NULL,
+                user_id TEXT NOT NULL,
+                added_by TEXT,
+                added DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (registry, scope, user_id))""",
+            # npm scopes (`@scope/name`) published so far belong to whoever published in them.
+            {
+                "sqlite": """INSERT INTO scope_owners (registry, scope, user_id, added_by, added)
+                    SELECT registry, substr(name, 1, instr(name, '/') - 1), publisher, publisher, MIN(created)
+                    FROM versions WHERE publisher IS NOT NULL AND name LIKE '@%/%'
+                    GROUP BY registry, substr(name, 1, instr(name, '/') - 1), publisher""",
+                "postgresql": """INSERT INTO scope_owners (registry, scope, user_id, added_by, added)
+                    SELECT registry, split_part(name, '/', 1), publisher, publisher, MIN(created)
+                    FROM versions WHERE publisher IS NOT NULL AND name LIKE '@%/%'
+                    GROUP BY registry, split_part(name, '/', 1), publisher""",
+            },
+            """CREATE TABLE reserved_names (
+                registry TEXT NOT NULL,
+                name TEXT NOT NULL,
+                reason TEXT NOT NULL DEFAULT '',
+                reserved_by TEXT,
+                created DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (registry, name))""",
+        ],
+    ),
 ]
 
 
@@ -179,18 +259,32 @@ def _sqlite_sql(sql: str) -> str:
     return _PLACEHOLDER.sub(r"?\1", sql)
 
 
+def _sqlite_unique(exc: BaseException) -> bool:
+    import sqlite3
+
+    return isinstance(exc, sqlite3.IntegrityError) and "UNIQUE" in str(exc).upper()
+
+
 class _SqliteConnection:
     def __init__(self, conn: Any) -> None:
         self._conn = conn
 
+    async def _execute(self, sql: str, args: tuple[Any, ...]) -> Any:
+        try:
+            return await self._conn.execute(_sqlite_sql(sql), args)
+        except Exception as exc:
+            if _sqlite_unique(exc):
+                raise AlreadyExists(f"already exists: {exc}") from exc
+            raise
+
     async def execute(self, sql: str, *args: Any) -> int:
-        cursor = await self._conn.execute(_sqlite_sql(sql), args)
+        cursor = await self._execute(sql, args)
         rowcount = cursor.rowcount
         await cursor.close()
         return int(rowcount if rowcount is not None and rowcount >= 0 else 0)
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        cursor = await self._conn.execute(_sqlite_sql(sql), args)
+        cursor = await self._execute(sql, args)
         rows = await cursor.fetchall()
         names = [d[0] for d in cursor.description or ()]
         await cursor.close()
@@ -256,6 +350,23 @@ class SqliteDatabase:
                 self._in_transaction.reset(token)
 
     @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[_SqliteConnection]:
+        """A deferred transaction: in WAL mode its reads share one snapshot of the database."""
+        if self._in_transaction.get():
+            yield _SqliteConnection(self._conn)
+            return
+        async with self._lock:
+            token = self._in_transaction.set(True)
+            try:
+                await self._conn.execute("BEGIN")
+                try:
+                    yield _SqliteConnection(self._conn)
+                finally:
+                    await self._conn.execute("COMMIT")
+            finally:
+                self._in_transaction.reset(token)
+
+    @asynccontextmanager
     async def _statement(self) -> AsyncIterator[_SqliteConnection]:
         """The connection for one statement. Inside our own transaction (this task, or a task it
         started) the statement joins it: waiting for our own lock would never end."""
@@ -289,26 +400,40 @@ class SqliteDatabase:
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
 
+@asynccontextmanager
+async def _pg_errors() -> AsyncIterator[None]:
+    import asyncpg
+
+    try:
+        yield
+    except asyncpg.UniqueViolationError as exc:
+        raise AlreadyExists(f"already exists: {exc}") from exc
+
+
 class _PgConnection:
     def __init__(self, conn: Any) -> None:
         self._conn = conn
 
     async def execute(self, sql: str, *args: Any) -> int:
-        status = await self._conn.execute(sql, *args)
+        async with _pg_errors():
+            status = await self._conn.execute(sql, *args)
         try:
             return int(str(status).rsplit(" ", 1)[-1])
         except ValueError:
             return 0
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
-        return [dict(r) for r in await self._conn.fetch(sql, *args)]
+        async with _pg_errors():
+            return [dict(r) for r in await self._conn.fetch(sql, *args)]
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
-        row = await self._conn.fetchrow(sql, *args)
+        async with _pg_errors():
+            row = await self._conn.fetchrow(sql, *args)
         return dict(row) if row is not None else None
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
-        return await self._conn.fetchval(sql, *args)
+        async with _pg_errors():
+            return await self._conn.fetchval(sql, *args)
 
 
 # Any constant works; it only has to be the same for every replica of BatleHub.
@@ -346,6 +471,11 @@ class PostgresDatabase:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[_PgConnection]:
         async with self._acquire() as conn, conn.transaction():
+            yield _PgConnection(conn)
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[_PgConnection]:
+        async with self._acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
             yield _PgConnection(conn)
 
     @asynccontextmanager
@@ -424,11 +554,6 @@ def create_database(settings: Settings) -> Database:
 
 async def schema_version(db: Database) -> int:
     return int(await db.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") or 0)
-
-
-def placeholders(start: int, count: int) -> str:
-    """`$start, $start+1, ...` for IN lists."""
-    return ", ".join(f"${i}" for i in range(start, start + count))
 
 
 __all__: Sequence[str] = (

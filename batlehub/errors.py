@@ -50,6 +50,10 @@ class Conflict(BatleHubError):
     status = 409
 
 
+class AlreadyExists(Conflict):
+    """A row with that key exists already (the database's unique constraint said so)."""
+
+
 class PayloadTooLarge(BatleHubError):
     status = 413
 

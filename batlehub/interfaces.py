@@ -7,17 +7,16 @@ changing a signature: third-party plugins implement these.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from aiohttp import ClientSession, web
+    from aiohttp import web
 
-    from batlehub.auth import Authenticator
     from batlehub.config import RegistrySettings, Settings
-    from batlehub.db import Database
+    from batlehub.registries import RegistryServices
 
 
 # --- values passed across the seams -------------------------------------------------------------
@@ -222,21 +221,6 @@ class StorageBackend(Protocol):
 # --- registry formats ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class RegistryServices:
-    """What a registry format gets to do its work. All fields are shared, long-lived objects."""
-
-    settings: Settings
-    db: Database
-    cache: CacheBackend
-    storage: StorageBackend
-    auth: Authenticator
-    http: Callable[[], ClientSession]
-    """Returns the shared upstream HTTP client session (created lazily, pooled, keep-alive)."""
-    pm: Any
-    """The pluggy plugin manager, to fire event hooks such as `on_publish`."""
-
-
 @runtime_checkable
 class Registry(Protocol):
     """One configured registry (`[[registries]]` entry) of some format."""
@@ -251,7 +235,7 @@ class Registry(Protocol):
         and run work in the background; must not raise for upstream trouble."""
 
     async def shutdown(self) -> None:
-        """Stop background work."""
+        """Stop background work. Core closes the registry's services afterwards."""
 
 
 # --- descriptors returned by the register_* hooks -----------------------------------------------
@@ -297,7 +281,10 @@ class RegistryFormatType:
     paths relative to the entry (unknown keys included); [] if valid."""
     factory: Callable[[RegistrySettings, RegistryServices], Registry]
     """Build the registry. `RegistrySettings.options` has passed `validate`."""
-
-
-# Hook results may be plain values or awaitables; `batlehub.plugins.gather_hook` resolves both.
-MaybeAwaitable = Any | Awaitable[Any]
+    scope_of: Callable[[str], str | None] | None = None
+    """The scope of a package name (npm: `@scope` of `@scope/name`), or None for a name outside
+    any scope. Scopes have owners too (DESIGN §6); None here: the format has no scopes."""
+    normalize_name: Callable[[str], str] | None = None
+    """A package or scope name as the format stores it (e.g. lowercased), raising `BadRequest`
+    for one the format would refuse. Used where names arrive outside the format's own routes (the
+    admin API). None: names are used as given."""

@@ -23,10 +23,11 @@ from aiohttp import web
 from opentelemetry import trace
 
 from batlehub import appkeys, audit
-from batlehub.auth import ANONYMOUS, Identity
+from batlehub.auth import Identity
 from batlehub.errors import BatleHubError, Forbidden, RateLimited
 from batlehub.interfaces import IpBlock
 from batlehub.net import client_ip, is_trusted
+from batlehub.requests import identity, registry_of
 
 log = logging.getLogger("batlehub.server")
 # Spans only when [otel] endpoint is set (HubState.tracing); see batlehub.tracing.
@@ -35,12 +36,9 @@ tracer = trace.get_tracer("batlehub")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 HEALTH_PATH = "/api/v1/admin/health"
-_BLOCKED: Any = web.RequestKey("blocked", bool) if hasattr(web, "RequestKey") else "batlehub.blocked"
+_BLOCKED = web.RequestKey("blocked", bool)
 # Set when the response is a refusal that says nothing about abuse (e.g. over quota).
-_NOT_A_VIOLATION: Any = (
-    web.RequestKey("not_a_violation", bool) if hasattr(web, "RequestKey") else "batlehub.not_a_violation"
-)
-REGISTRY_PREFIX = "/registries/"
+_NOT_A_VIOLATION = web.RequestKey("not_a_violation", bool)
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -54,10 +52,10 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
 
 @web.middleware
 async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    settings = request.app[appkeys.SETTINGS]
+    settings = request.config_dict[appkeys.SETTINGS]
     ip = client_ip(request.remote, request.headers, settings.server.trusted_proxies)
     request[appkeys.CLIENT_IP] = ip
-    if not request.app[appkeys.STATE].tracing:
+    if not request.config_dict[appkeys.STATE].tracing:
         return await _logged(request, handler, ip, None)
     attributes = {"http.request.method": request.method, "url.path": request.path, "client.address": ip}
     with tracer.start_as_current_span(
@@ -79,23 +77,23 @@ async def _logged(request: web.Request, handler: Handler, ip: str, span: Any) ->
     finally:
         if span is not None:
             span.set_attribute("http.response.status_code", status)
-        identity: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
-        request.app[appkeys.ACCESS_LOG].write(
+        caller = identity(request)
+        request.config_dict[appkeys.ACCESS_LOG].write(
             request.method,
             request.rel_url.raw_path,
             status,
             (time.perf_counter() - started) * 1000,
-            identity.user_id,
+            caller.user_id,
             ip,
         )
         if status >= 400:
-            await _after_refusal(request, identity, ip, status)
+            await _after_refusal(request, caller, ip, status)
 
 
 async def _after_refusal(request: web.Request, identity: Identity, ip: str, status: int) -> None:
     if status in (401, 403) and not request.get(_BLOCKED):
         await _audit_denied(request, identity, ip, status)
-    blocking = request.app[appkeys.SETTINGS].ip_blocking
+    blocking = request.config_dict[appkeys.SETTINGS].ip_blocking
     # A request refused by a block is not a new violation: counting it would let a blocked
     # client replace an administrator's longer block with an automatic one.
     if (
@@ -111,10 +109,10 @@ async def _after_refusal(request: web.Request, identity: Identity, ip: str, stat
 async def _audit_denied(request: web.Request, identity: Identity, ip: str, status: int) -> None:
     """Denied requests go to the audit log (requests refused by an IP block do not: a banned client
     hammering us must not turn into a database write per request)."""
-    registry = _registry_of(request)
+    registry = registry_of(request)
     try:
         await audit.record(
-            request.app[appkeys.DATABASE],
+            request.config_dict[appkeys.DATABASE],
             "request.denied",
             registry=registry.name if registry else None,
             user_id=identity.user_id,
@@ -128,11 +126,11 @@ async def _audit_denied(request: web.Request, identity: Identity, ip: str, statu
 
 
 async def _count_violation(request: web.Request, ip: str) -> None:
-    settings = request.app[appkeys.SETTINGS]
+    settings = request.config_dict[appkeys.SETTINGS]
     if is_trusted(ip, settings.server.trusted_proxies):
         return  # a proxy we trust is never banned: that would ban everyone behind it
     blocking = settings.ip_blocking
-    cache = request.app[appkeys.CACHE]
+    cache = request.config_dict[appkeys.CACHE]
     try:
         count = await cache.record_violation(ip, blocking.violation_window_secs)
         if count < blocking.violation_threshold:
@@ -146,7 +144,7 @@ async def _count_violation(request: web.Request, ip: str) -> None:
         return
     try:  # an automatic ban is an IP-block change like an administrator's: it goes to the audit log
         await audit.record(
-            request.app[appkeys.DATABASE],
+            request.config_dict[appkeys.DATABASE],
             "ip_block.add",
             target=ip,
             client_ip=ip,
@@ -182,7 +180,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    allowed = request.app[appkeys.SETTINGS].server.cors_allowed_origins
+    allowed = request.config_dict[appkeys.SETTINGS].server.cors_allowed_origins
     origin = request.headers.get("Origin")
     if not origin or not allowed or ("*" not in allowed and origin not in allowed):
         return await handler(request)
@@ -210,28 +208,26 @@ async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == HEALTH_PATH:
         return await handler(request)  # never blocked, never authenticated, never limited
-    app = request.app
-    cache = app[appkeys.CACHE]
+    app = request.config_dict
+    cache = app[appkeys.FAIL_OPEN_CACHE]
     ip = request[appkeys.CLIENT_IP]
-    block = await _block_of(cache, ip)
+    block = await cache.get_block(ip)
     if block is not None:
         request[_BLOCKED] = True
         raise Forbidden(
             f"your address {ip} is blocked until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(block.expires_at))}",
             headers={"X-Block-Expires": str(int(block.expires_at))},
         )
-    identity = await app[appkeys.AUTH].authenticate(request.headers.get("Authorization"))
-    request[appkeys.IDENTITY] = identity
+    caller = await app[appkeys.AUTH].authenticate(request.headers.get("Authorization"))
+    request[appkeys.IDENTITY] = caller
 
-    registry = _registry_of(request)
+    registry = registry_of(request)
     limit = registry.rate_limit if registry is not None else None
-    if limit is None:
+    if registry is None or limit is None:
         return await handler(request)
-    subject = f"user:{identity.user_id}" if identity.user_id else f"ip:{ip}"
-    try:
-        counted = await cache.incr_window(f"ratelimit:{registry.name}:{subject}", limit.window_secs)  # type: ignore[union-attr]
-    except Exception:
-        log.warning("rate limiting is failing open: the cache backend did not answer ([cache] settings)")
+    subject = f"user:{caller.user_id}" if caller.user_id else f"ip:{ip}"
+    counted = await cache.incr_window(f"ratelimit:{registry.name}:{subject}", limit.window_secs)
+    if counted is None:  # the cache backend failed (logged): limits fail open
         return await handler(request)
     reset = max(1, math.ceil(counted.reset_in_secs))
     headers = {
@@ -253,22 +249,6 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     for key, value in headers.items():
         response.headers[key] = value
     return response
-
-
-async def _block_of(cache: object, ip: str) -> IpBlock | None:
-    try:
-        return await cache.get_block(ip)  # type: ignore[attr-defined, no-any-return]
-    except Exception:
-        log.warning("IP blocks cannot be checked: the cache backend did not answer ([cache] settings)")
-        return None
-
-
-def _registry_of(request: web.Request):  # type: ignore[no-untyped-def]
-    path = request.path
-    if not path.startswith(REGISTRY_PREFIX):
-        return None
-    name = path[len(REGISTRY_PREFIX) :].split("/", 1)[0]
-    return request.app[appkeys.SETTINGS].registry(name)
 
 
 MIDDLEWARES = [access_log, cors, errors, guard]

@@ -1,6 +1,7 @@
-"""Who is the client, and what is our own external address.
+"""Who is the client.
 
-Forwarding headers (`X-Forwarded-For`, `X-Real-IP`, `X-Forwarded-Proto`, `X-Forwarded-Host`) are
+Forwarding headers (`X-Forwarded-For`, `X-Real-IP`, and for `batlehub.requests.base_url`
+`X-Forwarded-Proto`, `X-Forwarded-Host`) are
 believed only from a direct peer inside `[server] trusted_proxies`; from anyone else they are
 ignored, so nobody escapes an IP block or frames another address by sending a header.
 """
@@ -11,12 +12,6 @@ import functools
 import ipaddress
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from aiohttp import web
-
-    from batlehub.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +88,3 @@ def client_ip(peer: str | None, headers: Mapping[str, str], trusted: Sequence[Ne
         if ip is not None:
             return str(ip)
     return peer_text
-
-
-def external_base_url(request: web.Request) -> str:
-    """Our own base URL as the client sees it, without a trailing slash: `[server] public_url`
-    if set, else scheme (trusted `X-Forwarded-Proto`) + Host."""
-    from batlehub import appkeys
-
-    settings: Settings = request.config_dict[appkeys.SETTINGS]
-    if settings.server.public_url:
-        return settings.server.public_url.rstrip("/")
-    scheme = request.scheme
-    host = request.host
-    if is_trusted(request.remote, settings.server.trusted_proxies):
-        proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-        if proto in ("http", "https"):
-            scheme = proto
-        fwd_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
-        if fwd_host:
-            host = fwd_host
-    return f"{scheme}://{host}"

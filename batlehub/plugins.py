@@ -12,7 +12,6 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import import_module
-from importlib.metadata import distributions
 from typing import Any
 
 import pluggy
@@ -55,6 +54,15 @@ async def gather_hook(results: Iterable[Any]) -> list[Any]:
     return resolved
 
 
+async def fire_event(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> None:
+    """Call an event hook (`on_publish`, ...) and wait for it; a plugin's failure is logged and
+    never reaches the caller (an event reports what happened, it cannot undo it)."""
+    try:
+        await gather_hook(getattr(pm.hook, hook)(**kwargs))
+    except Exception:
+        log.exception("a plugin's %s hook failed", hook)
+
+
 def flatten(results: Iterable[Any]) -> list[Any]:
     """Flatten the lists that `register_*` hooks return, skipping None."""
     items: list[Any] = []
@@ -89,7 +97,8 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             for item in impl.function() or []:
                 provides.setdefault(impl.plugin_name, []).append(f"{kind}:{item.name}")
-    builtin_version = _own_version()
+    from batlehub import __version__ as builtin_version
+
     infos = []
     for name, plugin in pm.list_name_plugin():
         if plugin is None:
@@ -100,10 +109,3 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
         hooks = tuple(sorted(impl.name for impl in pm.get_hookcallers(plugin) or []))
         infos.append(PluginInfo(name, dist, version, hooks, tuple(provides.get(name, []))))
     return infos
-
-
-def _own_version() -> str:
-    for dist in distributions():
-        if dist.metadata["name"] == "batlehub":
-            return dist.version
-    return "0.0.0"

@@ -21,8 +21,11 @@ class QuotaExceeded(BatleHubError):
     violation = False
 
 
-async def consume(conn: Connection, registry: RegistrySettings, user_id: str | None, size: int) -> str | None:
-    """Count one version of `size` bytes against `user_id` inside the caller's transaction.
+async def consume(
+    conn: Connection, registry: RegistrySettings, user_id: str | None, size: int, versions: int = 1
+) -> str | None:
+    """Count `versions` versions (1 for a publish, 0 for one more file of a version) of `size`
+    bytes against `user_id` inside the caller's transaction.
 
     Raises `QuotaExceeded` when over quota and enforcement is "block"; returns a warning text when
     over quota and enforcement is "warn"; returns None otherwise.
@@ -39,16 +42,17 @@ async def consume(conn: Connection, registry: RegistrySettings, user_id: str | N
     max_bytes = quota.max_bytes_per_user if quota and quota.max_bytes_per_user else _UNLIMITED
     max_versions = quota.max_versions_per_user if quota and quota.max_versions_per_user else _UNLIMITED
     row = await conn.fetchrow(
-        "UPDATE quota_usage SET bytes = bytes + $3, versions = versions + 1"
+        "UPDATE quota_usage SET bytes = bytes + $3, versions = versions + $6"
         # The casts: PostgreSQL would type $5 like `versions` (int4), and "unlimited" does not fit.
         " WHERE registry = $1 AND user_id = $2"
-        " AND bytes + $3 <= CAST($4 AS BIGINT) AND versions + 1 <= CAST($5 AS BIGINT)"
+        " AND bytes + $3 <= CAST($4 AS BIGINT) AND versions + $6 <= CAST($5 AS BIGINT)"
         " RETURNING bytes, versions",
         registry.name,
         user_id,
         size,
         max_bytes,
         max_versions,
+        versions,
     )
     if row is not None:
         return None
@@ -59,10 +63,11 @@ async def consume(conn: Connection, registry: RegistrySettings, user_id: str | N
     )
     if quota is not None and quota.enforcement == "warn":
         await conn.execute(
-            "UPDATE quota_usage SET bytes = bytes + $3, versions = versions + 1 WHERE registry = $1 AND user_id = $2",
+            "UPDATE quota_usage SET bytes = bytes + $3, versions = versions + $4 WHERE registry = $1 AND user_id = $2",
             registry.name,
             user_id,
             size,
+            versions,
         )
         return message
     raise QuotaExceeded(message)
@@ -79,6 +84,14 @@ async def release(conn: Connection, registry_name: str, user_id: str | None, siz
         size,
         versions,
     )
+
+
+async def usage(conn: Connection, registry_name: str, user_id: str) -> tuple[int, int]:
+    """(bytes, versions) counted against `user_id` in a registry."""
+    row = await conn.fetchrow(
+        "SELECT bytes, versions FROM quota_usage WHERE registry = $1 AND user_id = $2", registry_name, user_id
+    )
+    return (int(row["bytes"]), int(row["versions"])) if row else (0, 0)
 
 
 def _fmt(limit: int) -> str:

@@ -6,8 +6,9 @@ between the two leaves a blob nobody references. This periodic task finds such b
 them once they are older than a grace period, so that a publish still in flight keeps its blob.
 
 Only content-addressed blobs are considered: keys of the form `<format>/blobs/...` (e.g.
-`npm/blobs/sha512/ab/ab12...`). A blob is referenced when a `versions.artifact_key` or an
-`artifacts.storage_key` names it. One replica sweeps at a time, under a lease in the cache backend.
+`npm/blobs/sha512/ab/ab12...`, see `batlehub.artifacts.blob_key`). A blob is referenced when a
+`files.artifact_key`, a `versions.artifact_key` or an `artifacts.storage_key` names it. One
+replica sweeps at a time, under a lease in the cache backend.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from batlehub import appkeys
+from batlehub.artifacts import is_blob_key
 from batlehub.db import Database
 from batlehub.interfaces import CacheBackend, StorageBackend
 
@@ -39,15 +41,10 @@ class SweepResult:
     examined: int = 0
 
 
-def is_blob_key(key: str) -> bool:
-    """`<format>/blobs/...`: the content-addressed keys whose owners are database rows."""
-    parts = key.split("/")
-    return len(parts) > 2 and parts[1] == "blobs"
-
-
 async def _referenced(db: Database, key: str) -> bool:
     row = await db.fetchrow(
         "SELECT 1 AS hit FROM artifacts WHERE storage_key = $1"
+        " UNION ALL SELECT 1 AS hit FROM files WHERE artifact_key = $1"
         " UNION ALL SELECT 1 AS hit FROM versions WHERE artifact_key = $1 LIMIT 1",
         key,
     )
@@ -62,6 +59,7 @@ async def sweep_orphans(db: Database, storage: StorageBackend, *, grace_secs: fl
     """
     rows = await db.fetch(
         "SELECT artifact_key AS key FROM versions WHERE artifact_key IS NOT NULL"
+        " UNION SELECT artifact_key AS key FROM files"
         " UNION SELECT storage_key AS key FROM artifacts"
     )
     referenced = {row["key"] for row in rows}

@@ -19,7 +19,6 @@ from yarl import URL
 
 from batlehub import admin, appkeys
 from batlehub.app import create_app
-from batlehub.auth import require
 from batlehub.builtin.cache_memory import MemoryCache
 from batlehub.config import parse_settings
 from batlehub.errors import ConfigError, NotFound
@@ -27,11 +26,12 @@ from batlehub.interfaces import (
     BlobStat,
     CacheBackendType,
     RegistryFormatType,
-    RegistryServices,
     StorageBackendType,
     StoredBlob,
 )
 from batlehub.plugins import get_plugin_manager, hookimpl
+from batlehub.registries import RegistryServices
+from batlehub.requests import require
 
 ADMIN_TOKEN = "admin-secret-token"
 USER_TOKEN = "user-secret-token"

@@ -143,11 +143,15 @@ async def test_database_tokens_create_list_revoke(tmp_path: Path, db: Database) 
         await auth.authenticate(f"Bearer {token}")
 
 
-async def test_revoke_by_value(tmp_path: Path, db: Database) -> None:
+async def test_a_token_revokes_itself_and_nothing_else(tmp_path: Path, db: Database) -> None:
     auth = Authenticator(parse_settings({"registries": []}, data_dir=tmp_path), db)
     _, token = await auth.create_token("erin", "user")
-    assert await auth.revoke_by_value(token) is True
-    assert await auth.identify(token) is None
+    _, other = await auth.create_token("erin", "user")
+    erin = await auth.identify(token)
+    assert erin is not None
+    assert await auth.revoke_presented(erin, other) is False  # presenting one token, naming another
+    assert await auth.revoke_presented(erin, token) is True
+    assert await auth.identify(token) is None and await auth.identify(other) is not None
 
 
 async def test_expired_token_is_refused(tmp_path: Path, db: Database) -> None:

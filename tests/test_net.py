@@ -14,7 +14,8 @@ from aiohttp.test_utils import make_mocked_request
 
 from batlehub import appkeys, net
 from batlehub.config import parse_settings
-from batlehub.net import client_ip, external_base_url, is_trusted
+from batlehub.net import client_ip, is_trusted
+from batlehub.requests import base_url as external_base_url
 
 
 def nets(*cidrs: str) -> tuple[Any, ...]:

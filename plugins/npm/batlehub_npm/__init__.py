@@ -2,14 +2,16 @@
 
 Implements the `register_registry_formats` hook: `[[registries]] type = "npm"` serves a full npm
 registry (for the npm, pnpm and yarn clients) under `/registries/{name}/`, in proxy, local or
-hybrid mode. See README.md for configuration and client setup.
+hybrid mode. Built on the plugin surface `batlehub.api` alone. See README.md for configuration
+and client setup.
 """
 
 from __future__ import annotations
 
-from batlehub.interfaces import RegistryFormatType
-from batlehub.plugins import hookimpl
-from batlehub_npm.registry import NpmRegistry, validate_options
+from batlehub.api import RegistryFormatType, hookimpl
+from batlehub_npm.names import normalize_name, scope_of
+from batlehub_npm.options import validate_options
+from batlehub_npm.registry import NpmRegistry
 
 __all__ = ["NpmRegistry", "register_registry_formats"]
 
@@ -22,5 +24,7 @@ def register_registry_formats() -> list[RegistryFormatType]:
             description="npm registry for npm, pnpm and yarn: proxies upstream registries, hosts private packages",
             validate=validate_options,
             factory=NpmRegistry,
+            scope_of=scope_of,
+            normalize_name=normalize_name,
         )
     ]

@@ -1,8 +1,8 @@
 """Packuments and version documents as the npm clients read them.
 
-Two sources feed the same shapes: local packages (rows in the database, see `local.py`) and
-upstream documents (see `upstream.py`). Either way every `dist.tarball` is rewritten to point at
-this hub, so clients never talk to an upstream directly. Responses are pre-serialized once per
+Two sources feed the same shapes: local packages (core's `Package`, see `local.py`) and upstream
+documents (see `upstream.py`). Either way every `dist.tarball` is rewritten to point at this hub,
+so clients never talk to an upstream directly. Responses are pre-serialized once per
 (registry, package, revision, variant) and kept in a small per-process LRU (`RenderedCache`),
 with a strong ETag; whoever uses the cache must first check the shared revision.
 """
@@ -13,13 +13,13 @@ import copy
 import gzip
 import hashlib
 import json
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from batlehub.api import Package
 from batlehub_npm.names import PackageName, latest_version
 
 ABBREVIATED_TYPE = "application/vnd.npm.install-v1+json"
@@ -52,39 +52,6 @@ ABBREVIATED_VERSION_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class LocalVersion:
-    version: str
-    manifest: dict[str, Any]
-    created: float
-
-
-@dataclass(frozen=True)
-class LocalPackage:
-    """A locally published package as stored: enough to build every document."""
-
-    name: PackageName
-    revision: int
-    created: float
-    modified: float
-    extra: dict[str, Any]
-    versions: list[LocalVersion]
-    dist_tags: dict[str, str]
-
-    @property
-    def rev(self) -> str:
-        return make_rev(self.name.name, self.created, self.revision)
-
-    @property
-    def stamp(self) -> str:
-        """Changes with every write and with every re-creation of the package."""
-        return revision_stamp(self.created, self.revision)
-
-
-def revision_stamp(created: float, revision: int) -> str:
-    return f"{created!r}:{revision}"
-
-
 def make_rev(name: str, created: float, revision: int) -> str:
     """CouchDB-style `_rev`: the revision number plus a short hash that also changes when a
     package is deleted and published again (its revision starts over, its creation time does not)."""
@@ -97,9 +64,10 @@ def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
 
 
-def tarball_url(base_url: str, registry: str, package: PackageName, version: str) -> str:
-    """Where clients download a tarball from: always this hub."""
-    return f"{base_url}/registries/{registry}/{package.name}/-/{package.tarball_filename(version)}"
+def tarball_url(registry_url: str, package: PackageName, version: str) -> str:
+    """Where clients download a tarball from: always this hub (`registry_url`: the registry's
+    absolute URL, `batlehub.api.registry_url`)."""
+    return f"{registry_url}/{package.name}/-/{package.tarball_filename(version)}"
 
 
 def with_tarball(manifest: Mapping[str, Any], url: str) -> dict[str, Any]:
@@ -136,29 +104,29 @@ def abbreviate(doc: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def local_packument(package: LocalPackage, base_url: str, registry: str, *, abbreviated: bool) -> dict[str, Any]:
+def local_packument(package: Package, registry_url: str, *, abbreviated: bool) -> dict[str, Any]:
     """The packument of a local package (full, or abbreviated)."""
+    name = PackageName(package.name)
     versions: dict[str, Any] = {}
     time: dict[str, str] = {"created": iso_time(package.created), "modified": iso_time(package.modified)}
     for item in package.versions:
-        manifest = with_tarball(item.manifest, tarball_url(base_url, registry, package.name, item.version))
-        versions[item.version] = manifest
+        versions[item.version] = with_tarball(item.manifest, tarball_url(registry_url, name, item.version))
         time[item.version] = iso_time(item.created)
-    dist_tags = dict(package.dist_tags)
+    dist_tags = dict(package.tags)
     if "latest" not in dist_tags and versions:
         dist_tags["latest"] = latest_version(list(versions)) or next(iter(versions))
     if abbreviated:
-        return abbreviate({"name": package.name.name, "dist-tags": dist_tags, "versions": versions, "time": time})
+        return abbreviate({"name": package.name, "dist-tags": dist_tags, "versions": versions, "time": time})
     extra = package.extra
     doc: dict[str, Any] = {
-        "_id": package.name.name,
-        "_rev": package.rev,
-        "name": package.name.name,
+        "_id": package.name,
+        "_rev": make_rev(package.name, package.created, package.revision),
+        "name": package.name,
         "description": extra.get("description", ""),
         "dist-tags": dist_tags,
         "versions": versions,
         "time": time,
-        "maintainers": extra.get("maintainers", []),
+        "maintainers": [{"name": owner, "email": ""} for owner in package.owners],
         "readme": extra.get("readme", ""),
         "readmeFilename": extra.get("readmeFilename", ""),
         "users": extra.get("users", {}),
@@ -170,7 +138,7 @@ def local_packument(package: LocalPackage, base_url: str, registry: str, *, abbr
 
 
 def proxied_packument(
-    data: Mapping[str, Any], package: PackageName, base_url: str, registry: str, *, abbreviated: bool
+    data: Mapping[str, Any], package: PackageName, registry_url: str, *, abbreviated: bool
 ) -> dict[str, Any]:
     """An upstream packument with every tarball URL pointing at this hub (upstream URLs stay
     known to the proxy only). `data` is not changed."""
@@ -178,7 +146,7 @@ def proxied_packument(
     versions = data.get("versions")
     if isinstance(versions, Mapping):
         doc["versions"] = {
-            v: with_tarball(m, tarball_url(base_url, registry, package, v))
+            v: with_tarball(m, tarball_url(registry_url, package, v))
             for v, m in versions.items()
             if isinstance(m, Mapping)
         }
@@ -251,39 +219,36 @@ class Rendered:
 class RenderedCache:
     """Per-process LRU of rendered documents, bounded by total bytes.
 
-    Keys must contain everything the bytes depend on (registry, package, revision stamp or
-    upstream fetch identity, variant, base URL); a caller checks the shared revision before
-    trusting an entry, so an entry never outlives a write made on another replica.
+    Keys start with the package name and contain everything the bytes depend on (revision stamp
+    or upstream content id, variant, base URL); a caller checks the shared revision before
+    trusting an entry, so an entry never outlives a write made on another replica. Used on the
+    event loop only.
     """
 
     def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[tuple[Any, ...], Rendered] = OrderedDict()
         self._bytes = 0
-        self._lock = threading.Lock()
 
     def get(self, key: tuple[Any, ...]) -> Rendered | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-            return item
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
 
     def put(self, key: tuple[Any, ...], item: Rendered) -> None:
         if item.size * 4 > self.max_bytes:
             return  # one huge document must not flush everything else
-        with self._lock:
-            old = self._items.pop(key, None)
-            if old is not None:
-                self._bytes -= old.size
-            self._items[key] = item
-            self._bytes += item.size
-            while self._bytes > self.max_bytes and self._items:
-                _, evicted = self._items.popitem(last=False)
-                self._bytes -= evicted.size
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._bytes -= old.size
+        self._items[key] = item
+        self._bytes += item.size
+        while self._bytes > self.max_bytes and self._items:
+            _, evicted = self._items.popitem(last=False)
+            self._bytes -= evicted.size
 
-    def drop_package(self, registry: str, name: str) -> None:
+    def drop_package(self, name: str) -> None:
         """Forget a package's entries in this process (a write here; other replicas go by revision)."""
-        with self._lock:
-            for key in [k for k in self._items if k[:2] == (registry, name)]:
-                self._bytes -= self._items.pop(key).size
+        for key in [k for k in self._items if k[0] == name]:
+            self._bytes -= self._items.pop(key).size

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from batlehub.errors import BadRequest, InvalidKey
+from batlehub.api import BadRequest, InvalidKey
 
 MAX_NAME_LENGTH = 214
 MAX_VERSION_LENGTH = 256
@@ -30,7 +30,8 @@ _RESERVED_NEW_NAMES = frozenset({"node_modules", "favicon.ico"})
 _SEMVER = re.compile(
     r"^v?(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
     r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
-    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$"
+    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$",
+    re.ASCII,  # \d must not match other scripts' digits ("1\u0661.0.0" is no version)
 )
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-_.~]*$")
 
@@ -130,7 +131,7 @@ def validate_tag(text: str) -> str:
     _refuse_escape(text, "dist-tag")
     if len(text) > MAX_TAG_LENGTH or not _TAG.match(text):
         raise BadRequest(f"invalid dist-tag {text!r}: use letters, digits, - . _ ~")
-    if is_semver(text) or re.match(r"^v?\d+(\.\d+)?$", text):
+    if is_semver(text) or re.match(r"^v?\d+(\.\d+)?$", text, re.ASCII):
         raise BadRequest(f"invalid dist-tag {text!r}: a tag must not look like a version")
     return text
 
@@ -269,9 +270,22 @@ def _special_route(segments: list[str]) -> Route:
     return Route("unknown", segments=tuple(segments))
 
 
-def split_scope(spec: str) -> tuple[str, str | None]:
+def split_spec(spec: str) -> tuple[str, str | None]:
     """Split `name@version` (`@scope/name@version` too) into name and version (None if absent)."""
     at = spec.find("@", 1)
     if at == -1:
         return spec, None
     return spec[:at], spec[at + 1 :]
+
+
+def scope_of(name: str) -> str | None:
+    """`@scope` of `@scope/name`, None for an unscoped name (core keeps owners of scopes)."""
+    return name.split("/", 1)[0] if name.startswith("@") and "/" in name else None
+
+
+def normalize_name(text: str) -> str:
+    """A package name, or a bare `@scope`, as the admin API may name them."""
+    if text.startswith("@") and "/" not in text:
+        parse_package_name(f"{text}/x")  # the scope part obeys the same rules
+        return text
+    return parse_package_name(text).name

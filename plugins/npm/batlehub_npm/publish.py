@@ -1,4 +1,4 @@
-"""Reading `PUT /{package}` bodies as a stream.
+"""Reading `PUT /{package}` bodies as a stream, and checking what they publish.
 
 A publish body is JSON with the tarball inside as one base64 string
 (`_attachments.<file>.data`), and can be hundreds of megabytes. We never hold it whole: a small
@@ -13,28 +13,19 @@ to a temporary file first and stored once the manifest has been read.
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import binascii
 import json
-import os
 import re
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from batlehub.errors import BadRequest, IntegrityError, PayloadTooLarge
-from batlehub.interfaces import StorageBackend, StoredBlob
-from batlehub.storage import StreamDigest
-from batlehub_npm.upstream import blob_key
+from batlehub.api import ArtifactStore, BadRequest, PayloadTooLarge, SpooledBlob, StoredBlob
+from batlehub_npm.integrity import expected_digests
+from batlehub_npm.names import PackageName, validate_tag, validate_version
 
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 """Everything in a publish body except the tarball itself: manifests, readme, tags."""
-
-# base64 of N bytes takes 4*ceil(N/3) characters; allow for the JSON around it too.
-BASE64_OVERHEAD_NUM, BASE64_OVERHEAD_DEN = 4, 3
 
 _WS = b" \t\r\n"
 _STRING_SPECIAL = re.compile(rb'["\\]')
@@ -341,38 +332,54 @@ async def _attachments(
     return stored
 
 
-# --- from a manifest's dist to storage ----------------------------------------------------------
+# --- what a publish publishes ----------------------------------------------------------------------
 
 
-def expected_digests(dist: Any) -> dict[str, str]:
-    """The hex digests a manifest's `dist` announces: sha512 from `integrity` (SRI), sha1 from
-    `shasum`. Malformed values are a 400: they would otherwise fail as a confusing mismatch."""
-    if dist is None:
-        return {}
-    if not isinstance(dist, Mapping):
-        raise BadRequest("manifest field dist must be an object")
-    expected: dict[str, str] = {}
-    integrity = dist.get("integrity")
-    if integrity is not None:
-        if not isinstance(integrity, str):
-            raise BadRequest("dist.integrity must be a string")
-        for entry in integrity.split():
-            algorithm, sep, value = entry.partition("-")
-            if not sep or algorithm not in ("sha512", "sha256", "sha1"):
-                continue
-            try:
-                raw = base64.b64decode(value.split("?", 1)[0], validate=True)
-            except (binascii.Error, ValueError):
-                raise BadRequest(f"dist.integrity is not a valid SRI string: {entry[:40]!r}") from None
-            expected[algorithm] = raw.hex()
-    shasum = dist.get("shasum")
-    if shasum is not None:
-        if not isinstance(shasum, str) or not re.fullmatch(r"[0-9a-fA-F]{40}", shasum):
-            raise BadRequest("dist.shasum must be 40 hex digits")
-        if expected.get("sha1", shasum.lower()) != shasum.lower():
-            raise BadRequest("dist.shasum and dist.integrity disagree")
-        expected["sha1"] = shasum.lower()
-    return expected
+@dataclass(frozen=True)
+class PublishRequest:
+    """A validated publish body: one new version and the tags that should point at it."""
+
+    package: PackageName
+    version: str
+    manifest: dict[str, Any]
+    dist_tags: dict[str, str]
+    readme: str | None
+
+
+def parse_publish(package: PackageName, document: Mapping[str, Any]) -> PublishRequest:
+    """Check a publish body's shape; every problem is a 400 naming the field."""
+    for key in ("_id", "name"):
+        if key in document and document[key] != package.name:
+            raise BadRequest(f"document {key} {document[key]!r} does not match the URL's package {package.name!r}")
+    versions = document.get("versions")
+    if not isinstance(versions, Mapping) or not versions:
+        raise BadRequest("a publish needs a versions object with the new version")
+    if len(versions) != 1:
+        raise BadRequest("publish one version at a time")
+    version, manifest = next(iter(versions.items()))
+    validate_version(version)
+    if not isinstance(manifest, dict):
+        raise BadRequest(f"versions[{version!r}] must be an object")
+    if manifest.get("name") != package.name:
+        raise BadRequest(f"versions[{version!r}].name must be {package.name!r}")
+    if manifest.get("version") != version:
+        raise BadRequest(f"versions[{version!r}].version must be {version!r}")
+    for field in ("dependencies", "devDependencies", "optionalDependencies", "peerDependencies"):
+        deps = manifest.get(field)
+        if deps is not None and (not isinstance(deps, Mapping) or not all(isinstance(v, str) for v in deps.values())):
+            raise BadRequest(f"versions[{version!r}].{field} must map names to version ranges")
+    expected_digests(manifest.get("dist"), strict=True)
+    tags = document.get("dist-tags", {})
+    if not isinstance(tags, Mapping) or not all(isinstance(v, str) for v in tags.values()):
+        raise BadRequest("dist-tags must be an object of tag -> version")
+    dist_tags = {validate_tag(tag): v for tag, v in tags.items()}
+    for tag, target in dist_tags.items():
+        if target != version:
+            raise BadRequest(f"dist-tag {tag!r} must point at the published version {version}")
+    if not dist_tags:
+        dist_tags = {"latest": version}
+    readme = manifest.get("readme", document.get("readme"))
+    return PublishRequest(package, version, manifest, dist_tags, readme if isinstance(readme, str) else None)
 
 
 def single_manifest(document: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -384,47 +391,28 @@ def single_manifest(document: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-@dataclass
-class _Spooled:
-    path: Path
-    digest: StreamDigest
-
-
 class TarballSink:
     """The attachment callback for publishes: streams straight into storage under its
     content-addressed key when the manifest's sha512 is already known, else spools to a
     temporary file first. `finish()` returns the stored blob either way."""
 
-    def __init__(self, storage: StorageBackend, max_size: int, spool_dir: Path | None = None) -> None:
-        self.storage = storage
-        self.max_size = max_size
-        self.spool_dir = spool_dir
-        self._result: StoredBlob | _Spooled | None = None
+    def __init__(self, artifacts: ArtifactStore) -> None:
+        self.artifacts = artifacts
+        self._result: StoredBlob | SpooledBlob | None = None
 
     async def __call__(self, document: Mapping[str, Any], filename: str, chunks: AsyncIterator[bytes]) -> Any:
         manifest = single_manifest(document)
-        expected = expected_digests(manifest.get("dist")) if manifest else {}
+        expected = expected_digests(manifest.get("dist"), strict=True) if manifest else {}
         if "sha512" in expected:
-            key = blob_key(expected["sha512"], expected.get("sha1"))
-            self._result = await self.storage.put(key, chunks, max_size=self.max_size, expected=expected)
+            self._result = await self.artifacts.put(chunks, expected)
         else:
-            self._result = await self._spool(chunks)
+            self._result = await self.artifacts.spool(chunks)
         return self._result
 
-    async def _spool(self, chunks: AsyncIterator[bytes]) -> _Spooled:
-        if self.spool_dir is not None:
-            self.spool_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="npm-publish-", suffix=".tgz", dir=self.spool_dir)
-        digest = StreamDigest(self.max_size)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                async for chunk in chunks:
-                    digest.update(chunk)
-                    fh.write(chunk)
-        except BaseException:
-            os.unlink(name)
-            raise
-        return _Spooled(Path(name), digest)
+    @property
+    def size(self) -> int | None:
+        """Bytes received, before `finish` too; None if the body had no data."""
+        return None if self._result is None else self._result.size
 
     async def finish(self, manifest: Mapping[str, Any]) -> StoredBlob | None:
         """The stored tarball, verified against `manifest.dist`; None if the body had no data."""
@@ -432,38 +420,24 @@ class TarballSink:
         if result is None or isinstance(result, StoredBlob):
             return result
         try:
-            expected = expected_digests(manifest.get("dist"))
-            result.digest.check(expected)
-            digests = result.digest.digests()
-            key = blob_key(digests["sha512"], digests["sha1"])
-
-            async def file_chunks() -> AsyncIterator[bytes]:
-                fh = await asyncio.to_thread(result.path.open, "rb")
-                try:
-                    while block := await asyncio.to_thread(fh.read, 1024 * 1024):
-                        yield block
-                finally:
-                    fh.close()
-
-            blob = await self.storage.put(key, file_chunks(), max_size=self.max_size, expected=digests)
+            blob = await self.artifacts.put_spooled(result, expected_digests(manifest.get("dist"), strict=True))
         finally:
-            result.path.unlink(missing_ok=True)
+            result.discard()
         self._result = blob
         return blob
 
     def discard(self) -> None:
-        if isinstance(self._result, _Spooled):
-            self._result.path.unlink(missing_ok=True)
+        if isinstance(self._result, SpooledBlob):
+            self._result.discard()
 
 
 __all__ = [
     "DEFAULT_MAX_DOCUMENT_BYTES",
-    "IntegrityError",
     "ParsedBody",
+    "PublishRequest",
     "TarballSink",
-    "blob_key",
-    "expected_digests",
     "max_body_bytes",
     "parse_document",
+    "parse_publish",
     "single_manifest",
 ]

@@ -159,10 +159,12 @@ def test_dist_tags_add_ls_rm(tmp_path: Path, registry: str) -> None:
     listed = ok(run_npm(["dist-tag", "ls", "e2e-tags"], cwd=tmp_path, env=env))
     assert "stable: 1.0.0" in listed and "next: 2.0.0-beta.1" in listed
 
-    denied = run_npm(["dist-tag", "rm", "e2e-tags", "next"], cwd=tmp_path, env=env)
-    assert denied.returncode != 0 and "may not unpublish or delete" in output(denied)  # releases:delete
-    ok(run_npm(["dist-tag", "rm", "e2e-tags", "next"], cwd=tmp_path, env=npm_env(tmp_path, registry, ADMIN)))
-    assert view(tmp_path, registry, "e2e-tags", "dist-tags") == {"latest": "1.0.0", "stable": "1.0.0"}
+    # Only owners (and admins) change a package's tags; an owner may also remove them.
+    denied = run_npm(["dist-tag", "rm", "e2e-tags", "next"], cwd=tmp_path, env=npm_env(tmp_path, registry, BOB))
+    assert denied.returncode != 0 and "E403" in output(denied) and "owned by alice" in output(denied)
+    ok(run_npm(["dist-tag", "rm", "e2e-tags", "next"], cwd=tmp_path, env=env))
+    ok(run_npm(["dist-tag", "rm", "e2e-tags", "stable"], cwd=tmp_path, env=npm_env(tmp_path, registry, ADMIN)))
+    assert view(tmp_path, registry, "e2e-tags", "dist-tags") == {"latest": "1.0.0"}
 
 
 def test_deprecate_and_undeprecate(tmp_path: Path, registry: str) -> None:
@@ -225,8 +227,9 @@ def test_logout_revokes_the_database_token(tmp_path: Path, registry: str, npm_hu
     ok(run_npm(["logout"], cwd=tmp_path, env=env))
     after = run_npm(["whoami"], cwd=tmp_path, env=npm_env(tmp_path, registry, token))
     assert after.returncode != 0 and "401" in output(after)
-    # A token from the config file is never revoked from outside.
-    ok(run_npm(["logout"], cwd=tmp_path, env=npm_env(tmp_path, registry, ALICE)))
+    # A token from the config file is never revoked from outside, and logging out with it says so.
+    refused = run_npm(["logout"], cwd=tmp_path, env=npm_env(tmp_path, registry, ALICE))
+    assert refused.returncode != 0 and "cannot be revoked by logging out" in output(refused)
     assert ok(run_npm(["whoami"], cwd=tmp_path, env=npm_env(tmp_path, registry, ALICE))).strip() == "alice"
 
 

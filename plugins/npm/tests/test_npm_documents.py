@@ -7,10 +7,13 @@ import gzip
 import json
 
 from batlehub_npm import documents
-from batlehub_npm.documents import LocalPackage, LocalVersion, Rendered, RenderedCache
+from batlehub_npm.documents import Rendered, RenderedCache
 from batlehub_npm.names import PackageName
 
+from batlehub.api import Package, VersionRecord
+
 BASE = "https://hub.example.test"
+REGISTRY_URL = f"{BASE}/registries/npm"
 
 UPSTREAM = {
     "_id": "@s/p",
@@ -39,7 +42,7 @@ UPSTREAM = {
 
 
 def test_proxied_documents_point_every_tarball_at_the_hub_and_leave_the_input_alone() -> None:
-    doc = documents.proxied_packument(UPSTREAM, PackageName("@s/p"), BASE, "npm", abbreviated=False)
+    doc = documents.proxied_packument(UPSTREAM, PackageName("@s/p"), REGISTRY_URL, abbreviated=False)
     assert doc["versions"]["1.0.0"]["dist"]["tarball"] == f"{BASE}/registries/npm/@s/p/-/p-1.0.0.tgz"
     assert doc["versions"]["1.0.0"]["dist"]["integrity"] == "sha512-AAAA"
     assert "_attachments" not in doc
@@ -48,7 +51,7 @@ def test_proxied_documents_point_every_tarball_at_the_hub_and_leave_the_input_al
 
 
 def test_abbreviated_form_keeps_install_fields_only() -> None:
-    doc = documents.proxied_packument(UPSTREAM, PackageName("@s/p"), BASE, "npm", abbreviated=True)
+    doc = documents.proxied_packument(UPSTREAM, PackageName("@s/p"), REGISTRY_URL, abbreviated=True)
     assert set(doc) == {"name", "modified", "dist-tags", "versions", "time"}
     version = doc["versions"]["1.0.0"]
     assert "readme" not in version and "scripts" not in version
@@ -57,27 +60,29 @@ def test_abbreviated_form_keeps_install_fields_only() -> None:
     assert version["dist"]["tarball"].startswith(BASE)
 
 
-def local_package(revision: int = 1) -> LocalPackage:
-    return LocalPackage(
-        name=PackageName("mine"),
+def local_package(revision: int = 1) -> Package:
+    return Package(
+        name="mine",
         revision=revision,
         created=1700000000.5,
         modified=1700000100.25,
-        extra={"description": "d", "readme": "# mine", "maintainers": [{"name": "alice"}]},
-        versions=[
-            LocalVersion("1.0.0", {"name": "mine", "version": "1.0.0", "dist": {"shasum": "1" * 40}}, 1700000000.5),
-            LocalVersion("1.1.0", {"name": "mine", "version": "1.1.0", "deprecated": "old"}, 1700000100.25),
-        ],
-        dist_tags={"latest": "1.1.0"},
+        extra={"description": "d", "readme": "# mine"},
+        versions=(
+            VersionRecord("1.0.0", {"name": "mine", "version": "1.0.0", "dist": {"shasum": "1" * 40}}, 1700000000.5),
+            VersionRecord("1.1.0", {"name": "mine", "version": "1.1.0", "deprecated": "old"}, 1700000100.25),
+        ),
+        tags={"latest": "1.1.0"},
+        owners=("alice",),
     )
 
 
 def test_local_packument_full_and_abbreviated() -> None:
-    full = documents.local_packument(local_package(), BASE, "npm", abbreviated=False)
+    full = documents.local_packument(local_package(), REGISTRY_URL, abbreviated=False)
     assert full["_rev"].startswith("1-") and full["_id"] == "mine"
+    assert full["maintainers"] == [{"name": "alice", "email": ""}]
     assert full["time"]["1.0.0"] == "2023-11-14T22:13:20.500Z"
     assert full["versions"]["1.1.0"]["dist"]["tarball"] == f"{BASE}/registries/npm/mine/-/mine-1.1.0.tgz"
-    short = documents.local_packument(local_package(), BASE, "npm", abbreviated=True)
+    short = documents.local_packument(local_package(), REGISTRY_URL, abbreviated=True)
     assert "readme" not in json.dumps(short) and short["versions"]["1.1.0"]["deprecated"] == "old"
     assert documents.version_document(full, "latest")["version"] == "1.1.0"
     assert documents.version_document(full, "9.9.9") is None
@@ -85,7 +90,9 @@ def test_local_packument_full_and_abbreviated() -> None:
 
 def test_rev_and_etags_follow_the_revision() -> None:
     one, two = local_package(1), local_package(2)
-    assert one.rev != two.rev
+    assert documents.make_rev(one.name, one.created, one.revision) != documents.make_rev(
+        two.name, two.created, two.revision
+    )
     etag = documents.revision_etag(one.stamp, "full", BASE)
     assert etag == documents.revision_etag(one.stamp, "full", BASE)
     assert etag != documents.revision_etag(two.stamp, "full", BASE)
@@ -105,10 +112,10 @@ def test_accept_header_picks_the_abbreviated_form() -> None:
 def test_rendered_cache_is_bounded_and_forgets_packages() -> None:
     cache = RenderedCache(max_bytes=1000)
     for i in range(20):
-        cache.put(("npm", f"p{i}", "1", "full"), Rendered(b"x" * 100, f'"{i}"', "application/json"))
-    assert cache.get(("npm", "p0", "1", "full")) is None
-    assert cache.get(("npm", "p19", "1", "full")) is not None
-    cache.drop_package("npm", "p19")
-    assert cache.get(("npm", "p19", "1", "full")) is None
+        cache.put((f"p{i}", "1", "full"), Rendered(b"x" * 100, f'"{i}"', "application/json"))
+    assert cache.get(("p0", "1", "full")) is None
+    assert cache.get(("p19", "1", "full")) is not None
+    cache.drop_package("p19")
+    assert cache.get(("p19", "1", "full")) is None
     item = Rendered(b'{"a":1}' * 100, '"e"', "application/json")
     assert gzip.decompress(item.gzipped()) == item.body

@@ -1,11 +1,15 @@
 """End to end: hybrid and proxy registries in front of a real upstream (Verdaccio), used by the
-real npm CLI. A name published locally is served from local data only, never merged with the
-upstream's versions; every other name comes through the proxy; a proxy refuses publishes."""
+real npm CLI. A name the upstream has cannot be published locally unless an admin reserves it;
+once reserved it is served from local data only, never merged with the upstream's versions, and
+the upstream is never asked for it again; every other name comes through the proxy; a proxy
+refuses publishes."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,14 +77,33 @@ def view(tmp_path: Path, registry: str, spec: str, *fields: str) -> Any:
     return json.loads(ok(run_npm(["view", spec, *fields, "--json"], cwd=tmp_path, env=npm_env(tmp_path, registry))))
 
 
-def test_a_local_name_hides_the_upstream_versions_entirely(
-    tmp_path: Path, hybrid_hub: Hub, upstream_names: dict[str, str]
+def reserve(hub: Hub, name: str) -> None:
+    request = urllib.request.Request(
+        f"{hub.url}/api/v1/admin/registries/npm/reserved/{name}",
+        data=json.dumps({"reason": "our own package"}).encode(),
+        method="PUT",
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 201
+
+
+def test_an_upstream_name_is_published_locally_only_once_reserved(
+    tmp_path: Path, hybrid_hub: Hub, upstream_names: dict[str, str], verdaccio: Any
 ) -> None:
     registry = f"{hybrid_hub.url}/registries/npm/"
     shadowed = upstream_names["shadowed"]
     assert view(tmp_path, registry, shadowed, "versions") == ["1.0.0", "2.0.0"]  # proxied while not local
 
+    # Dependency confusion, closed: a user cannot take over a name the upstream has.
     folder = make_package(tmp_path / "src", shadowed, "3.0.0")
+    refused = run_npm(["publish"], cwd=folder, env=npm_env(tmp_path, registry, ALICE))
+    assert refused.returncode != 0
+    assert "E403" in refused.stderr and "exists in the upstream registry" in refused.stderr, refused.stderr
+    assert view(tmp_path, registry, shadowed, "versions") == ["1.0.0", "2.0.0"]
+
+    reserve(hybrid_hub, shadowed)
+    asked = verdaccio.request_count(re.compile(rf"^/{shadowed}(\?|$)"))
     ok(run_npm(["publish"], cwd=folder, env=npm_env(tmp_path, registry, ALICE)))
     assert view(tmp_path, registry, shadowed, "versions") == ["3.0.0"]  # local only, never merged
 
@@ -96,6 +119,8 @@ def test_a_local_name_hides_the_upstream_versions_entirely(
     assert installed == {shadowed: "3.0.0", upstream_names["remote"]: "2.0.0"}
     lock = (project / "package-lock.json").read_text()
     assert "4873" not in lock and "verdaccio" not in lock.lower()
+    # Reserved: the upstream was never asked for that name again, whatever the clients asked.
+    assert verdaccio.request_count(re.compile(rf"^/{shadowed}(\?|$)")) == asked
 
     # Audit goes to the upstream as is; this Verdaccio has no audit service and says 404, which
     # must reach npm unchanged (not a hub error, and not an invented "no vulnerabilities").
@@ -129,6 +154,7 @@ def test_upstream_packages_cannot_be_changed_through_a_hybrid_registry(
     for token, args in (
         (ADMIN, ["unpublish", f"{remote}@1.0.0"]),
         (ALICE, ["dist-tag", "add", f"{remote}@1.0.0", "mine"]),
+        (ALICE, ["deprecate", f"{remote}@1.0.0", "do not use"]),
     ):
         result = run_npm(args, cwd=tmp_path, env=npm_env(tmp_path, registry, token))
         assert result.returncode != 0, args  # npm must not report success for something that did not happen

@@ -8,7 +8,7 @@ from batlehub_npm.names import (
     latest_version,
     parse_package_name,
     parse_route,
-    split_scope,
+    split_spec,
     validate_tag,
     validate_version,
     version_sort_key,
@@ -121,5 +121,5 @@ def test_versions_tags_and_ordering() -> None:
     ]
     assert latest_version(versions) == "1.10.0"  # a release beats newer prereleases
     assert latest_version(["2.0.0-beta.2", "2.0.0-beta.10"]) == "2.0.0-beta.10"
-    assert split_scope("@s/p@1.0.0") == ("@s/p", "1.0.0")
-    assert split_scope("@s/p") == ("@s/p", None)
+    assert split_spec("@s/p@1.0.0") == ("@s/p", "1.0.0")
+    assert split_spec("@s/p") == ("@s/p", None)

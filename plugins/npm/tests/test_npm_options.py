@@ -3,7 +3,7 @@ can list them all at once."""
 
 from __future__ import annotations
 
-from batlehub_npm.registry import options_of, validate_options
+from batlehub_npm.options import options_of, validate_options
 
 
 def test_defaults_are_hybrid_without_upstreams() -> None:

@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batlehub_npm.publish import TarballSink, expected_digests, max_body_bytes, parse_document
+from batlehub_npm.integrity import expected_digests
+from batlehub_npm.publish import TarballSink, max_body_bytes, parse_document
 from npm_testdata import publish_body
 
+from batlehub.app import installed_types
+from batlehub.artifacts import ArtifactStore
 from batlehub.builtin.storage_filesystem import FilesystemStorage
 from batlehub.errors import BadRequest, IntegrityError, PayloadTooLarge
+from batlehub.plugins import get_plugin_manager
 
 
 def chunked(body: bytes, size: int) -> Callable[[], Awaitable[bytes]]:
@@ -120,13 +124,20 @@ async def test_document_size_is_bounded_while_reading() -> None:
 def test_expected_digests_reads_sri_and_shasum() -> None:
     data = b"hello"
     sri = "sha512-" + base64.b64encode(hashlib.sha512(data).digest()).decode()
-    assert expected_digests({"integrity": sri, "shasum": hashlib.sha1(data).hexdigest()}) == {
+    assert expected_digests({"integrity": sri, "shasum": hashlib.sha1(data).hexdigest()}, strict=True) == {
         "sha512": hashlib.sha512(data).hexdigest(),
         "sha1": hashlib.sha1(data).hexdigest(),
     }
-    for bad in ({"integrity": 5}, {"shasum": "xyz"}, {"integrity": "sha512-!!!"}, "nope"):
+    bad_values = (
+        {"integrity": 5},
+        {"shasum": "xyz"},
+        {"integrity": "sha512-!!!"},
+        {"integrity": "sha512-AAAA"},
+        "nope",
+    )
+    for bad in bad_values:
         with pytest.raises(BadRequest):
-            expected_digests(bad)
+            expected_digests(bad, strict=True)
     assert max_body_bytes(300) == 400 + 64 * 1024 * 1024
 
 
@@ -136,10 +147,25 @@ async def storage(tmp_path: Path) -> FilesystemStorage:
     return backend
 
 
+def artifacts(store: FilesystemStorage, max_size: int, spool_dir: Path) -> ArtifactStore:
+    """An artifact store on `store`; publishes need no database, cache or upstream."""
+    return ArtifactStore(
+        format_name="npm",
+        registry="npm",
+        storage=store,
+        storage_type=installed_types(get_plugin_manager()).storage["filesystem"],
+        db=None,  # type: ignore[arg-type]
+        cache=None,  # type: ignore[arg-type]
+        http=None,  # type: ignore[arg-type]
+        spool_dir=spool_dir,
+        max_size=max_size,
+    )
+
+
 async def test_sink_stores_under_the_content_address_and_checks_integrity(tmp_path: Path) -> None:
     store = await storage(tmp_path)
     tarball = os.urandom(100_000)
-    sink = TarballSink(store, max_size=10**6)
+    sink = TarballSink(artifacts(store, 10**6, tmp_path / "spool"))
     parsed = await parse_document(
         chunked(json.dumps(publish_body("p", "1.0.0", tarball)).encode(), 8192), store_attachment=sink
     )
@@ -150,13 +176,15 @@ async def test_sink_stores_under_the_content_address_and_checks_integrity(tmp_pa
 
     lying = publish_body("p", "1.0.1", tarball, integrity_of=b"something else")
     with pytest.raises(IntegrityError):
-        await parse_document(chunked(json.dumps(lying).encode(), 8192), store_attachment=TarballSink(store, 10**6))
+        await parse_document(
+            chunked(json.dumps(lying).encode(), 8192), store_attachment=TarballSink(artifacts(store, 10**6, tmp_path))
+        )
     assert [b.key async for b in store.list("npm/")] == [blob.key]  # nothing new became visible
 
     with pytest.raises(PayloadTooLarge):
         await parse_document(
             chunked(json.dumps(publish_body("p", "1.0.2", tarball)).encode(), 8192),
-            store_attachment=TarballSink(store, 50_000),
+            store_attachment=TarballSink(artifacts(store, 50_000, tmp_path)),
         )
 
 
@@ -165,7 +193,7 @@ async def test_sink_spools_when_the_manifest_comes_after_the_data(tmp_path: Path
     tarball = os.urandom(50_000)
     body = publish_body("p", "1.0.0", tarball)
     reordered = {"_attachments": body.pop("_attachments"), **body}
-    sink = TarballSink(store, max_size=10**6, spool_dir=tmp_path / "spool")
+    sink = TarballSink(artifacts(store, 10**6, tmp_path / "spool"))
     parsed = await parse_document(chunked(json.dumps(reordered).encode(), 4096), store_attachment=sink)
     blob = await sink.finish(parsed.document["versions"]["1.0.0"])
     assert blob is not None and blob.sha1 == hashlib.sha1(tarball).hexdigest()

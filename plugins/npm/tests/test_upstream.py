@@ -24,15 +24,19 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from batlehub_npm.upstream import UpstreamProxy, blob_key, sri_to_hex
+from batlehub_npm.integrity import sri_to_hex
+from batlehub_npm.upstream import UpstreamProxy
 
+from batlehub.artifacts import blob_key
 from batlehub.builtin.cache_memory import MemoryCache
 from batlehub.builtin.cache_postgres import PostgresCache
 from batlehub.builtin.storage_filesystem import FilesystemStorage
 from batlehub.config import RegistrySettings, Settings
 from batlehub.db import PostgresDatabase, SqliteDatabase
 from batlehub.errors import IntegrityError, UpstreamError
-from batlehub.interfaces import CacheBackend, RegistryServices
+from batlehub.interfaces import CacheBackend
+from batlehub.registries import RegistryServices
+from batlehub.testing.registries import registry_services
 
 REGISTRY = RegistrySettings(type="npm", name="npm", rbac={}, rate_limit=None, quota=None, options={})
 
@@ -74,9 +78,7 @@ def make_services(
 
     def make(cache: CacheBackend, cache_type: str = "memory") -> RegistryServices:
         settings = Settings(data_dir=tmp_path, cache={"type": cache_type})
-        return RegistryServices(
-            settings=settings, db=db, cache=cache, storage=storage, auth=None, http=lambda: http, pm=None
-        )  # type: ignore[arg-type]
+        return registry_services(settings, REGISTRY, db=db, cache=cache, storage=storage, http=http)
 
     return make
 
@@ -104,7 +106,6 @@ async def proxies() -> AsyncIterator[Callable[..., UpstreamProxy]]:
         warm: list[str] | None = None,
     ) -> UpstreamProxy:
         proxy = UpstreamProxy(
-            REGISTRY,
             services,
             upstreams=upstreams,
             metadata_ttl_secs=ttl,
@@ -265,7 +266,7 @@ async def test_fetch_once_then_served_from_cache(
     first = await proxy.packument(name)
     assert first is not None
     assert first.data["name"] == name and "1.0.0" in first.data["versions"]
-    assert first.upstream == verdaccio.url and not first.stale and not first.abbreviated
+    assert first.upstream == verdaccio.url and not first.stale and first.variant == "full"
     for _ in range(5):
         again = await proxy.packument(name)
         assert again is not None and again.data["versions"].keys() == first.data["versions"].keys()
@@ -295,15 +296,15 @@ async def test_abbreviated_is_asked_for_only_when_wanted(
     proxy = proxies(services, [verdaccio.url])
 
     small = await proxy.packument(name, abbreviated=True)
-    assert small is not None and small.abbreviated
+    assert small is not None and small.variant == "abbreviated"
     assert "readme" not in small.data and "dist" in small.data["versions"]["1.0.0"]
 
     # The abbreviated form cannot answer a full request...
     full = await proxy.packument(name)
-    assert full is not None and not full.abbreviated and full.data["readme"] == "a long readme"
+    assert full is not None and full.variant == "full" and full.data["readme"] == "a long readme"
     assert proxy.stats.metadata_requests == 2
     # ...but each is cached for its own kind of request.
-    assert (await proxy.packument(name, abbreviated=True)).abbreviated  # type: ignore[union-attr]
+    assert (await proxy.packument(name, abbreviated=True)).variant == "abbreviated"  # type: ignore[union-attr]
     assert proxy.stats.metadata_requests == 2
 
 
@@ -332,7 +333,7 @@ async def test_an_upstream_without_the_abbreviated_form_is_still_revalidated(
     await asyncio.sleep(0.2)
     second = await proxy.packument(name, abbreviated=True)
 
-    assert first is not None and second is not None and not second.abbreviated
+    assert first is not None and second is not None and second.variant == "full"
     assert proxy.stats.metadata_downloads == 1 and proxy.stats.not_modified == 1
     # The renewed full copy answers full requests too.
     assert (await proxy.packument(name)) is not None and proxy.stats.metadata_requests == 2
@@ -528,7 +529,7 @@ async def test_failing_upstream_serves_stale_and_backs_off(
     name = unique()
     local_upstream.packuments[name] = {"name": name, "dist-tags": {}, "versions": {}}
     proxy = proxies(services, [local_upstream.url], ttl=0.1)
-    proxy.metadata_timeout = aiohttp.ClientTimeout(total=0.3)
+    proxy.documents.metadata_timeout = aiohttp.ClientTimeout(total=0.3)
     assert await proxy.packument(name) is not None
 
     if fault == "503":
@@ -601,6 +602,8 @@ async def test_tarball_is_verified_stored_once_and_recorded(
     verdaccio: Any,
     http: aiohttp.ClientSession,
     services: RegistryServices,
+    make_services: Callable[..., RegistryServices],
+    db: Any,
     storage: FilesystemStorage,
     proxies: Callable[..., UpstreamProxy],
 ) -> None:
@@ -613,25 +616,26 @@ async def test_tarball_is_verified_stored_once_and_recorded(
 
     keys = await asyncio.gather(*(proxy.tarball(name, "1.0.0", dist) for _ in range(10)))
 
-    expected_key = blob_key(hashlib.sha512(tarball).hexdigest(), None)
+    expected_key = blob_key("npm", hashlib.sha512(tarball).hexdigest())
     assert set(keys) == {expected_key}
     assert b"".join([chunk async for chunk in storage.get(expected_key)]) == tarball
     await proxy.settle()  # the artifacts row is written after answering
-    row = await services.db.fetchrow("SELECT size, sha1 FROM artifacts WHERE storage_key = $1", expected_key)
+    row = await db.fetchrow("SELECT size, sha1 FROM artifacts WHERE storage_key = $1", expected_key)
     assert row == {"size": len(tarball), "sha1": hashlib.sha1(tarball).hexdigest()}
-    assert proxy.stats.tarball_downloads == 1
+    assert proxy.stats.artifact_downloads == 1
     assert verdaccio.request_count(f"/{name}/-/{name}-1.0.0.tgz") == 1
 
-    # Stored: later requests never go upstream, even with the upstream gone.
-    offline = proxies(services, ["http://127.0.0.1:9/"])
+    # Stored: later requests never go upstream, even with the upstream gone (another process, too).
+    offline = proxies(make_services(MemoryCache()), ["http://127.0.0.1:9/"])
     assert await offline.tarball(name, "1.0.0", dist) == expected_key
-    assert offline.stats.tarball_downloads == 0
+    assert offline.stats.artifact_downloads == 0
 
 
 @pytest.mark.parametrize("announce", ["integrity", "shasum"])
 async def test_tampered_tarball_is_refused_and_nothing_is_stored(
     announce: str,
     services: RegistryServices,
+    db: Any,
     storage: FilesystemStorage,
     proxies: Callable[..., UpstreamProxy],
     local_upstream: LocalUpstream,
@@ -655,10 +659,12 @@ async def test_tampered_tarball_is_refused_and_nothing_is_stored(
         await proxy.tarball(name, "1.0.0", doc.data["versions"]["1.0.0"]["dist"])
 
     assert caught.value.status == 422
-    assert f"integrity check failed for {name}@1.0.0: upstream bytes do not match" in caught.value.message
+    assert (
+        f"integrity check failed for the tarball of {name}@1.0.0: upstream bytes do not match" in caught.value.message
+    )
     assert await stored_keys(storage) == []
     await proxy.settle()
-    assert await services.db.fetchval("SELECT COUNT(*) FROM artifacts") == 0
+    assert await db.fetchval("SELECT COUNT(*) FROM artifacts") == 0
 
 
 async def test_tarball_without_any_digest_is_refused(
@@ -666,7 +672,7 @@ async def test_tarball_without_any_digest_is_refused(
 ) -> None:
     proxy = proxies(services, [local_upstream.url])
 
-    with pytest.raises(IntegrityError, match=r"cannot verify x@1\.0\.0"):
+    with pytest.raises(IntegrityError, match=r"cannot verify the tarball of x@1\.0\.0"):
         await proxy.tarball("x", "1.0.0", {"tarball": local_upstream.url + "x/-/x-1.0.0.tgz"})
 
     assert local_upstream.requests == []
@@ -680,7 +686,7 @@ def test_sri_to_hex_reads_every_algorithm_and_skips_garbage() -> None:
     )
     assert sri_to_hex(sri) == {"sha512": hashlib.sha512(data).hexdigest(), "sha1": hashlib.sha1(data).hexdigest()}
     with pytest.raises(ValueError):
-        blob_key("../../etc", None)
+        blob_key("npm", "../../etc")
 
 
 # --- audit --------------------------------------------------------------------------------------
@@ -693,14 +699,14 @@ async def test_audit_is_forwarded_to_the_first_upstream_as_is(
     plain = json.dumps({"lodash": ["4.17.20"]}).encode()
     body = gzip.compress(plain)
 
-    status, headers, answer = await proxy.audit(
-        "/-/npm/v1/security/advisories/bulk",
+    status, content_type, answer = await proxy.audit(
+        "advisories/bulk",
         body,
         {"Content-Type": "application/json", "Content-Encoding": "gzip", "Authorization": "Bearer secret"},
     )
 
     assert status == 200 and json.loads(answer) == {"echo": "-/npm/v1/security/advisories/bulk"}
-    assert headers["Content-Type"].startswith("application/json")
+    assert content_type.startswith("application/json")
     sent = local_upstream.requests[0]
     assert sent.headers["Content-Encoding"] == "gzip" and "Authorization" not in sent.headers
     # The upstream got the gzip bytes with their encoding, so it could decode them.
@@ -713,7 +719,7 @@ async def test_audit_with_the_upstream_down_is_a_502(
     proxy = proxies(services, [dead_upstream])
 
     with pytest.raises(UpstreamError, match="audit"):
-        await proxy.audit("-/npm/v1/security/audits/quick", b"{}", {"Content-Type": "application/json"})
+        await proxy.audit("audits/quick", b"{}", {"Content-Type": "application/json"})
 
 
 # --- warm-up ------------------------------------------------------------------------------------
@@ -739,17 +745,17 @@ async def test_warm_up_runs_once_across_replicas(
     caplog.set_level("INFO", logger="batlehub_npm.upstream")
     await asyncio.gather(*(r.warm() for r in replicas))
 
-    assert sum(r.stats.tarball_downloads for r in replicas) == 2
+    assert sum(r.stats.artifact_downloads for r in replicas) == 2
     assert verdaccio.request_count(f"/{latest}/-/{latest}-2.0.0.tgz") == 1
     assert verdaccio.request_count(f"/{pinned}/-/{pinned}-1.0.0.tgz") == 1
     assert verdaccio.request_count(f"/{latest}/-/{latest}-1.0.0.tgz") == 0
-    assert blob_key(hashlib.sha512(old).hexdigest(), None) in await stored_keys(storage)
+    assert blob_key("npm", hashlib.sha512(old).hexdigest()) in await stored_keys(storage)
     assert f"warm-up 2/3: {pinned}@1.0.0" in caplog.text
 
     # A replica started later finds the work done.
     late = proxies(make_services(shared), [verdaccio.url], warm=specs)
     await late.warm()
-    assert late.stats.tarball_downloads == 0 and late.stats.metadata_requests <= 1
+    assert late.stats.artifact_downloads == 0 and late.stats.metadata_requests <= 1
 
 
 async def test_warm_up_never_raises_when_the_upstream_is_down(

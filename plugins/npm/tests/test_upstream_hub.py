@@ -184,7 +184,7 @@ async def test_npm_never_installs_a_tampered_upstream_tarball(tmp_path: Path, hu
         await runner.cleanup()
 
     assert result.returncode != 0
-    assert f"integrity check failed for {name}@1.0.0" in result.stdout + result.stderr
+    assert f"integrity check failed for the tarball of {name}@1.0.0" in result.stdout + result.stderr
     assert not (project / "node_modules" / name).exists()
     assert f"/{name}/-/{name}-1.0.0.tgz" in requests
     stored = [p for p in (server.data_dir / "storage").rglob("*") if p.is_file() and ".tmp" not in p.parts]

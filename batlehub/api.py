@@ -1,0 +1,123 @@
+"""The plugin surface: everything a registry format may use from core, in one place.
+
+A format imports from `batlehub.api` and nothing else in `batlehub` (backends also use
+`batlehub.interfaces` and `batlehub.storage`, see their guides). What is here is documented in
+docs/plugins/registry-formats.md; what is not here may change without notice.
+
+- Registering: `hookimpl`, `RegistryFormatType`, the `Registry` protocol.
+- Per registry (`RegistryServices`, handed to the format's factory): the package store, the
+  artifact store, upstream documents, the fail-open cache, tokens.
+- Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
+  `registry_url`, bounded body readers.
+- Domain errors: raise them; core turns them into JSON errors with the right status.
+"""
+
+from __future__ import annotations
+
+from batlehub.artifacts import VERIFIABLE, ArtifactStore, BlobMissing, SpooledBlob, blob_key
+from batlehub.auth import ANONYMOUS, Identity
+from batlehub.config import RegistrySettings, Settings
+from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight
+from batlehub.errors import (
+    AlreadyExists,
+    BadRequest,
+    BatleHubError,
+    Conflict,
+    Forbidden,
+    IntegrityError,
+    InvalidKey,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ServiceUnavailable,
+    Unauthorized,
+    UnprocessableEntity,
+    UpstreamError,
+)
+from batlehub.interfaces import Registry, RegistryFormatType, StoredBlob
+from batlehub.packages import (
+    FileRecord,
+    NewFile,
+    Package,
+    PackageStore,
+    PackageSummary,
+    PackageWrite,
+    VersionRecord,
+)
+from batlehub.plugins import hookimpl
+from batlehub.registries import RegistryServices
+from batlehub.requests import (
+    Actor,
+    actor,
+    base_url,
+    client_ip,
+    identity,
+    parse_json,
+    read_body,
+    read_json,
+    registry_of,
+    registry_subpath,
+    registry_url,
+    require,
+)
+from batlehub.upstream import DocumentFormat, UpstreamDocument, UpstreamDocuments, UpstreamStats
+
+__all__ = [
+    "ANONYMOUS",
+    "VERIFIABLE",
+    "Actor",
+    "AlreadyExists",
+    "ArtifactStore",
+    "BackgroundWrites",
+    "BadRequest",
+    "BatleHubError",
+    "BlobMissing",
+    "Conflict",
+    "DocumentFormat",
+    "FailOpenCache",
+    "FileRecord",
+    "Forbidden",
+    "Identity",
+    "IntegrityError",
+    "InvalidKey",
+    "LogThrottle",
+    "MethodNotAllowed",
+    "NewFile",
+    "NotFound",
+    "Package",
+    "PackageStore",
+    "PackageSummary",
+    "PackageWrite",
+    "PayloadTooLarge",
+    "RateLimited",
+    "Registry",
+    "RegistryFormatType",
+    "RegistryServices",
+    "RegistrySettings",
+    "ServiceUnavailable",
+    "Settings",
+    "SingleFlight",
+    "SpooledBlob",
+    "StoredBlob",
+    "Unauthorized",
+    "UnprocessableEntity",
+    "UpstreamDocument",
+    "UpstreamDocuments",
+    "UpstreamError",
+    "UpstreamStats",
+    "VersionRecord",
+    "actor",
+    "base_url",
+    "blob_key",
+    "client_ip",
+    "hookimpl",
+    "identity",
+    "parse_json",
+    "read_body",
+    "read_json",
+    "registry_of",
+    "registry_subpath",
+    "registry_url",
+    "require",
+]

@@ -1,0 +1,355 @@
+"""Artifacts: the files of package versions, stored once per content in the storage backend.
+
+An artifact's key is derived from its digest (`blob_key`): `<format>/blobs/sha512/<2>/<hex>`
+(sha1 only for old upstream metadata that gives nothing better). This module is the one owner of
+that rule; the orphan sweep relies on it (a key under `<format>/blobs/` that no row references is
+garbage once it is older than the grace period).
+
+`ArtifactStore` is what a format uses to keep and serve those bytes:
+- `put` streams bytes whose digest is announced up front straight to their final key, verifying
+  while they stream; `spool` + `put_spooled` handle bytes whose digest is known only afterwards;
+- `fetch` downloads an upstream artifact once for every caller and replica, verified against the
+  digests its metadata announces, and records it;
+- `response` serves a stored artifact (sendfile, a presigned redirect, or a stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from batlehub.blobresponse import open_blob, plain_download
+from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, under_lease
+from batlehub.errors import IntegrityError, NotFound, PayloadTooLarge, UpstreamError
+from batlehub.interfaces import StorageBackend, StorageBackendType, StoredBlob
+from batlehub.storage import StreamDigest
+from batlehub.upstream import UpstreamStats, failure_reason
+
+if TYPE_CHECKING:
+    from batlehub.db import Connection, Database
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=60)
+"""An artifact may legitimately take minutes; what must not happen is a silent, stalled socket."""
+ARTIFACT_WAIT_SECS = 300.0
+"""How long a replica watches another one's download (its holder extends the lease while bytes flow)."""
+STORED_MEMO_ENTRIES = 100_000
+"""Keys a process remembers as stored, so a download asks neither the database nor storage."""
+CHUNK_SIZE = 64 * 1024
+_HEX = re.compile(r"^[0-9a-f]+$")
+VERIFIABLE = ("sha512", "sha256", "sha1")
+"""The digests `StorageBackend.put` can check."""
+
+
+class BlobMissing(Exception):
+    """A blob that should be stored is not (any more)."""
+
+
+def blob_key(format_name: str, sha512_hex: str | None = None, sha1_hex: str | None = None) -> str:
+    """The storage key of an artifact: content-addressed, so equal bytes are stored once whether
+    they were published here or fetched from an upstream. sha512 when known, sha1 for old metadata.
+    Raises `ValueError` for a digest that is not one."""
+    if sha512_hex:
+        digest = sha512_hex.lower()
+        if len(digest) != 128 or not _HEX.match(digest):
+            raise ValueError(f"not a sha512 hex digest: {sha512_hex!r}")
+        return f"{format_name}/blobs/sha512/{digest[:2]}/{digest}"
+    if sha1_hex:
+        digest = sha1_hex.lower()
+        if len(digest) != 40 or not _HEX.match(digest):
+            raise ValueError(f"not a sha1 hex digest: {sha1_hex!r}")
+        return f"{format_name}/blobs/sha1/{digest[:2]}/{digest}"
+    raise ValueError("a blob key needs a sha512 or a sha1 digest")
+
+
+def is_blob_key(key: str) -> bool:
+    """`<format>/blobs/...`: the content-addressed keys whose owners are database rows."""
+    parts = key.split("/")
+    return len(parts) > 2 and parts[1] == "blobs"
+
+
+def check_digests(expected: Mapping[str, str]) -> dict[str, str]:
+    """`expected` limited to digests storage can verify, each checked to be lowercase hex of the
+    right length. Raises `IntegrityError` for a malformed one (it could never match)."""
+    lengths = {"sha512": 128, "sha256": 64, "sha1": 40}
+    out: dict[str, str] = {}
+    for algorithm, digest in expected.items():
+        if algorithm not in lengths:
+            continue
+        value = str(digest).lower()
+        if len(value) != lengths[algorithm] or not _HEX.match(value):
+            raise IntegrityError(f"the announced {algorithm} digest is malformed")
+        out[algorithm] = value
+    return out
+
+
+@dataclass
+class SpooledBlob:
+    """Bytes received into a temporary file, digests known, not stored yet."""
+
+    path: Path
+    digest: StreamDigest
+
+    def digests(self) -> dict[str, str]:
+        return self.digest.digests()
+
+    @property
+    def size(self) -> int:
+        return self.digest.size
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class ArtifactStore:
+    """One format's artifacts in the storage backend (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        format_name: str,
+        registry: str,
+        storage: StorageBackend,
+        storage_type: StorageBackendType,
+        db: Database,
+        cache: FailOpenCache,
+        http: Callable[[], aiohttp.ClientSession],
+        spool_dir: Path,
+        max_size: int,
+        stats: UpstreamStats | None = None,
+    ) -> None:
+        self.format_name = format_name
+        self.registry = registry
+        self.storage = storage
+        self.db = db
+        self.cache = cache
+        self.http = http
+        self.spool_dir = spool_dir
+        self.max_size = max_size
+        self.stats = stats or UpstreamStats()
+        self.timeout = ARTIFACT_TIMEOUT
+        self.writes = BackgroundWrites()
+        # With local files, `local_path(key) is None` means "not stored": no round trip needed.
+        self._local_files = "local_path" in storage_type.capabilities
+        self._flights = SingleFlight()
+        self._stored: set[str] = set()
+        self._warn_allowed = LogThrottle()
+
+    def key_for(self, digests: Mapping[str, str]) -> str:
+        return blob_key(self.format_name, digests.get("sha512"), digests.get("sha1"))
+
+    async def close(self) -> None:
+        await self._flights.cancel_all()
+        await self.settle()
+
+    async def settle(self) -> None:
+        """Wait for the bookkeeping written after answering."""
+        await self.writes.settle()
+
+    # --- keeping bytes ----------------------------------------------------------------------------
+
+    async def put(self, chunks: AsyncIterator[bytes], expected: Mapping[str, str]) -> StoredBlob:
+        """Store bytes whose sha512 is announced up front, verifying every announced digest while
+        they stream. Raises `IntegrityError` (nothing stored) on a mismatch."""
+        expected = check_digests(expected)
+        if "sha512" not in expected:
+            spooled = await self.spool(chunks)
+            try:
+                return await self.put_spooled(spooled, expected)
+            finally:
+                spooled.discard()
+        return await self.storage.put(self.key_for(expected), chunks, max_size=self.max_size, expected=expected)
+
+    async def spool(self, chunks: AsyncIterator[bytes]) -> SpooledBlob:
+        """Receive bytes into a temporary file (for when their digests are announced only after
+        them); `put_spooled` stores them, `SpooledBlob.discard` drops them."""
+        await asyncio.to_thread(self.spool_dir.mkdir, parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f"{self.format_name}-upload-", dir=self.spool_dir)
+        digest = StreamDigest(self.max_size)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                async for chunk in chunks:
+                    digest.update(chunk)
+                    await asyncio.to_thread(fh.write, chunk)
+        except BaseException:
+            os.unlink(name)
+            raise
+        return SpooledBlob(Path(name), digest)
+
+    async def put_spooled(self, spooled: SpooledBlob, expected: Mapping[str, str]) -> StoredBlob:
+        """Verify spooled bytes against `expected`, then store them under their content key."""
+        spooled.digest.check(check_digests(expected))
+        digests = spooled.digests()
+
+        async def file_chunks() -> AsyncIterator[bytes]:
+            fh = await asyncio.to_thread(spooled.path.open, "rb")
+            try:
+                while block := await asyncio.to_thread(fh.read, 1024 * 1024):
+                    yield block
+            finally:
+                fh.close()
+
+        return await self.storage.put(self.key_for(digests), file_chunks(), max_size=self.max_size, expected=digests)
+
+    # --- upstream artifacts ---------------------------------------------------------------------
+
+    async def fetch(self, url: str, expected: Mapping[str, str], *, what: str) -> str:
+        """The key of the verified artifact at `url`, downloading it first if it is not stored yet
+        (once for all callers and replicas). `what` names it in messages (`name@version`).
+
+        Raises `IntegrityError` (nothing stored) when the bytes do not match `expected`, or when
+        `expected` has no sha512 or sha1 to check against."""
+        expected = check_digests(expected)
+        if "sha512" not in expected and "sha1" not in expected:
+            raise IntegrityError(f"cannot verify {what}: its upstream metadata has no sha512 or sha1 digest")
+        key = self.key_for(expected)
+        if key in self._stored:
+            return key
+        if await self.ready(key):
+            self.remember(key)
+            return key
+        if not url.startswith(("http://", "https://")):
+            raise UpstreamError(f"the upstream metadata of {what} has no usable download URL")
+
+        async def ready() -> str | None:
+            return key if await self.ready(key) else None
+
+        async def download() -> str:
+            return await under_lease(
+                self.cache,
+                f"lease:blob:{key}",
+                wait_secs=ARTIFACT_WAIT_SECS,
+                ready=ready,
+                work=lambda: self._download(url, key, expected, what),
+                checked=True,
+            )
+
+        key = await self._flights.run(key, download)
+        self.remember(key)
+        return key
+
+    def remember(self, key: str) -> None:
+        if len(self._stored) >= STORED_MEMO_ENTRIES:
+            self._stored.clear()
+        self._stored.add(key)
+
+    def forget(self, key: str) -> None:
+        """The blob under `key` turned out to be missing (the sweep deletes blobs whose rows are
+        gone): the next `fetch` checks again and downloads it anew."""
+        self._stored.discard(key)
+
+    async def ready(self, key: str) -> bool:
+        """Stored and recorded. With local files the file is looked at first (one `lstat`, no
+        thread), so a miss costs no database statement: a cold install misses on every artifact,
+        and on SQLite every statement waits its turn for the one connection."""
+        if self._local_files:
+            if self.storage.local_path(key) is None:
+                return False
+            return await self.db.fetchrow("SELECT size FROM artifacts WHERE storage_key = $1", key) is not None
+        row = await self.db.fetchrow("SELECT size FROM artifacts WHERE storage_key = $1", key)
+        return row is not None and await self.storage.stat(key) is not None
+
+    async def _download(self, url: str, key: str, expected: dict[str, str], what: str) -> str:
+        limit = self.max_size
+        self.stats.artifact_downloads += 1
+        try:
+            async with self.http().get(
+                url,
+                # The digests are of the bytes as published: never let a transfer encoding change them.
+                headers={"Accept": "application/octet-stream", "Accept-Encoding": "identity"},
+                timeout=self.timeout,
+                auto_decompress=False,
+            ) as resp:
+                if resp.status in (404, 410):
+                    raise NotFound(f"{what} is not on the upstream registry")
+                if resp.status != 200:
+                    raise UpstreamError(f"upstream registry answered HTTP {resp.status} for {what}")
+                if resp.content_length is not None and resp.content_length > limit:
+                    raise PayloadTooLarge(f"{what} is larger than the limit of {limit} bytes")
+                try:
+                    blob = await self.storage.put(
+                        key, resp.content.iter_chunked(CHUNK_SIZE), max_size=limit, expected=expected
+                    )
+                except IntegrityError as exc:
+                    log.warning("registry %s: refused %s from %s: %s", self.registry, what, url, exc)
+                    raise IntegrityError(
+                        f"integrity check failed for {what}: upstream bytes do not match the"
+                        f" {'/'.join(sorted(expected))} digest its metadata announces; nothing was stored"
+                    ) from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("registry %s: cannot fetch %s: %s", self.registry, url, exc)
+            raise UpstreamError(f"cannot fetch {what} from the upstream registry ({failure_reason(exc)})") from exc
+        # The row is written after answering (awaited by `close`): until the sweep's grace period
+        # has passed, a fresh blob is safe without it, and this process remembers the key as
+        # stored. If the write fails, the sweep may collect the blob later; it is fetched again.
+        self.writes.spawn(self._record(blob))
+        log.info("registry %s: stored %s (%d bytes) from %s", self.registry, what, blob.size, url)
+        return key
+
+    async def _record(self, blob: StoredBlob) -> None:
+        try:
+            await record_artifact(self.db, blob)
+        except Exception as exc:
+            self.forget(blob.key)
+            if self._warn_allowed("db-write"):
+                log.warning("registry %s: cannot record the stored blob %s: %s", self.registry, blob.key, exc)
+
+    # --- serving --------------------------------------------------------------------------------
+
+    async def response(
+        self, request: web.Request, key: str, filename: str, content_type: str = "application/octet-stream"
+    ) -> web.StreamResponse:
+        """The response that sends a stored blob. Raises `BlobMissing` when storage does not have
+        it, before anything is sent, so a caller that trusted a memo can look again."""
+        headers = {
+            "Content-Type": content_type,
+            "Cache-Control": "public, max-age=31536000, immutable",
+            "Content-Disposition": f'attachment; filename="{filename}"',
+        }
+        path = self.storage.local_path(key)
+        if path is not None:
+            if not plain_download(request):
+                return web.FileResponse(path, headers=headers)  # Range and conditional requests
+            try:
+                return open_blob(path, headers)
+            except FileNotFoundError:
+                raise BlobMissing(key) from None
+        url = await self.storage.presigned_url(key)
+        if url:
+            return web.Response(status=302, headers={"Location": url, "Cache-Control": "no-store"})
+        stat = await self.storage.stat(key)
+        if stat is None:
+            raise BlobMissing(key)
+        response = web.StreamResponse(headers={**headers, "Content-Length": str(stat.size)})
+        await response.prepare(request)
+        if request.method != "HEAD":
+            async for chunk in self.storage.get(key):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+async def record_artifact(conn: Connection, blob: StoredBlob) -> None:
+    """The `artifacts` row of a stored blob (what tells the sweep it is wanted)."""
+    await conn.execute(
+        "INSERT INTO artifacts (storage_key, size, sha512, sha1, sha256, created) VALUES ($1, $2, $3, $4, $5, $6)"
+        " ON CONFLICT (storage_key) DO NOTHING",
+        blob.key,
+        blob.size,
+        blob.sha512,
+        blob.sha1,
+        blob.sha256,
+        time.time(),
+    )

@@ -1,0 +1,221 @@
+"""Working together without stepping on each other: within a process and across replicas.
+
+- `LogThrottle`: an outage logs a line a minute, not a line per request.
+- `FailOpenCache`: the cache backend as callers on a request path want it. Reads miss, writes are
+  dropped and leases are granted when the backend does not answer, each with a throttled warning:
+  the database and the upstreams are the truth, the cache only saves work.
+- `SingleFlight`: one task per key does the work; concurrent callers in the process share it.
+- `under_lease`: the same across replicas, with a lease in the cache backend; a replica that finds
+  the lease taken watches for the holder's result instead of doing the work too.
+- `BackgroundWrites`: writes made after answering, with `settle()` to wait for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from batlehub.interfaces import Banner, CacheBackend, IpBlock, WindowCount
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+WARNING_EVERY_SECS = 60.0
+LEASE_TTL_SECS = 15.0
+"""Short, so a replica that dies while working blocks the others for seconds, not minutes; the
+holder keeps extending it while it works."""
+LEASE_POLL_SECS = 0.05
+
+
+class LogThrottle:
+    """Says yes to a key at most once per interval."""
+
+    def __init__(self, every_secs: float = WARNING_EVERY_SECS) -> None:
+        self.every_secs = every_secs
+        self._last: dict[str, float] = {}
+
+    def __call__(self, key: str = "") -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.every_secs) < self.every_secs:
+            return False
+        if len(self._last) > 10_000:
+            self._last = {k: t for k, t in self._last.items() if now - t < self.every_secs}
+        self._last[key] = now
+        return True
+
+
+class FailOpenCache:
+    """A `CacheBackend` whose failures never fail the caller (see the module docstring).
+
+    `warning` names what the failure costs, for the log line (the setting to check is always
+    `[cache]`)."""
+
+    def __init__(self, backend: CacheBackend, throttle: LogThrottle | None = None) -> None:
+        self.backend = backend
+        self._throttle = throttle or LogThrottle()
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        if self._throttle(what):
+            log.warning("cache backend failed (%s): %s; check the [cache] settings", exc, what)
+
+    async def get(self, key: str, *, stale: bool = False) -> bytes | None:
+        try:
+            return await (self.backend.get_stale(key) if stale else self.backend.get(key))
+        except Exception as exc:
+            self._failed(exc, "reads miss until it answers again")
+            return None
+
+    async def set(
+        self, key: str, value: bytes, ttl_secs: float | None = None, stale_retention_secs: float = 86400.0
+    ) -> bool:
+        try:
+            await self.backend.set(key, value, ttl_secs=ttl_secs, stale_retention_secs=stale_retention_secs)
+            return True
+        except Exception as exc:
+            self._failed(exc, "writes are dropped until it answers again")
+            return False
+
+    async def invalidate(self, key: str) -> None:
+        try:
+            await self.backend.invalidate(key)
+        except Exception as exc:
+            self._failed(exc, "writes are dropped until it answers again")
+
+    async def incr_window(self, key: str, window_secs: float) -> WindowCount | None:
+        try:
+            return await self.backend.incr_window(key, window_secs)
+        except Exception as exc:
+            self._failed(exc, "rate limits are not enforced until it answers again")
+            return None
+
+    async def get_block(self, ip: str) -> IpBlock | None:
+        try:
+            return await self.backend.get_block(ip)
+        except Exception as exc:
+            self._failed(exc, "IP blocks are not enforced until it answers again")
+            return None
+
+    async def get_banner(self) -> Banner | None:
+        try:
+            return await self.backend.get_banner()
+        except Exception as exc:
+            self._failed(exc, "the banner is not shown until it answers again")
+            return None
+
+    async def acquire_lease(self, key: str, owner: str, ttl_secs: float) -> bool:
+        try:
+            return bool(await self.backend.acquire_lease(key, owner, ttl_secs))
+        except Exception as exc:
+            self._failed(exc, "replicas do not coordinate until it answers again")
+            return True
+
+    async def extend_lease(self, key: str, owner: str, ttl_secs: float) -> None:
+        try:
+            await self.backend.extend_lease(key, owner, ttl_secs)
+        except Exception as exc:
+            self._failed(exc, "replicas do not coordinate until it answers again")
+
+    async def release_lease(self, key: str, owner: str) -> None:
+        try:
+            await self.backend.release_lease(key, owner)
+        except Exception as exc:
+            self._failed(exc, "replicas do not coordinate until it answers again")
+
+
+class SingleFlight:
+    """Run work once per key in this process; concurrent callers share its result. A caller that
+    goes away (a client disconnects) does not cancel the work for the others."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+
+    async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(work())
+            self._inflight[key] = task
+
+            def done(t: asyncio.Future[Any]) -> None:
+                if self._inflight.get(key) is t:
+                    del self._inflight[key]
+                if not t.cancelled():
+                    t.exception()  # retrieved here, so an unawaited failure is not logged twice
+
+            task.add_done_callback(done)
+        result: T = await asyncio.shield(task)
+        return result
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def under_lease(
+    cache: FailOpenCache,
+    lease_key: str,
+    *,
+    wait_secs: float,
+    ready: Callable[[], Awaitable[T | None]],
+    work: Callable[[], Awaitable[T]],
+    checked: bool = False,
+) -> T:
+    """Across replicas: do `work` while holding the lease, or, while someone else holds it, watch
+    `ready()` for their result; after `wait_secs` of waiting, do the work anyway.
+
+    `checked`: the caller has just found `ready()` empty, so a lease taken at the first try needs
+    no second look (at worst another replica finished in between and the work is done twice)."""
+    owner = uuid.uuid4().hex
+    deadline = time.monotonic() + wait_secs
+    held = await cache.acquire_lease(lease_key, owner, LEASE_TTL_SECS)
+    contended = not held
+    while not held:
+        await asyncio.sleep(LEASE_POLL_SECS)
+        result = await ready()
+        if result is not None:
+            return result
+        if time.monotonic() >= deadline:
+            log.info("waited %.0f s for another replica to finish %s; doing it here", wait_secs, lease_key)
+            break
+        held = await cache.acquire_lease(lease_key, owner, LEASE_TTL_SECS)
+    keeper = asyncio.create_task(_keep_lease(cache, lease_key, owner)) if held else None
+    try:
+        if contended or not checked:
+            result = await ready()  # another replica may have finished just before the lease was ours
+            if result is not None:
+                return result
+        return await work()
+    finally:
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+            await cache.release_lease(lease_key, owner)
+
+
+async def _keep_lease(cache: FailOpenCache, lease_key: str, owner: str) -> None:
+    while True:
+        await asyncio.sleep(LEASE_TTL_SECS / 3)
+        await cache.extend_lease(lease_key, owner, LEASE_TTL_SECS)
+
+
+class BackgroundWrites:
+    """Work started after answering (e.g. durable copies, bookkeeping rows); `settle()` waits for
+    all of it, and is what shutdown and tests call."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Future[None]] = set()
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def settle(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

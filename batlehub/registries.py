@@ -1,0 +1,142 @@
+"""What core hands each configured registry: `RegistryServices`.
+
+A format's factory gets its registry's settings and these services, and builds its protocol on
+them; it never sees the database, the plugin manager or the raw backends. Everything it may import
+from core is re-exported by `batlehub.api`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from batlehub.artifacts import ArtifactStore
+from batlehub.coordination import FailOpenCache
+from batlehub.packages import PackageStore
+from batlehub.plugins import fire_event
+from batlehub.upstream import DocumentFormat, UpstreamDocuments, UpstreamStats
+
+if TYPE_CHECKING:
+    import pluggy
+
+    from batlehub.auth import Authenticator
+    from batlehub.config import RegistrySettings, Settings
+    from batlehub.db import Database
+    from batlehub.interfaces import (
+        CacheBackend,
+        CacheBackendType,
+        RegistryFormatType,
+        StorageBackend,
+        StorageBackendType,
+    )
+
+
+class RegistryServices:
+    """The services of one registry (all shared, long-lived objects):
+
+    - `packages`: its `PackageStore` (packages, versions, files, tags, owners; every write one
+      unit of work with permission, ownership, quota, audit and invalidation);
+    - `artifacts`: its `ArtifactStore` (content-addressed blobs: keep, fetch, serve);
+    - `upstream_documents(...)`: builds the coordinated, cached view of its upstreams' documents;
+    - `cache`: the cache backend, failing open (`FailOpenCache`), for what the format keeps itself;
+    - `tokens`: identify a token (`npm login`) or revoke it (`npm logout`);
+    - `settings` (the whole configuration, read-only) and `registry` (this registry's entry);
+    - `cache_type`, `storage_type`: the descriptors of the configured backends (e.g. whether the
+      cache is shared by replicas).
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        registry: RegistrySettings,
+        format_type: RegistryFormatType,
+        db: Database,
+        cache: CacheBackend,
+        cache_type: CacheBackendType,
+        storage: StorageBackend,
+        storage_type: StorageBackendType,
+        tokens: Authenticator,
+        http: Callable[[], aiohttp.ClientSession],
+        pm: pluggy.PluginManager,
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.format_type = format_type
+        self.cache = FailOpenCache(cache)
+        self.cache_type = cache_type
+        self.storage_type = storage_type
+        self.tokens = tokens
+        self.http = http
+        self.stats = UpstreamStats()
+        """What this process asked the upstreams on this registry's behalf."""
+        self._db = db
+        self.packages = PackageStore(
+            registry=registry,
+            format_name=format_type.name,
+            db=db,
+            cache=self.cache,
+            fire=partial(fire_event, pm),
+            scope_of=format_type.scope_of,
+        )
+        self.artifacts = ArtifactStore(
+            format_name=format_type.name,
+            registry=registry.name,
+            storage=storage,
+            storage_type=storage_type,
+            db=db,
+            cache=self.cache,
+            http=http,
+            spool_dir=settings.data_dir / "tmp",
+            max_size=settings.limits.max_artifact_size_bytes,
+            stats=self.stats,
+        )
+        self._documents: list[UpstreamDocuments] = []
+
+    def upstream_documents(
+        self,
+        document_format: DocumentFormat,
+        *,
+        upstreams: list[str],
+        metadata_ttl_secs: float,
+        serve_stale: bool,
+        guard_publishes: bool = True,
+    ) -> UpstreamDocuments:
+        """The registry's documents from `upstreams`, fetched, cached and revalidated once for all
+        replicas (see `batlehub.upstream`). Names reserved for local use are never asked for.
+
+        With `guard_publishes` (a registry that both proxies and hosts), a name an upstream has
+        cannot be published here unless an admin reserved it."""
+        documents = UpstreamDocuments(
+            registry=self.registry.name,
+            format_name=self.format_type.name,
+            upstreams=upstreams,
+            document_format=document_format,
+            metadata_ttl_secs=metadata_ttl_secs,
+            serve_stale=serve_stale,
+            db=self._db,
+            cache=self.cache,
+            shared_cache=self.cache_type.shared,
+            http=self.http,
+            max_document_bytes=self.settings.limits.max_artifact_size_bytes,
+            reserved=self.packages.is_reserved,
+            stats=self.stats,
+        )
+        if guard_publishes and upstreams:
+            self.packages.upstream_has = documents.exists
+        self._documents.append(documents)
+        return documents
+
+    async def settle(self) -> None:
+        """Wait for the writes made after answering (tests call this before looking)."""
+        for documents in self._documents:
+            await documents.settle()
+        await self.artifacts.settle()
+
+    async def close(self) -> None:
+        for documents in self._documents:
+            await documents.close()
+        await self.artifacts.close()

@@ -1,0 +1,165 @@
+"""What a handler needs to know about the request in front of it: who asks, from where, in which
+registry, may they, and under which URL this hub is seen.
+
+The middleware pipeline fills in the client IP and the identity; everything here reads them back.
+A registry's routes live in a sub-application mounted at `REGISTRY_MOUNT`; aiohttp resolves the
+sub-application before any middleware runs, so `registry_of` finds the registry through the
+matched applications instead of parsing the path again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from batlehub import appkeys
+from batlehub.auth import ANONYMOUS, Identity, check_permission
+from batlehub.config import RegistrySettings
+from batlehub.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
+from batlehub.net import is_trusted
+
+REGISTRY_MOUNT = "/registries/{name}/"
+"""Where each registry's routes are mounted (the only place the prefix is spelled)."""
+
+SMALL_BODY_LIMIT = 1024 * 1024
+"""Default bound for JSON request bodies that are not publishes (logins, tags, admin calls)."""
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who does a write, for permission checks, ownership and the audit log."""
+
+    identity: Identity
+    client_ip: str | None = None
+
+    @property
+    def user_id(self) -> str | None:
+        return self.identity.user_id
+
+    @property
+    def is_admin(self) -> bool:
+        return self.identity.role == "admin"
+
+
+def identity(request: web.Request) -> Identity:
+    """The authenticated caller (ANONYMOUS without a token)."""
+    found: Identity = request.get(appkeys.IDENTITY, ANONYMOUS)
+    return found
+
+
+def client_ip(request: web.Request) -> str | None:
+    """The client's address, forwarding headers believed only from `server.trusted_proxies`."""
+    ip: str | None = request.get(appkeys.CLIENT_IP)
+    return ip
+
+
+def actor(request: web.Request) -> Actor:
+    return Actor(identity(request), client_ip(request))
+
+
+def registry_of(request: web.Request) -> RegistrySettings | None:
+    """The registry whose routes matched this request, or None outside every registry."""
+    # The matched applications, not `config_dict`: while the root's middlewares run, aiohttp makes
+    # the root the current application, and its config_dict stops there.
+    for app in request.match_info.apps:
+        registry = app.get(appkeys.REGISTRY_SETTINGS)
+        if registry is not None:
+            return registry
+    return None
+
+
+def require(request: web.Request, permission: str) -> Identity:
+    """Check `permission` for the caller in this request's registry; return the caller.
+
+    Raises `Unauthorized` (no token) or `Forbidden` (a token without the permission)."""
+    registry = registry_of(request)
+    if registry is None:
+        raise RuntimeError("require() called outside a registry's routes")
+    caller = identity(request)
+    check_permission(caller, registry, permission)
+    return caller
+
+
+def require_admin(request: web.Request) -> Identity:
+    caller = identity(request)
+    if caller.anonymous:
+        raise Unauthorized("authentication required", headers={"WWW-Authenticate": 'Bearer realm="batlehub"'})
+    if caller.role != "admin":
+        raise Forbidden("admin role required")
+    return caller
+
+
+def base_url(request: web.Request) -> str:
+    """This hub's base URL as the client sees it, without a trailing slash: `server.public_url`
+    if set, else the request's scheme (trusted `X-Forwarded-Proto`) and host."""
+    settings = request.config_dict[appkeys.SETTINGS]
+    if settings.server.public_url:
+        return settings.server.public_url.rstrip("/")
+    scheme = request.scheme
+    host = request.host
+    if is_trusted(request.remote, settings.server.trusted_proxies):
+        proto = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+        if proto in ("http", "https"):
+            scheme = proto
+        fwd_host = request.headers.get("X-Forwarded-Host", "").split(",")[0].strip()
+        if fwd_host:
+            host = fwd_host
+    return f"{scheme}://{host}"
+
+
+def registry_path(name: str) -> str:
+    """The path prefix of a registry's routes, with its trailing slash."""
+    return REGISTRY_MOUNT.format(name=name)
+
+
+_MOUNT_SEGMENTS = REGISTRY_MOUNT.strip("/").count("/") + 1
+
+
+def registry_subpath(request: web.Request) -> str:
+    """The raw (still percent-encoded) path below the registry's mount point, with its leading
+    `/`: what a format parses itself when its names may contain encoded slashes."""
+    parts = request.rel_url.raw_path.split("/", _MOUNT_SEGMENTS + 1)
+    return "/" + parts[_MOUNT_SEGMENTS + 1] if len(parts) > _MOUNT_SEGMENTS + 1 else "/"
+
+
+def registry_url(request: web.Request, name: str | None = None) -> str:
+    """The absolute URL of a registry (this request's by default), without a trailing slash."""
+    if name is None:
+        registry = registry_of(request)
+        if registry is None:
+            raise RuntimeError("registry_url() called outside a registry's routes")
+        name = registry.name
+    return base_url(request) + registry_path(name).rstrip("/")
+
+
+async def read_body(request: web.Request, limit: int = SMALL_BODY_LIMIT) -> bytes:
+    """The whole request body, refused with 413 as soon as it passes `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    return body
+
+
+async def read_json(request: web.Request, limit: int = SMALL_BODY_LIMIT, *, default: Any = None) -> Any:
+    """The request body as JSON (`default` for an empty body); 400 for anything that is not JSON."""
+    body = await read_body(request, limit)
+    if not body:
+        return default
+    return parse_json(body)
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """Strict JSON: no NaN or Infinity (they pass every `> 0` check and cannot be written back)."""
+    try:
+        return json.loads(raw, parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("request body is not valid JSON") from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

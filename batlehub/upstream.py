@@ -1,0 +1,712 @@
+"""Documents from upstream registries, asked for as rarely as possible and served when the
+upstreams are down. Every format's proxy goes through here; the format only says how its documents
+are addressed and checked (`DocumentFormat`).
+
+- A document is asked for once per `metadata_ttl_secs`, however many clients and replicas want it
+  at the same moment: one task per key in a process fetches while the others await it, and across
+  replicas that task first takes a lease in the cache backend; a replica that finds the lease
+  taken watches the cache for the result instead of asking the upstream too.
+- An expired copy is revalidated with `If-None-Match` / `If-Modified-Since`; a 304 renews it
+  without downloading the body again.
+- Every good copy is kept twice: in the cache backend (shared and fast) and in the database table
+  `upstream_documents` (durable), so `serve_stale` still works after a restart or a cache flush.
+- A name every upstream answers 404 for is remembered as absent for a short while
+  (`NOT_FOUND_TTL_SECS`), so a typo in a lockfile does not cost an upstream request per client.
+- A name reserved for local use (`PackageStore.is_reserved`) is never asked for at all.
+
+Stored copies use one small format, the "envelope": a JSON header line (upstream, validators, a
+content id) followed by a newline and the upstream's body bytes exactly as received. The cache
+holds the header alone under a key that is fresh for the TTL (a freshness check reads a few
+hundred bytes, not the whole document); a shared cache also holds the envelope under a second key.
+Each process keeps the hottest documents parsed (keyed by content id), so a cache hit costs one
+small read and no parsing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from yarl import URL
+
+from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, under_lease
+from batlehub.errors import NotFound, UpstreamError
+
+if TYPE_CHECKING:
+    from batlehub.db import Database
+
+log = logging.getLogger(__name__)
+
+METADATA_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5, sock_connect=5)
+FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=5, sock_connect=5)
+METADATA_WAIT_SECS = 5.0
+"""How long a replica waits for another one's fetch of a document before asking the upstream itself."""
+FAILURE_BACKOFF_SECS = 10.0
+"""After the upstreams failed for a name, serve its stale copy without asking them again for this
+long, so an outage does not cost every request a connect timeout."""
+NOT_FOUND_TTL_SECS = 30.0
+"""How long "no upstream has this name" is believed (never longer than the registry's TTL)."""
+COPY_RETENTION_SECS = 7 * 86400.0
+"""How long the cache keeps a copy past its freshness (the database keeps it regardless)."""
+MEMO_MAX_BYTES = 16 * 1024 * 1024
+"""Parsed documents kept in memory, counted by their size as received (the Python objects take
+several times that), so hot documents are not parsed again on every request."""
+MEMO_MAX_ENTRIES = 1024
+CACHED_BODY_MAX_BYTES = 8 * 1024 * 1024
+"""Bodies larger than this are not put into a shared cache (they would slow it down for everyone);
+replicas read them from the database instead, once per change thanks to the memo."""
+CHUNK_SIZE = 64 * 1024
+
+
+# --- what a format tells core ---------------------------------------------------------------------
+
+
+def _same_variant(requested: str, content_type: str) -> str:
+    return requested
+
+
+@dataclass(frozen=True)
+class DocumentFormat:
+    """How one format's upstream documents are addressed and checked."""
+
+    path: Callable[[str], str]
+    """A name's document path under an upstream base URL, already percent-encoded. Raise
+    `BadRequest` for names that cannot be one path."""
+    accept: Mapping[str, str]
+    """Variant -> the `Accept` header to ask for it with. The first variant is the default."""
+    parse: Callable[[bytes], dict[str, Any]]
+    """Decode and check a 200 body; raise `ValueError` when it is not a usable document."""
+    variant_of: Callable[[str, str], str] = _same_variant
+    """(requested variant, response content type) -> the variant the upstream actually sent."""
+    answers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Variant -> the stored variants that can answer a request for it, in order (default: itself
+    only). E.g. npm's full packument also answers a request for the abbreviated one."""
+
+    @property
+    def default_variant(self) -> str:
+        return next(iter(self.accept))
+
+    def stored_variants(self, variant: str) -> tuple[str, ...]:
+        return self.answers.get(variant, (variant,))
+
+
+@dataclass(frozen=True)
+class UpstreamDocument:
+    """A document from an upstream registry. `data` may be shared with other callers (it is kept
+    parsed in memory): treat it as read-only."""
+
+    data: dict[str, Any]
+    upstream: str
+    """Base URL of the upstream it came from (with trailing slash)."""
+    fetched_at: float
+    """Epoch seconds of the last time an upstream confirmed this content (200 or 304)."""
+    stale: bool
+    """True when served from the last good copy because the upstreams failed."""
+    content_id: str = ""
+    """Changes exactly when the upstream's bytes change (not on a 304 renewal): a good key for
+    anything derived from `data`, such as pre-serialized responses."""
+    variant: str = ""
+    """The variant `data` is (may differ from the one asked for, see `DocumentFormat.answers`)."""
+
+
+@dataclass
+class UpstreamStats:
+    """What this process asked the upstreams, for tests and diagnostics."""
+
+    metadata_requests: int = 0
+    """HTTP requests for documents, whatever their answer."""
+    metadata_downloads: int = 0
+    """Of those, answered 200 with a body."""
+    not_modified: int = 0
+    """Of those, answered 304: the copy was renewed without a download."""
+    not_found: int = 0
+    failures: int = 0
+    """Errors, timeouts and unexpected statuses."""
+    artifact_downloads: int = 0
+    forwarded: int = 0
+    cache_hits: int = 0
+    stale_served: int = 0
+
+    @property
+    def requests(self) -> int:
+        """Every HTTP request this process sent upstream."""
+        return self.metadata_requests + self.artifact_downloads + self.forwarded
+
+
+# --- stored copies ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Copy:
+    """Where one stored upstream body came from, and how to revalidate it."""
+
+    upstream: str
+    variant: str
+    """The form the upstream actually sent."""
+    content_id: str
+    fetched: float
+    etag: str | None = None
+    last_modified: str | None = None
+
+    def header(self) -> bytes:
+        return json.dumps(
+            {
+                "upstream": self.upstream,
+                "variant": self.variant,
+                "id": self.content_id,
+                "fetched": self.fetched,
+                "etag": self.etag,
+                "last_modified": self.last_modified,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_header(cls, raw: bytes) -> _Copy | None:
+        try:
+            h = json.loads(raw)
+            return cls(
+                upstream=str(h["upstream"]),
+                variant=str(h["variant"]),
+                content_id=str(h["id"]),
+                fetched=float(h["fetched"]),
+                etag=h.get("etag"),
+                last_modified=h.get("last_modified"),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+def _envelope(copy: _Copy, body: bytes) -> bytes:
+    return copy.header() + b"\n" + body
+
+
+def _open_envelope(raw: bytes) -> tuple[_Copy, bytes] | None:
+    header, sep, body = bytes(raw).partition(b"\n")
+    copy = _Copy.from_header(header) if sep else None
+    return None if copy is None else (copy, body)
+
+
+@dataclass(frozen=True)
+class _LastGood:
+    copy: _Copy
+    data: dict[str, Any]
+    body: bytes | None
+    """None when it was found parsed in memory."""
+    in_cache: bool
+    """False when it came from the database, so a 304 must put the body back into the cache."""
+
+
+class _UpstreamFailed(Exception):
+    """One upstream could not answer (network error, timeout, 5xx, garbage).
+
+    `reason` is short and names no host: it is what a client sees. The log gets the details."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def failure_reason(exc: BaseException) -> str:
+    """A short, host-free description of a failed HTTP exchange, for clients."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return "connection failed"
+    return "bad response"
+
+
+# --- the documents ----------------------------------------------------------------------------------
+
+
+class UpstreamDocuments:
+    """One registry's documents from its upstreams (see the module docstring).
+
+    Built by core for a registry (`RegistryServices.upstream_documents`); formats call `get`.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: str,
+        format_name: str,
+        upstreams: list[str],
+        document_format: DocumentFormat,
+        metadata_ttl_secs: float,
+        serve_stale: bool,
+        db: Database,
+        cache: FailOpenCache,
+        shared_cache: bool,
+        http: Callable[[], aiohttp.ClientSession],
+        max_document_bytes: int,
+        reserved: Callable[[str], Awaitable[bool]] | None = None,
+        stats: UpstreamStats | None = None,
+    ) -> None:
+        self.registry = registry
+        self.format_name = format_name
+        self.upstreams = [u if u.endswith("/") else u + "/" for u in upstreams]
+        self.format = document_format
+        self.metadata_ttl_secs = float(metadata_ttl_secs)
+        self.serve_stale = serve_stale
+        self.db = db
+        self.cache = cache
+        self.http = http
+        self.max_document_bytes = max_document_bytes
+        self.reserved = reserved
+        self.stats = stats or UpstreamStats()
+        self.metadata_timeout = METADATA_TIMEOUT
+        self.writes = BackgroundWrites()
+        self._flights = SingleFlight()
+        self._failed_until: dict[str, float] = {}
+        self._memo: OrderedDict[str, tuple[str, dict[str, Any], int]] = OrderedDict()
+        self._memo_bytes = 0
+        self._headers: dict[bytes, _Copy] = {}
+        self._warn_allowed = LogThrottle()
+        # A per-process cache would only hold a second copy of what the memo and the database
+        # already have, unbounded in bytes: bodies go into shared caches only.
+        self._cache_bodies = shared_cache
+
+    async def close(self) -> None:
+        """Stop fetches that are still running (their callers get `CancelledError`), then wait
+        for the durable copies written after answering."""
+        await self._flights.cancel_all()
+        await self.settle()
+        self._memo.clear()
+        self._memo_bytes = 0
+
+    async def settle(self) -> None:
+        """Wait for the database writes made after answering."""
+        await self.writes.settle()
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    def _fresh_key(self, variant: str, name: str) -> str:
+        return f"{self.format_name}:up:{self.registry}:{variant}:{name}"
+
+    def _body_key(self, variant: str, name: str) -> str:
+        return f"{self._fresh_key(variant, name)}:body"
+
+    def _absent_key(self, name: str) -> str:
+        return f"{self.format_name}:up:{self.registry}:absent:{name}"
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def exists(self, name: str) -> bool:
+        """Whether an upstream has `name` (a stale copy counts). Raises `UpstreamError` when the
+        upstreams cannot tell and there is no copy."""
+        return await self.get(name) is not None
+
+    async def get(self, name: str, variant: str | None = None, *, revalidate: bool = False) -> UpstreamDocument | None:
+        """The upstream document of `name`, or None when every upstream answers 404 (or the name
+        is reserved for local use).
+
+        Served from the cache while fresh, else fetched or revalidated once for all concurrent
+        callers on all replicas. `revalidate=True` skips the freshness check and asks the
+        upstream (conditionally). Raises `UpstreamError` when the upstreams fail and no copy may
+        be served.
+        """
+        variant = variant or self.format.default_variant
+        if variant not in self.format.accept:
+            raise ValueError(f"unknown document variant {variant!r}")
+        self.format.path(name)  # refuse odd names before they reach a cache key or a URL
+        if self.reserved is not None and await self.reserved(name):
+            return None
+        if not self.upstreams:
+            return None
+        if not revalidate:
+            doc = await self._fresh(name, variant)
+            if doc is not None:
+                self.stats.cache_hits += 1
+                return doc
+            if await self.cache.get(self._absent_key(name)) is not None:
+                return None
+            if self.serve_stale and self._failed_until.get(f"{variant}:{name}", 0.0) > time.monotonic():
+                last = await self._last_good(name, variant)
+                if last is not None:
+                    self.stats.stale_served += 1
+                    return self._document(last.copy, last.data, stale=True)
+        started = time.time()
+
+        async def fetch() -> UpstreamDocument | None:
+            return await under_lease(
+                self.cache,
+                f"{self.format_name}:lease:up:{self.registry}:{variant}:{name}",
+                wait_secs=METADATA_WAIT_SECS,
+                ready=lambda: self._fresh(name, variant, since=started if revalidate else None),
+                work=lambda: self._fetch_upstreams(name, variant),
+            )
+
+        return await self._flights.run(f"{variant}:{name}", fetch)
+
+    async def known_names(self, text: str, limit: int, exclude: set[str]) -> list[str]:
+        """Names of cached upstream documents containing `text` (case-insensitive), for search."""
+        pattern = "%" + like_escape(text.lower()) + "%"
+        rows = await self.db.fetch(
+            "SELECT DISTINCT name FROM upstream_documents WHERE registry = $1 AND LOWER(name) LIKE $2 ESCAPE '\\'"
+            " ORDER BY name",
+            self.registry,
+            pattern,
+        )
+        return [r["name"] for r in rows if r["name"] not in exclude][:limit]
+
+    async def _fresh(self, name: str, variant: str, since: float | None = None) -> UpstreamDocument | None:
+        """A copy whose TTL has not run out (and that was confirmed after `since`), else None."""
+        for v in self.format.stored_variants(variant):
+            raw = await self.cache.get(self._fresh_key(v, name))
+            copy = self._header(raw) if raw else None
+            if copy is None or (since is not None and copy.fetched < since):
+                continue
+            data = await self._data_for(name, v, copy)
+            if data is not None:
+                return self._document(copy, data, stale=False)
+        return None
+
+    def _header(self, raw: bytes) -> _Copy | None:
+        """`_Copy.from_header`, remembered: a fresh header is read on every request and changes
+        only when the copy is fetched or renewed."""
+        copy = self._headers.get(raw)
+        if copy is None:
+            copy = _Copy.from_header(raw)
+            if copy is not None:
+                if len(self._headers) >= MEMO_MAX_ENTRIES:
+                    self._headers.clear()
+                self._headers[bytes(raw)] = copy
+        return copy
+
+    async def _data_for(self, name: str, variant: str, copy: _Copy) -> dict[str, Any] | None:
+        """The parsed body that `copy` describes: from memory, else the cache, else the database."""
+        body_key = self._body_key(variant, name)
+        memo = self._memo.get(body_key)
+        if memo is not None and memo[0] == copy.content_id:
+            self._memo.move_to_end(body_key)
+            return memo[1]
+        for source in (self._cache_envelope, self._db_envelope):
+            found = await source(name, variant)
+            if found is not None and found[0].content_id == copy.content_id:
+                return self._parse_and_remember(body_key, copy.content_id, found[1])
+        return None
+
+    async def _cache_envelope(self, name: str, variant: str) -> tuple[_Copy, bytes] | None:
+        if not self._cache_bodies:
+            return None
+        raw = await self.cache.get(self._body_key(variant, name), stale=True)
+        return _open_envelope(raw) if raw else None
+
+    async def _db_envelope(self, name: str, variant: str) -> tuple[_Copy, bytes] | None:
+        return (await self._db_envelopes(name, (variant,))).get(variant)
+
+    async def _db_envelopes(self, name: str, variants: tuple[str, ...]) -> dict[str, tuple[_Copy, bytes]]:
+        """The stored copies of `name` in the given variants, by variant (one statement)."""
+        marks = ", ".join(f"${i}" for i in range(3, 3 + len(variants)))
+        try:
+            rows = await self.db.fetch(
+                "SELECT variant, body, etag, last_modified, fetched FROM upstream_documents"
+                f" WHERE registry = $1 AND name = $2 AND variant IN ({marks})",
+                self.registry,
+                name,
+                *variants,
+            )
+        except Exception as exc:
+            if self._warn_allowed("db-read"):
+                log.warning("cannot read stored upstream documents from the database: %s", exc)
+            return {}
+        found = {}
+        for row in rows:
+            opened = _open_envelope(row["body"])
+            if opened is None:
+                continue
+            # A 304 renews the columns without rewriting the body: they are the current validators.
+            copy = replace(
+                opened[0], fetched=float(row["fetched"]), etag=row["etag"], last_modified=row["last_modified"]
+            )
+            found[str(row["variant"])] = (copy, opened[1])
+        return found
+
+    def _parse_and_remember(self, body_key: str, content_id: str, body: bytes) -> dict[str, Any] | None:
+        try:
+            data = self.format.parse(body)
+        except ValueError:
+            return None
+        self._remember(body_key, content_id, data, len(body))
+        return data
+
+    async def _last_good(self, name: str, variant: str) -> _LastGood | None:
+        """The newest stored copy, fresh or not: what revalidation and `serve_stale` start from."""
+        variants = self.format.stored_variants(variant)
+        stored: dict[str, tuple[_Copy, bytes]] | None = None
+
+        async def from_db(name: str, v: str) -> tuple[_Copy, bytes] | None:
+            nonlocal stored
+            if stored is None:  # every variant in one statement: a cold miss asks for two
+                stored = await self._db_envelopes(name, variants)
+            return stored.get(v)
+
+        for v in variants:
+            # The header key holds the current validators (a 304 renews only it).
+            raw = await self.cache.get(self._fresh_key(v, name), stale=True)
+            header = _Copy.from_header(raw) if raw else None
+            body_key = self._body_key(v, name)
+            memo = self._memo.get(body_key)
+            if header is not None and memo is not None and memo[0] == header.content_id:
+                return _LastGood(header, memo[1], None, in_cache=True)
+            for source, in_cache in ((self._cache_envelope, True), (from_db, False)):
+                found = await source(name, v)
+                if found is None:
+                    continue
+                copy, body = found
+                if in_cache and header is not None and header.content_id == copy.content_id:
+                    copy = header
+                data = self._parse_and_remember(body_key, copy.content_id, body)
+                if data is not None:
+                    return _LastGood(copy, data, body, in_cache)
+        return None
+
+    def _document(self, copy: _Copy, data: dict[str, Any], *, stale: bool) -> UpstreamDocument:
+        return UpstreamDocument(
+            data=data,
+            upstream=copy.upstream,
+            fetched_at=copy.fetched,
+            stale=stale,
+            content_id=copy.content_id,
+            variant=copy.variant,
+        )
+
+    # --- fetching -----------------------------------------------------------------------------
+
+    async def _fetch_upstreams(self, name: str, variant: str) -> UpstreamDocument | None:
+        """Ask each upstream in turn; runs once per key at a time, under the lease."""
+        last = await self._last_good(name, variant)
+        problems: list[str] = []
+        reasons: list[str] = []
+        for upstream in self.upstreams:
+            try:
+                doc = await self._fetch_one(upstream, name, variant, last)
+            except _UpstreamFailed as exc:
+                self.stats.failures += 1
+                problems.append(f"{upstream}: {exc}")
+                if exc.reason not in reasons:
+                    reasons.append(exc.reason)
+                continue
+            if doc is not None:
+                self._failed_until.pop(f"{variant}:{name}", None)
+                return doc
+        if not problems:
+            # Every upstream said 404: believe it for a short while.
+            ttl = min(NOT_FOUND_TTL_SECS, self.metadata_ttl_secs)
+            if ttl > 0:
+                await self.cache.set(self._absent_key(name), b"1", ttl_secs=ttl, stale_retention_secs=0)
+            return None
+        self._failed_until[f"{variant}:{name}"] = time.monotonic() + FAILURE_BACKOFF_SECS
+        if len(self._failed_until) > 10_000:
+            now = time.monotonic()
+            self._failed_until = {k: t for k, t in self._failed_until.items() if t > now}
+        detail = "; ".join(problems)
+        if self.serve_stale and last is not None:
+            self.stats.stale_served += 1
+            if self._warn_allowed(f"stale:{name}"):
+                log.warning(
+                    "registry %s: serving the stale copy of %s from %s (fetched %.0f s ago): "
+                    "the upstream registries failed: %s",
+                    self.registry,
+                    name,
+                    last.copy.upstream,
+                    time.time() - last.copy.fetched,
+                    detail,
+                )
+            return self._document(last.copy, last.data, stale=True)
+        if self._warn_allowed(f"down:{name}"):
+            log.warning("registry %s: cannot fetch %s: %s", self.registry, name, detail)
+        # Clients get the kind of failure, not the upstream's address: that stays in the log.
+        why = ", ".join(reasons)
+        if last is None:
+            raise UpstreamError(f"package {name} is not cached and the upstream registry is unavailable ({why})")
+        raise UpstreamError(f"upstream registry unavailable for package {name} ({why})")
+
+    async def _fetch_one(
+        self, upstream: str, name: str, variant: str, last: _LastGood | None
+    ) -> UpstreamDocument | None:
+        """One upstream's answer: a document (200, or 304 renewing `last`), None for 404, or
+        `_UpstreamFailed`."""
+        headers = {"Accept": self.format.accept[variant]}
+        # A copy of another variant may be revalidated too: an upstream that ignores the Accept
+        # header answers 304 for it; one that serves both forms has another ETag for each.
+        conditional = last is not None and last.copy.upstream == upstream
+        if conditional and last is not None:
+            if last.copy.etag:
+                headers["If-None-Match"] = last.copy.etag
+            if last.copy.last_modified:
+                headers["If-Modified-Since"] = last.copy.last_modified
+        url = URL(upstream + self.format.path(name), encoded=True)
+        self.stats.metadata_requests += 1
+        try:
+            async with self.http().get(url, headers=headers, timeout=self.metadata_timeout) as resp:
+                if resp.status in (404, 410):
+                    self.stats.not_found += 1
+                    return None
+                if resp.status == 304 and conditional and last is not None:
+                    self.stats.not_modified += 1
+                    return await self._renew(name, last, resp.headers)
+                if resp.status != 200:
+                    raise _UpstreamFailed(f"HTTP {resp.status}")
+                body = await self._read_limited(resp)
+                etag = resp.headers.get("ETag")
+                last_modified = resp.headers.get("Last-Modified")
+                got = self.format.variant_of(variant, resp.content_type)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise _UpstreamFailed(failure_reason(exc), str(exc)) from exc
+        try:
+            data = self.format.parse(body)
+        except ValueError as exc:
+            raise _UpstreamFailed("the answer is not a usable document", str(exc)) from exc
+        self.stats.metadata_downloads += 1
+        copy = _Copy(
+            upstream=upstream,
+            variant=got,
+            content_id=hashlib.sha256(body).hexdigest()[:32],
+            fetched=time.time(),
+            etag=etag,
+            last_modified=last_modified,
+        )
+        await self._store(name, copy, body)
+        self._remember(self._body_key(got, name), copy.content_id, data, len(body))
+        return self._document(copy, data, stale=False)
+
+    async def _read_limited(self, resp: aiohttp.ClientResponse) -> bytes:
+        limit = self.max_document_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            raise _UpstreamFailed(f"the document is larger than {limit} bytes")
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(CHUNK_SIZE):
+            size += len(chunk)
+            if size > limit:
+                raise _UpstreamFailed(f"the document is larger than {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _remember(self, body_key: str, content_id: str, data: dict[str, Any], size: int) -> None:
+        old = self._memo.pop(body_key, None)
+        if old is not None:
+            self._memo_bytes -= old[2]
+        self._memo[body_key] = (content_id, data, size)
+        self._memo_bytes += size
+        while self._memo and (self._memo_bytes > MEMO_MAX_BYTES or len(self._memo) > MEMO_MAX_ENTRIES):
+            _, (_, _, dropped) = self._memo.popitem(last=False)
+            self._memo_bytes -= dropped
+
+    async def _store(self, name: str, copy: _Copy, body: bytes) -> None:
+        """Keep a new body: in the database (the durable last good copy), the cache body, then
+        the fresh header that tells waiting replicas it is there.
+
+        The database write happens after answering (awaited by `close`) when nobody needs it
+        meanwhile: this process has the document in its memo, and other replicas find the body in
+        the shared cache. Only a body too large for the shared cache is written first, because
+        other replicas read it from the database."""
+        envelope = _envelope(copy, body)
+        write = self._write_document(name, copy, envelope)
+        if self._cache_bodies and len(envelope) > CACHED_BODY_MAX_BYTES:
+            await write
+        else:
+            self.writes.spawn(write)
+        await self._cache_body(name, copy, envelope)
+        await self.cache.invalidate(self._absent_key(name))
+        await self.cache.set(
+            self._fresh_key(copy.variant, name),
+            copy.header(),
+            ttl_secs=self.metadata_ttl_secs,
+            stale_retention_secs=COPY_RETENTION_SECS,
+        )
+
+    async def _write_document(self, name: str, copy: _Copy, envelope: bytes) -> None:
+        try:
+            # Never replace a newer copy (writes that finish out of order on a pool).
+            await self.db.execute(
+                "INSERT INTO upstream_documents (registry, name, variant, body, etag, last_modified, fetched)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                " ON CONFLICT (registry, name, variant) DO UPDATE SET body = excluded.body,"
+                " etag = excluded.etag, last_modified = excluded.last_modified, fetched = excluded.fetched"
+                " WHERE upstream_documents.fetched <= excluded.fetched",
+                self.registry,
+                name,
+                copy.variant,
+                envelope,
+                copy.etag,
+                copy.last_modified,
+                copy.fetched,
+            )
+        except Exception as exc:
+            if self._warn_allowed("db-write"):
+                log.warning("cannot keep the upstream copy of %s in the database: %s", name, exc)
+
+    async def _cache_body(self, name: str, copy: _Copy, envelope: bytes) -> None:
+        if self._cache_bodies and len(envelope) <= CACHED_BODY_MAX_BYTES:
+            await self.cache.set(
+                self._body_key(copy.variant, name),
+                envelope,
+                ttl_secs=COPY_RETENTION_SECS,
+                stale_retention_secs=COPY_RETENTION_SECS,
+            )
+
+    async def _renew(self, name: str, last: _LastGood, headers: Mapping[str, str]) -> UpstreamDocument:
+        """A 304: the copy is current again; write the small header, not the body."""
+        copy = replace(
+            last.copy,
+            fetched=time.time(),
+            etag=headers.get("ETag") or last.copy.etag,
+            last_modified=headers.get("Last-Modified") or last.copy.last_modified,
+        )
+        try:
+            await self.db.execute(
+                "UPDATE upstream_documents SET fetched = $1, etag = $2, last_modified = $3"
+                " WHERE registry = $4 AND name = $5 AND variant = $6",
+                copy.fetched,
+                copy.etag,
+                copy.last_modified,
+                self.registry,
+                name,
+                copy.variant,
+            )
+        except Exception as exc:
+            if self._warn_allowed("db-write"):
+                log.warning("cannot renew the upstream copy of %s in the database: %s", name, exc)
+        if not last.in_cache and last.body is not None:
+            await self._cache_body(name, copy, _envelope(copy, last.body))
+        await self.cache.set(
+            self._fresh_key(copy.variant, name),
+            copy.header(),
+            ttl_secs=self.metadata_ttl_secs,
+            stale_retention_secs=COPY_RETENTION_SECS,
+        )
+        return self._document(copy, last.data, stale=False)
+
+    # --- forwarding -------------------------------------------------------------------------------
+
+    async def forward(self, path: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
+        """POST `body` to `path` under the first upstream (e.g. an audit service) and return its
+        status, content type and body. Raises `UpstreamError` if it cannot be reached."""
+        if not self.upstreams:
+            raise NotFound("this registry has no upstream registry to ask")
+        self.stats.forwarded += 1
+        try:
+            async with self.http().post(
+                URL(self.upstreams[0] + path.lstrip("/"), encoded=True),
+                data=body,
+                headers=dict(headers),
+                timeout=FORWARD_TIMEOUT,
+            ) as resp:
+                answer = await resp.read()
+                return resp.status, resp.headers.get("Content-Type", "application/octet-stream"), answer
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("registry %s: request to %s failed: %s", self.registry, self.upstreams[0], exc)
+            raise UpstreamError(f"upstream registry unavailable ({failure_reason(exc)})") from exc
+
+
+def like_escape(text: str) -> str:
+    """`text` as a literal inside a SQL LIKE pattern with `ESCAPE '\\'`."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

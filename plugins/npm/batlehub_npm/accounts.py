@@ -1,0 +1,182 @@
+"""The npm endpoints around packages: who am I, login and logout with tokens, the user lookup
+that `npm owner add` makes, the banner as `npm-notice`, and audit forwarding."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from batlehub.api import (
+    BadRequest,
+    BatleHubError,
+    FailOpenCache,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    identity,
+    read_body,
+    read_json,
+    require,
+)
+from batlehub_npm import documents
+from batlehub_npm.names import Route, parse_package_name
+
+if TYPE_CHECKING:
+    from batlehub.api import RegistryServices
+    from batlehub_npm.local import LocalPackages
+    from batlehub_npm.upstream import UpstreamProxy
+
+AUDIT_BODY_LIMIT = 32 * 1024 * 1024
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=documents.serialize(data), content_type="application/json")
+
+
+def npm_notice(cache: FailOpenCache) -> Any:
+    """Middleware: the global banner rides on every npm response as `npm-notice`; the npm CLI
+    prints it."""
+
+    @web.middleware
+    async def add_notice(request: web.Request, handler: Any) -> web.StreamResponse:
+        banner = await cache.get_banner()
+        notice = " ".join(banner.message.split()) if banner is not None and banner.message else None
+        try:
+            response: web.StreamResponse = await handler(request)
+        except BatleHubError as exc:
+            if notice:
+                exc.headers.setdefault("npm-notice", notice)
+            raise
+        if notice and not response.prepared:
+            response.headers.setdefault("npm-notice", notice)  # a handler's own notice (quota) wins
+        return response
+
+    return add_notice
+
+
+async def whoami(request: web.Request, route: Route) -> web.StreamResponse:
+    caller = identity(request)
+    if caller.anonymous:
+        raise Unauthorized(
+            "not logged in: put a token for this registry in your .npmrc (//HOST/registries/NAME/:_authToken=...)",
+            headers={"WWW-Authenticate": 'Bearer realm="batlehub"'},
+        )
+    return _json({"username": caller.user_id})
+
+
+async def ping(request: web.Request, route: Route) -> web.StreamResponse:
+    return _json({})
+
+
+async def web_login(request: web.Request, route: Route) -> web.StreamResponse:
+    # A 4xx here makes npm fall back to the CouchDB-style login below.
+    raise NotFound("web login is not supported: log in with your user id and an access token as the password")
+
+
+async def login(request: web.Request, route: Route, services: RegistryServices) -> web.StreamResponse:
+    """`npm login`: BatleHub has no passwords, so the "password" must be a valid access token of
+    that user; the client then stores it as its auth token."""
+    name = route.extra or ""
+    body = await read_json(request)
+    if not isinstance(body, Mapping):
+        raise BadRequest("the login body must be a JSON object")
+    password = body.get("password")
+    found = await services.tokens.identify(password) if isinstance(password, str) and password else None
+    if found is None or found.user_id is None:
+        raise Unauthorized(
+            "BatleHub has no passwords: log in with your user id and an access token as the password,"
+            " or put the token in your .npmrc"
+        )
+    if found.user_id != name:
+        raise Unauthorized(f"that token belongs to another user; log in as {found.user_id!r}")
+    return _json({"ok": True, "id": f"org.couchdb.user:{name}", "token": password}, status=201)
+
+
+async def user_lookup(request: web.Request, route: Route, services: RegistryServices) -> web.StreamResponse:
+    """`GET /-/user/org.couchdb.user:{name}`, which `npm owner add` asks before adding an owner.
+    Users exist through their tokens; only someone who may publish may ask."""
+    require(request, "releases:publish")
+    name = route.extra or ""
+    if not name or not await services.tokens.user_exists(name):
+        raise NotFound(f"no user {name!r} (users exist through their access tokens)")
+    return _json({"_id": f"org.couchdb.user:{name}", "name": name, "email": ""})
+
+
+async def logout(request: web.Request, route: Route, services: RegistryServices) -> web.StreamResponse:
+    """`npm logout`: revoke the database token the client logged in with (and only that one;
+    tokens from the config file cannot be revoked from outside)."""
+    caller = identity(request)
+    if caller.anonymous:
+        raise Unauthorized("not logged in")
+    if caller.token_id is None:
+        raise Forbidden("this token comes from the server's configuration and cannot be revoked by logging out")
+    if not await services.tokens.revoke_presented(caller, route.extra or ""):
+        raise Forbidden("only the token used for this request can be revoked")
+    return _json({"ok": True, "revoked": True})
+
+
+async def audit(
+    request: web.Request, route: Route, proxy: UpstreamProxy | None, local: LocalPackages
+) -> web.StreamResponse:
+    """npm audit: forwarded to the first upstream, without the names of local packages."""
+    require(request, "releases:read")
+    sub = route.extra or ""
+    try:
+        body = await read_body(request, AUDIT_BODY_LIMIT)
+    except PayloadTooLarge:
+        raise PayloadTooLarge(f"audit request is larger than {AUDIT_BODY_LIMIT} bytes") from None
+    if proxy is None:
+        if sub == "advisories/bulk":
+            return _json({})
+        if sub == "audits/quick":
+            return _json(_EMPTY_QUICK_AUDIT)
+        raise NotFound(f"no such audit endpoint: {sub}")
+    # aiohttp may already have undone the client's gzip; say what the bytes really are.
+    headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+    if body[:2] == _GZIP_MAGIC:
+        headers["Content-Encoding"] = "gzip"
+    if sub == "advisories/bulk":
+        body = await _without_local_names(body, local)
+    status, content_type, answer = await proxy.audit(sub, body, headers)
+    return web.Response(status=status, body=answer, headers={"Content-Type": content_type})
+
+
+async def _without_local_names(body: bytes, local: LocalPackages) -> bytes:
+    """Local package names are private: never tell an upstream which ones we have."""
+    gzipped = body[:2] == _GZIP_MAGIC
+    try:
+        data = json.loads(gzip.decompress(body) if gzipped else body)
+    except (ValueError, OSError, EOFError):
+        raise BadRequest("audit request body is not (gzip-compressed) JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("audit request body must be an object of name -> versions")
+    kept = {}
+    for name, versions in data.items():
+        try:
+            is_local = await local.stamp(parse_package_name(name).name) is not None
+        except BatleHubError:
+            is_local = False
+        if not is_local:
+            kept[name] = versions
+    raw = json.dumps(kept).encode()
+    return gzip.compress(raw) if gzipped else raw
+
+
+_EMPTY_QUICK_AUDIT = {
+    "actions": [],
+    "advisories": {},
+    "muted": [],
+    "metadata": {
+        "vulnerabilities": {"info": 0, "low": 0, "moderate": 0, "high": 0, "critical": 0},
+        "dependencies": 0,
+        "devDependencies": 0,
+        "optionalDependencies": 0,
+        "totalDependencies": 0,
+    },
+}
