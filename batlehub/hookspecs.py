@@ -2,7 +2,8 @@
 
 Every hook may be implemented sync or async; core resolves results with
 `batlehub.plugins.gather_hook`. Built-ins (`batlehub.builtin.*`) implement these exactly as a
-third-party distribution would, through the `batlehub` entry-point group.
+third-party distribution would; core registers them by module name (`plugins.BUILTIN_PLUGINS`)
+before it loads the distributions of the `batlehub` entry-point group.
 """
 
 from __future__ import annotations
@@ -66,14 +67,15 @@ def shutdown(app: web.Application) -> None:
 
 @hookspec
 def on_publish(registry: str, package: str, version: str, user_id: str | None, size: int) -> None:
-    """Called after a version became visible (its transaction committed). May be async.
-    Exceptions are logged, never undo the publish. The return value is ignored."""
+    """Called by core once per published version, after its transaction committed (so every
+    reader sees it), whatever the format. May be async. Exceptions are logged, never undo the
+    publish. The return value is ignored."""
 
 
 @hookspec
 def on_unpublish(registry: str, package: str, version: str | None, user_id: str | None) -> None:
-    """Called after a version (or, with `version=None`, a whole package) was removed. May be
-    async. Exceptions are logged. The return value is ignored."""
+    """Called by core after a version (or, with `version=None`, a whole package) was removed and
+    the removal committed. May be async. Exceptions are logged. The return value is ignored."""
 
 
 def _all_specs() -> dict[str, Any]:
