@@ -36,6 +36,10 @@ from batlehub.errors import (
     UpstreamError,
 )
 from batlehub.interfaces import Registry, RegistryFormatType, StoredBlob
+from batlehub.jsondoc import MAX_DEPTH as MAX_JSON_DEPTH
+from batlehub.jsondoc import check as check_json
+from batlehub.jsondoc import may_need_repair as json_may_need_repair
+from batlehub.jsondoc import repair as repair_json
 from batlehub.packages import (
     FileRecord,
     NewFile,
@@ -65,6 +69,7 @@ from batlehub.upstream import DocumentFormat, UpstreamDocument, UpstreamDocument
 
 __all__ = [
     "ANONYMOUS",
+    "MAX_JSON_DEPTH",
     "VERIFIABLE",
     "Actor",
     "AlreadyExists",
@@ -110,14 +115,17 @@ __all__ = [
     "actor",
     "base_url",
     "blob_key",
+    "check_json",
     "client_ip",
     "hookimpl",
     "identity",
+    "json_may_need_repair",
     "parse_json",
     "read_body",
     "read_json",
     "registry_of",
     "registry_subpath",
     "registry_url",
+    "repair_json",
     "require",
 ]

@@ -28,13 +28,14 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from batlehub.blobresponse import open_blob, plain_download
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, under_lease
 from batlehub.errors import IntegrityError, NotFound, PayloadTooLarge, UpstreamError
 from batlehub.interfaces import StorageBackend, StorageBackendType, StoredBlob
 from batlehub.storage import StreamDigest
-from batlehub.upstream import UpstreamStats, failure_reason
+from batlehub.upstream import UpstreamOrigins, UpstreamStats, failure_reason
 
 if TYPE_CHECKING:
     from batlehub.db import Connection, Database
@@ -129,6 +130,7 @@ class ArtifactStore:
         spool_dir: Path,
         max_size: int,
         stats: UpstreamStats | None = None,
+        origins: UpstreamOrigins | None = None,
     ) -> None:
         self.format_name = format_name
         self.registry = registry
@@ -139,6 +141,8 @@ class ArtifactStore:
         self.spool_dir = spool_dir
         self.max_size = max_size
         self.stats = stats or UpstreamStats()
+        self.origins = origins or UpstreamOrigins()
+        """Where `fetch` may download from: the registry's upstreams (see `UpstreamOrigins`)."""
         self.timeout = ARTIFACT_TIMEOUT
         self.writes = BackgroundWrites()
         # With local files, `local_path(key) is None` means "not stored": no round trip needed.
@@ -222,6 +226,9 @@ class ArtifactStore:
             return key
         if not url.startswith(("http://", "https://")):
             raise UpstreamError(f"the upstream metadata of {what} has no usable download URL")
+        if not self.origins.allows(URL(url)):
+            log.warning("registry %s: refused to fetch %s from %s: not a configured upstream", self.registry, what, url)
+            raise UpstreamError(f"the upstream metadata of {what} points its download outside the configured upstreams")
 
         async def ready() -> str | None:
             return key if await self.ready(key) else None
@@ -265,7 +272,9 @@ class ArtifactStore:
         limit = self.max_size
         self.stats.artifact_downloads += 1
         try:
-            async with self.http().get(
+            async with self.origins.request(
+                self.http(),
+                "GET",
                 url,
                 # The digests are of the bytes as published: never let a transfer encoding change them.
                 headers={"Accept": "application/octet-stream", "Accept-Encoding": "identity"},

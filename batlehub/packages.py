@@ -24,7 +24,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from batlehub import audit, quota
+from batlehub import audit, jsondoc, quota
 from batlehub.artifacts import record_artifact
 from batlehub.auth import check_permission
 from batlehub.coordination import FailOpenCache
@@ -529,6 +529,7 @@ class PackageWrite:
                 await self.conn.execute(f"DELETE FROM {table} WHERE registry = $1 AND name = $2", self._reg, self.name)
             self._deleted = True
         else:
+            jsondoc.check(self.extra, what=f"the metadata of {self.name}")
             extra_json = json.dumps(self.extra, ensure_ascii=False, sort_keys=True)
             if extra_json != self._extra_json:
                 await self.conn.execute(
@@ -598,6 +599,7 @@ class PackageWrite:
     async def add_version(self, version: str, manifest: Mapping[str, Any], files: Sequence[NewFile]) -> None:
         """Publish a new version with its files. A version that exists is a 409; the files' bytes
         count against the publisher's quota."""
+        jsondoc.check(manifest, what=f"the metadata of {self.name}@{version}")
         if await self.has_version(version):
             raise Conflict(f"cannot publish over existing version {version} of {self.name}")
         size = sum(f.blob.size for f in files)
@@ -654,13 +656,14 @@ class PackageWrite:
                 item.blob.key,
                 item.blob.size,
                 now,
-                json.dumps(dict(item.meta)),
+                json.dumps(_checked(item.meta, f"the metadata of {item.filename}")),
             )
         except AlreadyExists:
             raise Conflict(f"file {item.filename} of {self.name} exists already") from None
         await record_artifact(self.conn, item.blob)
 
     async def set_manifest(self, version: str, manifest: Mapping[str, Any]) -> None:
+        jsondoc.check(manifest, what=f"the metadata of {self.name}@{version}")
         await self.conn.execute(
             "UPDATE versions SET manifest = $4 WHERE registry = $1 AND name = $2 AND version = $3",
             self._reg,
@@ -766,6 +769,11 @@ class PackageWrite:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _checked(value: Mapping[str, Any], what: str) -> dict[str, Any]:
+    jsondoc.check(value, what=what)
+    return dict(value)
 
 
 def _file(row: Mapping[str, Any]) -> FileRecord:

@@ -17,7 +17,7 @@ from batlehub.artifacts import ArtifactStore
 from batlehub.coordination import FailOpenCache
 from batlehub.packages import PackageStore
 from batlehub.plugins import fire_event
-from batlehub.upstream import DocumentFormat, UpstreamDocuments, UpstreamStats
+from batlehub.upstream import DocumentFormat, UpstreamDocuments, UpstreamOrigins, UpstreamStats
 
 if TYPE_CHECKING:
     import pluggy
@@ -73,6 +73,8 @@ class RegistryServices:
         self.http = http
         self.stats = UpstreamStats()
         """What this process asked the upstreams on this registry's behalf."""
+        self.origins = UpstreamOrigins()
+        """Where this registry may send requests: its upstreams (added by `upstream_documents`)."""
         self._db = db
         self.packages = PackageStore(
             registry=registry,
@@ -93,6 +95,7 @@ class RegistryServices:
             spool_dir=settings.data_dir / "tmp",
             max_size=settings.limits.max_artifact_size_bytes,
             stats=self.stats,
+            origins=self.origins,
         )
         self._documents: list[UpstreamDocuments] = []
 
@@ -110,6 +113,7 @@ class RegistryServices:
 
         With `guard_publishes` (a registry that both proxies and hosts), a name an upstream has
         cannot be published here unless an admin reserved it."""
+        self.origins.add(upstreams)
         documents = UpstreamDocuments(
             registry=self.registry.name,
             format_name=self.format_type.name,
@@ -124,6 +128,7 @@ class RegistryServices:
             max_document_bytes=self.settings.limits.max_artifact_size_bytes,
             reserved=self.packages.is_reserved,
             stats=self.stats,
+            origins=self.origins,
         )
         if guard_publishes and upstreams:
             self.packages.upstream_has = documents.exists

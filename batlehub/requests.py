@@ -9,16 +9,15 @@ matched applications instead of parsing the path again.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from batlehub import appkeys
+from batlehub import appkeys, jsondoc
 from batlehub.auth import ANONYMOUS, Identity, check_permission
 from batlehub.config import RegistrySettings
-from batlehub.errors import BadRequest, Forbidden, PayloadTooLarge, Unauthorized
+from batlehub.errors import Forbidden, PayloadTooLarge, Unauthorized
 from batlehub.net import is_trusted
 
 REGISTRY_MOUNT = "/registries/{name}/"
@@ -154,12 +153,6 @@ async def read_json(request: web.Request, limit: int = SMALL_BODY_LIMIT, *, defa
 
 
 def parse_json(raw: bytes | str) -> Any:
-    """Strict JSON: no NaN or Infinity (they pass every `> 0` check and cannot be written back)."""
-    try:
-        return json.loads(raw, parse_constant=_not_json)
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON") from None
-
-
-def _not_json(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
+    """Strict JSON (`batlehub.jsondoc.loads`): no NaN or Infinity, no lone surrogates, no
+    absurd nesting; anything else is a 400."""
+    return jsondoc.loads(raw)

@@ -29,7 +29,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -218,9 +219,66 @@ def failure_reason(exc: BaseException) -> str:
     """A short, host-free description of a failed HTTP exchange, for clients."""
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, OutsideUpstreams):
+        return "it points outside the configured upstreams"
     if isinstance(exc, aiohttp.ClientConnectionError):
         return "connection failed"
     return "bad response"
+
+
+# --- where the hub may go ---------------------------------------------------------------------------
+
+MAX_REDIRECTS = 3
+
+
+class UpstreamOrigins:
+    """The outbound-URL policy: the hub sends requests only to the configured upstreams (same
+    scheme, host and port), whatever an upstream's documents or redirects point at. Nothing an
+    upstream sends makes the hub reach another service, nor tells a client whether one exists."""
+
+    def __init__(self, urls: list[str] | tuple[str, ...] = ()) -> None:
+        self._origins: set[tuple[str, str, int]] = set()
+        self.add(urls)
+
+    def add(self, urls: list[str] | tuple[str, ...]) -> None:
+        for url in urls:
+            found = _origin(URL(url))
+            if found is not None:
+                self._origins.add(found)
+
+    def allows(self, url: URL) -> bool:
+        return _origin(url) in self._origins
+
+    @asynccontextmanager
+    async def request(
+        self, session: aiohttp.ClientSession, method: str, url: str | URL, **kwargs: Any
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """`session.request`, refusing URLs outside the policy, and following at most
+        `MAX_REDIRECTS` redirects, each of them inside it too. Raises `OutsideUpstreams` for
+        a URL (or a redirect) that leaves the configured upstreams."""
+        target = url if isinstance(url, URL) else URL(url)
+        for _ in range(MAX_REDIRECTS + 1):
+            if not self.allows(target):
+                raise OutsideUpstreams(str(target))
+            async with session.request(method, target, allow_redirects=False, **kwargs) as response:
+                location = response.headers.get("Location")
+                if response.status not in (301, 302, 303, 307, 308) or not location:
+                    yield response
+                    return
+                target = target.join(URL(location))
+                if response.status == 303:
+                    method = "GET"
+        raise OutsideUpstreams(f"{target} (more than {MAX_REDIRECTS} redirects)")
+
+
+class OutsideUpstreams(aiohttp.ClientError):
+    """A URL outside the configured upstreams; never requested."""
+
+
+def _origin(url: URL) -> tuple[str, str, int] | None:
+    if url.scheme not in ("http", "https") or not url.host:
+        return None
+    return url.scheme, url.host.lower(), url.port or (443 if url.scheme == "https" else 80)
 
 
 # --- the documents ----------------------------------------------------------------------------------
@@ -248,10 +306,12 @@ class UpstreamDocuments:
         max_document_bytes: int,
         reserved: Callable[[str], Awaitable[bool]] | None = None,
         stats: UpstreamStats | None = None,
+        origins: UpstreamOrigins | None = None,
     ) -> None:
         self.registry = registry
         self.format_name = format_name
         self.upstreams = [u if u.endswith("/") else u + "/" for u in upstreams]
+        self.origins = origins or UpstreamOrigins(self.upstreams)
         self.format = document_format
         self.metadata_ttl_secs = float(metadata_ttl_secs)
         self.serve_stale = serve_stale
@@ -546,7 +606,9 @@ class UpstreamDocuments:
         url = URL(upstream + self.format.path(name), encoded=True)
         self.stats.metadata_requests += 1
         try:
-            async with self.http().get(url, headers=headers, timeout=self.metadata_timeout) as resp:
+            async with self.origins.request(
+                self.http(), "GET", url, headers=headers, timeout=self.metadata_timeout
+            ) as resp:
                 if resp.status in (404, 410):
                     self.stats.not_found += 1
                     return None
@@ -694,7 +756,9 @@ class UpstreamDocuments:
             raise NotFound("this registry has no upstream registry to ask")
         self.stats.forwarded += 1
         try:
-            async with self.http().post(
+            async with self.origins.request(
+                self.http(),
+                "POST",
                 URL(self.upstreams[0] + path.lstrip("/"), encoded=True),
                 data=body,
                 headers=dict(headers),

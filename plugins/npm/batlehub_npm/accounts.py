@@ -3,8 +3,10 @@ that `npm owner add` makes, the banner as `npm-notice`, and audit forwarding."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +33,8 @@ if TYPE_CHECKING:
     from batlehub_npm.local import LocalPackages
     from batlehub_npm.upstream import UpstreamProxy
 
-AUDIT_BODY_LIMIT = 32 * 1024 * 1024
+AUDIT_BODY_LIMIT = 8 * 1024 * 1024
+"""An audit body, compressed or not: the dependency tree of a very large project fits well within."""
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -132,30 +135,24 @@ async def audit(
     except PayloadTooLarge:
         raise PayloadTooLarge(f"audit request is larger than {AUDIT_BODY_LIMIT} bytes") from None
     if proxy is None:
-        if sub == "advisories/bulk":
-            return _json({})
-        if sub == "audits/quick":
-            return _json(_EMPTY_QUICK_AUDIT)
-        raise NotFound(f"no such audit endpoint: {sub}")
-    # aiohttp may already have undone the client's gzip; say what the bytes really are.
-    headers = {"Content-Type": request.headers.get("Content-Type", "application/json")}
+        return _json(_EMPTY_QUICK_AUDIT if sub.startswith("audits") else {})
+    # aiohttp has undone a declared Content-Encoding already; gzip bytes left are npm's own.
+    headers = {"Content-Type": "application/json"}
     if body[:2] == _GZIP_MAGIC:
         headers["Content-Encoding"] = "gzip"
     if sub == "advisories/bulk":
         body = await _without_local_names(body, local)
     status, content_type, answer = await proxy.audit(sub, body, headers)
-    return web.Response(status=status, body=answer, headers={"Content-Type": content_type})
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        # Never serve an upstream's HTML (or anything else) from the hub's own origin.
+        return _json({"error": f"the upstream registry answered {status} for audit, without JSON"}, status=502)
+    return web.Response(status=status, body=answer, content_type="application/json")
 
 
 async def _without_local_names(body: bytes, local: LocalPackages) -> bytes:
     """Local package names are private: never tell an upstream which ones we have."""
     gzipped = body[:2] == _GZIP_MAGIC
-    try:
-        data = json.loads(gzip.decompress(body) if gzipped else body)
-    except (ValueError, OSError, EOFError):
-        raise BadRequest("audit request body is not (gzip-compressed) JSON") from None
-    if not isinstance(data, dict):
-        raise BadRequest("audit request body must be an object of name -> versions")
+    data = await asyncio.to_thread(_decode_audit, body, gzipped)
     kept = {}
     for name, versions in data.items():
         try:
@@ -164,7 +161,31 @@ async def _without_local_names(body: bytes, local: LocalPackages) -> bytes:
             is_local = False
         if not is_local:
             kept[name] = versions
-    raw = json.dumps(kept).encode()
+    return await asyncio.to_thread(_encode_audit, kept, gzipped)
+
+
+def _decode_audit(body: bytes, gzipped: bool) -> dict[str, Any]:
+    """The audit body as an object; gunzipped within `AUDIT_BODY_LIMIT` (a gzip bomb stops there)."""
+    if gzipped:
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            raw = inflate.decompress(body, AUDIT_BODY_LIMIT + 1)
+        except zlib.error:
+            raise BadRequest("audit request body is not valid gzip") from None
+        if len(raw) > AUDIT_BODY_LIMIT or inflate.unconsumed_tail:
+            raise PayloadTooLarge(f"audit request is larger than {AUDIT_BODY_LIMIT} bytes uncompressed")
+        body = raw
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("audit request body is not (gzip-compressed) JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("audit request body must be an object of name -> versions")
+    return data
+
+
+def _encode_audit(data: dict[str, Any], gzipped: bool) -> bytes:
+    raw = json.dumps(data).encode()
     return gzip.compress(raw) if gzipped else raw
 
 

@@ -9,7 +9,6 @@ with a strong ETag; whoever uses the cache must first check the shared revision.
 
 from __future__ import annotations
 
-import copy
 import gzip
 import hashlib
 import json
@@ -161,7 +160,8 @@ def version_document(doc: Mapping[str, Any], version_or_tag: str) -> dict[str, A
     tags = doc.get("dist-tags") or {}
     version = version_or_tag if version_or_tag in versions else tags.get(version_or_tag)
     manifest = versions.get(version) if isinstance(version, str) else None
-    return dict(copy.deepcopy(manifest)) if isinstance(manifest, Mapping) else None
+    # Shallow: the caller only serializes it (a deep copy would recurse as deep as the manifest).
+    return dict(manifest) if isinstance(manifest, Mapping) else None
 
 
 def serialize(doc: Any) -> bytes:

@@ -18,6 +18,7 @@ from urllib.parse import unquote
 from batlehub.api import BadRequest, InvalidKey
 
 MAX_NAME_LENGTH = 214
+AUDIT_ENDPOINTS = frozenset({"advisories/bulk", "audits/quick", "audits"})
 MAX_VERSION_LENGTH = 256
 MAX_TAG_LENGTH = 128
 
@@ -260,7 +261,9 @@ def _special_route(segments: list[str]) -> Route:
     if len(rest) == 3 and rest[:2] == ["user", "token"]:
         return Route("logout", extra=rest[2])
     if len(rest) >= 4 and rest[:3] == ["npm", "v1", "security"]:
-        return Route("audit", extra="/".join(rest[3:]))
+        sub = "/".join(rest[3:])
+        # Only the audit endpoints npm calls: the rest of the path is forwarded upstream.
+        return Route("audit", extra=sub) if sub in AUDIT_ENDPOINTS else Route("unknown", segments=tuple(segments))
     if len(rest) >= 3 and rest[0] == "package":
         package, tail = _take_package(rest[1:])
         if tail == ["dist-tags"]:

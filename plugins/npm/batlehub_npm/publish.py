@@ -20,12 +20,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batlehub.api import ArtifactStore, BadRequest, PayloadTooLarge, SpooledBlob, StoredBlob
+from batlehub.api import MAX_JSON_DEPTH, ArtifactStore, BadRequest, PayloadTooLarge, SpooledBlob, StoredBlob
 from batlehub_npm.integrity import expected_digests
 from batlehub_npm.names import PackageName, validate_tag, validate_version
 
 DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
 """Everything in a publish body except the tarball itself: manifests, readme, tags."""
+MAX_CONTAINERS = 100_000
+"""Objects and arrays a publish body may hold. Bytes alone do not bound memory: a few megabytes of
+`[],` become millions of Python lists."""
 
 _WS = b" \t\r\n"
 _STRING_SPECIAL = re.compile(rb'["\\]')
@@ -66,6 +69,7 @@ class _Reader:
         self.eof = False
         self.document_bytes = 0
         self.max_document_bytes = max_document_bytes
+        self.containers = 0
 
     async def fill(self) -> bool:
         """Append the next chunk; False at the end of the body. Never moves existing bytes."""
@@ -152,6 +156,11 @@ class _Reader:
                             in_string = True
                         elif token in (b"{", b"["):
                             depth += 1
+                            self.containers += 1
+                            if depth > MAX_JSON_DEPTH:
+                                raise malformed(f"nested more than {MAX_JSON_DEPTH} levels deep")
+                            if self.containers > MAX_CONTAINERS:
+                                raise malformed(f"more than {MAX_CONTAINERS} objects and arrays")
                         else:
                             depth -= 1
                             if depth == 0:
@@ -172,6 +181,8 @@ class _Reader:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise malformed(str(exc).split(":")[0]) from None
+        except RecursionError:  # the scan bounds nesting; this is the last line of defence
+            raise malformed(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
 
     def _count(self, size: int, pending: int = 0) -> None:
         self.document_bytes += size

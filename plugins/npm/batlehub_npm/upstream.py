@@ -23,6 +23,8 @@ from batlehub.api import (
     RegistryServices,
     UpstreamDocument,
     UpstreamError,
+    json_may_need_repair,
+    repair_json,
 )
 from batlehub_npm.integrity import expected_digests
 from batlehub_npm.names import split_spec
@@ -51,7 +53,14 @@ def upstream_path(name: str) -> str:
 
 
 def parse_packument(body: bytes) -> dict[str, Any]:
-    data = json.loads(body)
+    """An upstream's packument, checked to be one; lone surrogates (which no JSON encoder writes
+    back out) become U+FFFD rather than failing every request for the package."""
+    try:
+        data = json.loads(body)
+        if json_may_need_repair(body):
+            data = repair_json(data)
+    except RecursionError:
+        raise ValueError("the answer is nested too deeply") from None
     if not isinstance(data, dict) or not isinstance(data.get("versions", {}), dict):
         raise ValueError("the answer is not a packument")
     return data
