@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import time
 from collections.abc import Awaitable
@@ -16,14 +17,21 @@ from aiohttp import web
 
 from batlehub import appkeys, audit, ownership, quota
 from batlehub.auth import Identity, has_permission
+from batlehub.config import valid_user_id
+from batlehub.coordination import LogThrottle
 from batlehub.errors import BadRequest, NotFound
 from batlehub.interfaces import Banner, IpBlock
-from batlehub.net import is_trusted
+from batlehub.net import canonical_ip, is_trusted
 from batlehub.plugins import describe_plugins
 from batlehub.requests import identity, read_json, registry_url, require_admin
 
+log = logging.getLogger("batlehub.server")
+_health_warnings = LogThrottle()
+
 HEALTH_CHECK_TIMEOUT = 3.0
 BANNER_LEVELS = ("info", "warning", "error")
+MAX_OFFSET = 2**31 - 1
+"""Past this, databases refuse the number (a 500), and no log is that long anyway."""
 MAX_TOKEN_DAYS = 36500
 """100 years; more overflows the expiry to infinity. For a token that never expires, send null."""
 
@@ -63,13 +71,16 @@ async def read_object(request: web.Request, limit: int = 65536) -> dict[str, Any
 # --- health ----------------------------------------------------------------------------------------
 
 
-async def _check(awaitable: Awaitable[Any]) -> str:
+async def _check(name: str, awaitable: Awaitable[Any]) -> str:
+    """ "ok" or a short error for anyone to see; the details (paths, hosts) go to the log only."""
     try:
         await asyncio.wait_for(awaitable, HEALTH_CHECK_TIMEOUT)
     except TimeoutError:
         return f"error: no answer within {HEALTH_CHECK_TIMEOUT:g}s"
     except Exception as exc:
-        return f"error: {type(exc).__name__}: {exc}"[:300]
+        if _health_warnings(name):
+            log.warning("health: the %s check failed: %s: %s", name, type(exc).__name__, exc)
+        return f"error: {type(exc).__name__} (details in the server log)"
     return "ok"
 
 
@@ -83,7 +94,9 @@ async def health(request: web.Request) -> web.Response:
     app = request.app
     state = app[appkeys.STATE]
     database, storage, cache = await asyncio.gather(
-        _check(app[appkeys.DATABASE].ping()), _check(app[appkeys.STORAGE].ping()), _check(app[appkeys.CACHE].ping())
+        _check("database", app[appkeys.DATABASE].ping()),
+        _check("storage", app[appkeys.STORAGE].ping()),
+        _check("cache", app[appkeys.CACHE].ping()),
     )
     checks = {"database": database, "storage": storage, "cache": cache}
     if state.shutting_down:
@@ -180,16 +193,14 @@ async def list_ip_blocks(request: web.Request) -> web.Response:
 
 
 async def add_ip_block(request: web.Request) -> web.Response:
-    import ipaddress
-
     admin = require_admin(request)
     data = await read_object(request)
-    ip, reason = data.get("ip"), data.get("reason", "blocked by an administrator")
+    raw_ip, reason = data.get("ip"), data.get("reason", "blocked by an administrator")
     duration = data.get("duration_secs", request.app[appkeys.SETTINGS].ip_blocking.ban_duration_secs)
-    try:
-        ip = str(ipaddress.ip_address(str(ip)))
-    except ValueError:
-        raise BadRequest("ip: expected an IPv4 or IPv6 address") from None
+    # The canonical form, the way requests are matched (an IPv4-mapped IPv6 address is IPv4).
+    ip = canonical_ip(raw_ip) if isinstance(raw_ip, str) and "/" not in raw_ip and " " not in raw_ip else None
+    if ip is None:
+        raise BadRequest("ip: expected an IPv4 or IPv6 address")
     if not isinstance(reason, str) or len(reason) > 500:
         raise BadRequest("reason: expected a string of at most 500 characters")
     if isinstance(duration, bool) or not isinstance(duration, int | float) or duration <= 0:
@@ -204,14 +215,10 @@ async def add_ip_block(request: web.Request) -> web.Response:
 
 
 async def delete_ip_block(request: web.Request) -> web.Response:
-    import ipaddress
-
     admin = require_admin(request)
-    ip = request.match_info["ip"]
-    try:  # blocks are stored under the canonical form ("2001:db8::7"), however the operator types it
-        ip = str(ipaddress.ip_address(ip))
-    except ValueError:
-        pass  # not an address: nothing can be blocked under it, and the 404 below says so
+    # Blocks are stored under the canonical form ("2001:db8::7"), however the operator types it;
+    # not an address: nothing can be blocked under it, and the 404 below says so.
+    ip = canonical_ip(request.match_info["ip"]) or request.match_info["ip"]
     if not await request.app[appkeys.CACHE].unblock_ip(ip):
         raise NotFound(f"no block for {ip}")
     await _audit(request, "ip_block.remove", admin, target=ip)
@@ -230,8 +237,8 @@ async def create_token(request: web.Request) -> web.Response:
     admin = require_admin(request)
     data = await read_object(request)
     user_id, role, days = data.get("user_id"), data.get("role", "user"), data.get("expires_in_days")
-    if not isinstance(user_id, str) or not user_id or len(user_id) > 200:
-        raise BadRequest("user_id: expected a non-empty string")
+    if not valid_user_id(user_id):
+        raise BadRequest("user_id: expected 1 to 200 printable characters without spaces")
     if role not in ("user", "admin"):
         raise BadRequest('role: expected "user" or "admin"')
     if days is not None and (
@@ -317,12 +324,12 @@ async def get_audit_log(request: web.Request) -> web.Response:
         args.append(value)
         where.append(condition.replace("?", f"${len(args)}"))
 
-    if request.query.get("registry"):
-        add("registry = ?", request.query["registry"])
-    if request.query.get("user"):
-        add("user_id = ?", request.query["user"])
-    if request.query.get("action"):
-        add("action = ?", request.query["action"])
+    for name, column in (("registry", "registry"), ("user", "user_id"), ("action", "action")):
+        value = request.query.get(name)
+        if value:
+            if "\x00" in value or len(value) > 500:
+                raise BadRequest(f"{name}: not a {name}")
+            add(f"{column} = ?", value)
     since = _query_time(request, "since")
     until = _query_time(request, "until")
     if since is not None:
@@ -331,10 +338,11 @@ async def get_audit_log(request: web.Request) -> web.Response:
         add("ts < ?", until)
     if request.query.get("denied_only") in ("1", "true", "yes"):
         where.append("result = 'denied'")
-    limit = int(_query_number(request, "limit", 100) or 0)  # `or 0`: limit=0 is refused below, not 100
-    offset = int(_query_number(request, "offset", 0) or 0)
-    if not 1 <= limit <= 1000 or offset < 0:
-        raise BadRequest("limit: 1..1000; offset: >= 0")
+    limit = _query_number(request, "limit", 100) or 0  # `or 0`: limit=0 is refused below, not 100
+    offset = _query_number(request, "offset", 0) or 0
+    if not 1 <= limit <= 1000 or not 0 <= offset <= MAX_OFFSET:
+        raise BadRequest(f"limit: 1..1000; offset: 0..{MAX_OFFSET}")
+    limit, offset = int(limit), int(offset)
     clause = f"WHERE {' AND '.join(where)}" if where else ""
     db = request.app[appkeys.DATABASE]
     total = await db.fetchval(f"SELECT COUNT(*) FROM audit_log {clause}", *args)

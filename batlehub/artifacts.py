@@ -46,6 +46,9 @@ ARTIFACT_TIMEOUT = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, 
 """An artifact may legitimately take minutes; what must not happen is a silent, stalled socket."""
 ARTIFACT_WAIT_SECS = 300.0
 """How long a replica watches another one's download (its holder extends the lease while bytes flow)."""
+DISCARD_GRACE_SECS = 120.0
+"""How long a blob left by a failed write waits before it is deleted (if still unreferenced then):
+an identical publish in flight (a client's retry) commits its rows within this."""
 STORED_MEMO_ENTRIES = 100_000
 """Keys a process remembers as stored, so a download asks neither the database nor storage."""
 CHUNK_SIZE = 64 * 1024
@@ -144,7 +147,9 @@ class ArtifactStore:
         self.origins = origins or UpstreamOrigins()
         """Where `fetch` may download from: the registry's upstreams (see `UpstreamOrigins`)."""
         self.timeout = ARTIFACT_TIMEOUT
+        self.discard_grace_secs = DISCARD_GRACE_SECS
         self.writes = BackgroundWrites()
+        self._discards: set[asyncio.Future[None]] = set()
         # With local files, `local_path(key) is None` means "not stored": no round trip needed.
         self._local_files = "local_path" in storage_type.capabilities
         self._flights = SingleFlight()
@@ -156,6 +161,10 @@ class ArtifactStore:
 
     async def close(self) -> None:
         await self._flights.cancel_all()
+        # Blobs still waiting to be discarded are left to the sweep: no shutdown waits minutes.
+        for task in list(self._discards):
+            task.cancel()
+        await asyncio.gather(*self._discards, return_exceptions=True)
         await self.settle()
 
     async def settle(self) -> None:
@@ -206,6 +215,27 @@ class ArtifactStore:
                 fh.close()
 
         return await self.storage.put(self.key_for(digests), file_chunks(), max_size=self.max_size, expected=digests)
+
+    def discard(self, blob: StoredBlob | SpooledBlob | None) -> None:
+        """Drop what a failed write left: a spooled file at once, a stored blob after
+        `DISCARD_GRACE_SECS` unless a row references it by then (instead of keeping it, outside
+        every quota, until the sweep's much longer grace period)."""
+        if isinstance(blob, SpooledBlob):
+            blob.discard()
+        elif blob is not None:
+            task = asyncio.ensure_future(self._discard_later(blob.key))
+            self._discards.add(task)
+            task.add_done_callback(self._discards.discard)
+
+    async def _discard_later(self, key: str) -> None:
+        await asyncio.sleep(self.discard_grace_secs)
+        try:
+            if not await is_referenced(self.db, key) and await self.storage.delete(key):
+                self.forget(key)
+                log.info("registry %s: deleted %s, left by a write that failed", self.registry, key)
+        except Exception as exc:  # the sweep collects it later
+            if self._warn_allowed("discard"):
+                log.warning("registry %s: could not delete %s after a failed write: %s", self.registry, key, exc)
 
     # --- upstream artifacts ---------------------------------------------------------------------
 
@@ -348,6 +378,17 @@ class ArtifactStore:
                 await response.write(chunk)
         await response.write_eof()
         return response
+
+
+async def is_referenced(db: Connection, key: str) -> bool:
+    """Whether a database row names the blob (a file, a version, or a recorded artifact)."""
+    row = await db.fetchrow(
+        "SELECT 1 AS hit FROM artifacts WHERE storage_key = $1"
+        " UNION ALL SELECT 1 AS hit FROM files WHERE artifact_key = $1"
+        " UNION ALL SELECT 1 AS hit FROM versions WHERE artifact_key = $1 LIMIT 1",
+        key,
+    )
+    return row is not None
 
 
 async def record_artifact(conn: Connection, blob: StoredBlob) -> None:

@@ -52,7 +52,9 @@ ANONYMOUS = Identity(user_id=None, role="anonymous")
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # A header with bytes that are not UTF-8 arrives as surrogate escapes: hash them as the bytes
+    # they were (such a token matches nothing, and must not fail with a 500).
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_token() -> str:

@@ -204,18 +204,15 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
     from batlehub import appkeys
     from batlehub.accesslog import StreamAccessLog
     from batlehub.app import create_app
+    from batlehub.server import make_runner, raise_open_file_limit
     from batlehub.tracing import configure_tracing
 
     configure_tracing(settings.otel)
+    raise_open_file_limit()
     app = create_app(settings)
     if logging.getLogger("batlehub.access").isEnabledFor(logging.INFO):
         app[appkeys.ACCESS_LOG] = StreamAccessLog(sys.stderr)
-    # The drain below waits up to half of shutdown_timeout_secs for requests in flight; aiohttp then
-    # waits up to shutdown_timeout for stragglers, and as long again for the ones it cancelled: a
-    # quarter each keeps the whole drain within shutdown_timeout_secs.
-    runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=settings.server.shutdown_timeout_secs / 4
-    )
+    runner = make_runner(app, settings)
     try:
         await runner.setup()
     except BaseException:

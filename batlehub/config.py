@@ -95,6 +95,13 @@ class RegistrySettings:
 @dataclass(frozen=True)
 class LimitsSettings:
     max_artifact_size_bytes: int = 524_288_000
+    max_document_bytes: int = 8 * 1024 * 1024
+    """JSON documents other than artifacts: publish manifests, logins, upstream metadata."""
+    header_timeout_secs: float = 10.0
+    """A connection's request line and headers must arrive within this (and an idle keep-alive
+    connection is closed after it)."""
+    body_idle_timeout_secs: float = 30.0
+    """A request body that sends no bytes for this long is answered 408 and closed."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,20 @@ class Settings:
 
     def registry(self, name: str) -> RegistrySettings | None:
         return next((r for r in self.registries if r.name == name), None)
+
+
+MAX_USER_ID = 200
+
+
+def valid_user_id(user_id: object) -> bool:
+    """1 to 200 printable characters and no whitespace: a user id appears in log lines, and a
+    newline in one would forge log lines."""
+    return (
+        isinstance(user_id, str)
+        and 0 < len(user_id) <= MAX_USER_ID
+        and user_id.isprintable()
+        and not any(c.isspace() for c in user_id)
+    )
 
 
 def default_data_dir() -> Path:
@@ -361,7 +382,12 @@ _DATABASE = {
     "url": _str(),
     "max_connections": _int(1, 1000),
 }
-_LIMITS = {"max_artifact_size_bytes": _int(1)}
+_LIMITS = {
+    "max_artifact_size_bytes": _int(1),
+    "max_document_bytes": _int(1024),
+    "header_timeout_secs": _number(0.1),
+    "body_idle_timeout_secs": _number(0.1),
+}
 _IP_BLOCKING = {
     "enabled": _bool,
     "violation_threshold": _int(1),
@@ -483,6 +509,8 @@ def _auth(value: Any, problems: _Problems) -> tuple[AuthSettings, ...]:
                 continue
             if not isinstance(user_id, str) or not user_id:
                 problems.add(f"{tpath}.user_id", "required: the user this token authenticates")
+            elif not valid_user_id(user_id):
+                problems.add(f"{tpath}.user_id", "expected 1 to 200 printable characters without spaces")
                 continue
             tokens.append(TokenEntry(value=value_, role=role, user_id=user_id))
         out.append(AuthSettings(type="token", tokens=tuple(tokens)))

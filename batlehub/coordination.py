@@ -33,20 +33,26 @@ LEASE_POLL_SECS = 0.05
 
 
 class LogThrottle:
-    """Says yes to a key at most once per interval."""
+    """Says yes to a key at most once per interval, and counts the noes in between."""
 
     def __init__(self, every_secs: float = WARNING_EVERY_SECS) -> None:
         self.every_secs = every_secs
-        self._last: dict[str, float] = {}
+        self._last: dict[str, tuple[float, int]] = {}
 
     def __call__(self, key: str = "") -> bool:
+        return self.admit(key) is not None
+
+    def admit(self, key: str = "") -> int | None:
+        """None when `key` had its turn within the interval; else how many were refused since."""
         now = time.monotonic()
-        if now - self._last.get(key, -self.every_secs) < self.every_secs:
-            return False
+        last, refused = self._last.get(key, (-self.every_secs, 0))
+        if now - last < self.every_secs:
+            self._last[key] = (last, refused + 1)
+            return None
         if len(self._last) > 10_000:
-            self._last = {k: t for k, t in self._last.items() if now - t < self.every_secs}
-        self._last[key] = now
-        return True
+            self._last = {k: v for k, v in self._last.items() if now - v[0] < self.every_secs}
+        self._last[key] = (now, 0)
+        return refused
 
 
 class FailOpenCache:

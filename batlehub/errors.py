@@ -46,6 +46,12 @@ class MethodNotAllowed(BatleHubError):
     status = 405
 
 
+class RequestTimeout(BatleHubError):
+    """The client stopped sending its request; the connection is closed after the answer."""
+
+    status = 408
+
+
 class Conflict(BatleHubError):
     status = 409
 

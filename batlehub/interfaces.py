@@ -284,6 +284,10 @@ class RegistryFormatType:
     scope_of: Callable[[str], str | None] | None = None
     """The scope of a package name (npm: `@scope` of `@scope/name`), or None for a name outside
     any scope. Scopes have owners too (DESIGN §6); None here: the format has no scopes."""
+    redact_path: Callable[[str], str] | None = None
+    """The raw path below the registry's mount point as logs may show it, with secrets that the
+    format's clients put in paths replaced (npm logout sends the token in the URL). None: paths
+    hold no secrets."""
     normalize_name: Callable[[str], str] | None = None
     """A package or scope name as the format stores it (e.g. lowercased), raising `BadRequest`
     for one the format would refuse. Used where names arrive outside the format's own routes (the

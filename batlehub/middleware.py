@@ -24,10 +24,10 @@ from opentelemetry import trace
 
 from batlehub import appkeys, audit
 from batlehub.auth import Identity
-from batlehub.errors import BatleHubError, Forbidden, RateLimited
+from batlehub.errors import BatleHubError, Forbidden, RateLimited, RequestTimeout
 from batlehub.interfaces import IpBlock
 from batlehub.net import client_ip, is_trusted
-from batlehub.requests import identity, registry_of
+from batlehub.requests import identity, registry_of, registry_subpath
 
 log = logging.getLogger("batlehub.server")
 # Spans only when [otel] endpoint is set (HubState.tracing); see batlehub.tracing.
@@ -36,6 +36,23 @@ tracer = trace.get_tracer("batlehub")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 HEALTH_PATH = "/api/v1/admin/health"
+
+
+def loggable_path(request: web.Request) -> str:
+    """The request's raw path as logs may show it: a format can hide secrets that its clients
+    put in paths (npm logout sends the token in the URL)."""
+    path = request.rel_url.raw_path
+    registry = registry_of(request)
+    if registry is None:
+        return path
+    services = request.config_dict[appkeys.REGISTRY_SERVICES].get(registry.name)
+    redact = services.format_type.redact_path if services is not None else None
+    if redact is None:
+        return path
+    sub = registry_subpath(request)
+    return path[: len(path) - len(sub)] + redact(sub) if path.endswith(sub) else path
+
+
 _BLOCKED = web.RequestKey("blocked", bool)
 # Set when the response is a refusal that says nothing about abuse (e.g. over quota).
 _NOT_A_VIOLATION = web.RequestKey("not_a_violation", bool)
@@ -70,6 +87,9 @@ async def _logged(request: web.Request, handler: Handler, ip: str, span: Any) ->
     try:
         response = await handler(request)
         status = response.status
+        if not response.prepared:
+            # Every answer says what it is; a browser must not guess HTML out of a JSON error.
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
     except web.HTTPException as exc:
         status = exc.status
@@ -80,7 +100,7 @@ async def _logged(request: web.Request, handler: Handler, ip: str, span: Any) ->
         caller = identity(request)
         request.config_dict[appkeys.ACCESS_LOG].write(
             request.method,
-            request.rel_url.raw_path,
+            loggable_path(request),
             status,
             (time.perf_counter() - started) * 1000,
             caller.user_id,
@@ -108,7 +128,12 @@ async def _after_refusal(request: web.Request, identity: Identity, ip: str, stat
 
 async def _audit_denied(request: web.Request, identity: Identity, ip: str, status: int) -> None:
     """Denied requests go to the audit log (requests refused by an IP block do not: a banned client
-    hammering us must not turn into a database write per request)."""
+    hammering us must not turn into a database write per request). One client's refusals are
+    written at most once per `HubState.denied_audits` interval per process, the row counting the
+    others (a client hammering with a bad token must not be a database write per request)."""
+    suppressed = request.config_dict[appkeys.STATE].denied_audits.admit(f"{ip} {identity.user_id}")
+    if suppressed is None:
+        return
     registry = registry_of(request)
     try:
         await audit.record(
@@ -116,10 +141,10 @@ async def _audit_denied(request: web.Request, identity: Identity, ip: str, statu
             "request.denied",
             registry=registry.name if registry else None,
             user_id=identity.user_id,
-            target=f"{request.method} {request.rel_url.raw_path}"[:500],
+            target=f"{request.method} {loggable_path(request)}"[:500],
             client_ip=ip,
             result="denied",
-            detail={"status": status},
+            detail={"status": status, "suppressed_since_last": suppressed} if suppressed else {"status": status},
         )
     except Exception:
         log.warning("could not write a denied request to the audit log", exc_info=True)
@@ -161,7 +186,10 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except BatleHubError as exc:
         if not exc.violation:
             request[_NOT_A_VIOLATION] = True
-        return json_error(exc.status, exc.message, exc.headers)
+        response = json_error(exc.status, exc.message, exc.headers)
+        if isinstance(exc, RequestTimeout):
+            response.force_close()  # the rest of the body may never come: do not wait for it
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -200,7 +228,12 @@ async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
         )
     response = await handler(request)
     response.headers["Access-Control-Allow-Origin"] = allow_origin
-    response.headers.setdefault("Vary", "Origin")
+    if allow_origin != "*":  # the answer depends on the Origin: shared caches must key by it
+        vary = response.headers.get("Vary")
+        if vary is None:
+            response.headers["Vary"] = "Origin"
+        elif "origin" not in vary.lower():
+            response.headers["Vary"] = f"{vary}, Origin"
     return response
 
 

@@ -48,6 +48,12 @@ def _is_trusted(ip: str, trusted: tuple[Network, ...]) -> bool:
     return parsed is not None and any(parsed in net for net in trusted)
 
 
+def canonical_ip(text: str) -> str | None:
+    """An address the way blocks and logs name it (`::ffff:10.0.0.1` is `10.0.0.1`), or None."""
+    parsed = _parse_ip(text)
+    return str(parsed) if parsed else None
+
+
 @functools.lru_cache(maxsize=8192)
 def _canonical(peer: str) -> str:
     parsed = _parse_ip(peer)
@@ -56,11 +62,17 @@ def _canonical(peer: str) -> str:
 
 def client_ip(peer: str | None, headers: Mapping[str, str], trusted: Sequence[Network]) -> str:
     """The client's address: walk `X-Forwarded-For` from the right past trusted hops when the
-    direct peer is trusted; otherwise the direct peer itself."""
+    direct peer is trusted; otherwise the direct peer itself.
+
+    Several `X-Forwarded-For` lines are one list, in order (RFC 9110): a proxy that appends its
+    own line instead of merging (HAProxy `option forwardfor`) leaves the client's forged line
+    first, and reading only that line would let the client choose its address."""
     get = headers.get
     peer_text = _canonical(peer) if peer else "unknown"
     if not is_trusted(peer_text, trusted):
         if peer_text not in _warned_peers and (get("X-Forwarded-For") or get("X-Real-IP")):
+            if len(_warned_peers) > 10_000:
+                _warned_peers.clear()
             _warned_peers.add(peer_text)
             log.warning(
                 "ignoring X-Forwarded-For/X-Real-IP from %s: not in server.trusted_proxies "
@@ -68,8 +80,10 @@ def client_ip(peer: str | None, headers: Mapping[str, str], trusted: Sequence[Ne
                 peer_text,
             )
         return peer_text
-    forwarded = get("X-Forwarded-For")
-    if forwarded:
+    getall = getattr(headers, "getall", None)
+    lines = getall("X-Forwarded-For", ()) if getall is not None else [get("X-Forwarded-For") or ""]
+    forwarded = ",".join(lines)
+    if forwarded.strip(", "):
         hops = [h for h in (p.strip() for p in forwarded.split(",")) if h]
         for hop in reversed(hops):
             ip = _parse_ip(hop)

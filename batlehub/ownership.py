@@ -21,12 +21,12 @@ from typing import Any
 from aiohttp import web
 
 from batlehub import appkeys
+from batlehub.config import valid_user_id
 from batlehub.errors import BadRequest, NotFound
 from batlehub.registries import RegistryServices
 from batlehub.requests import actor, read_json, require_admin
 
 PREFIX = "/api/v1/admin/registries/{registry}"
-MAX_USER_ID = 200
 
 
 def add_routes(app: web.Application) -> None:
@@ -74,7 +74,7 @@ async def _users(request: web.Request) -> list[str]:
     if not isinstance(users, list) or not users:
         raise BadRequest('owners: expected a non-empty list of user ids, e.g. {"owners": ["alice"]}')
     for user in users:
-        if not isinstance(user, str) or not user or len(user) > MAX_USER_ID or any(ord(c) < 32 for c in user):
+        if not valid_user_id(user):
             raise BadRequest(f"owners: {user!r} is not a user id")
     return list(dict.fromkeys(users))
 

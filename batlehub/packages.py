@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from batlehub import audit, jsondoc, quota
 from batlehub.artifacts import record_artifact
 from batlehub.auth import check_permission
+from batlehub.config import valid_user_id
 from batlehub.coordination import FailOpenCache
 from batlehub.errors import AlreadyExists, BadRequest, Conflict, Forbidden, NotFound, UpstreamError
 from batlehub.interfaces import StoredBlob
@@ -267,6 +268,8 @@ class PackageStore:
     async def search(self, text: str, limit: int, offset: int) -> tuple[list[PackageSummary], int]:
         """Packages whose name, description or keywords contain `text` (case-insensitive), by name."""
         needle = text.lower()
+        if "\x00" in needle:
+            return [], 0  # no name holds a NUL (and PostgreSQL refuses one in a parameter)
         rows = await self.db.fetch(
             "SELECT p.name, p.modified, p.extra, t.version AS latest FROM packages p"
             " LEFT JOIN dist_tags t ON t.registry = p.registry AND t.name = p.name AND t.tag = 'latest'"
@@ -760,7 +763,7 @@ class PackageWrite:
 
     async def set_owners(self, users: Sequence[str]) -> None:
         """Replace the package's owners (what `npm owner add/rm` does). A package keeps at least one."""
-        wanted = list(dict.fromkeys(users))
+        wanted = _user_ids(users)
         if not wanted:
             raise BadRequest(f"cannot remove every owner of {self.name}; add someone else first")
         await _replace_owners(self.conn, "package_owners", "name", self._reg, self.name, wanted, self.actor.user_id)
@@ -822,9 +825,16 @@ async def _add_owner(
     )
 
 
+def _user_ids(users: Sequence[str]) -> list[str]:
+    for user in users:
+        if not valid_user_id(user):
+            raise BadRequest(f"{user!r} is not a user id")
+    return list(dict.fromkeys(users))
+
+
 async def _replace_owners(
     conn: Connection, table: str, column: str, registry: str, name: str, users: Sequence[str], by: str | None
 ) -> None:
     await conn.execute(f"DELETE FROM {table} WHERE registry = $1 AND {column} = $2", registry, name)
-    for user in dict.fromkeys(users):
+    for user in _user_ids(users):
         await _add_owner(conn, table, column, registry, name, user, by)

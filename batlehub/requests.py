@@ -9,6 +9,8 @@ matched applications instead of parsing the path again.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +19,7 @@ from aiohttp import web
 from batlehub import appkeys, jsondoc
 from batlehub.auth import ANONYMOUS, Identity, check_permission
 from batlehub.config import RegistrySettings
-from batlehub.errors import Forbidden, PayloadTooLarge, Unauthorized
+from batlehub.errors import Forbidden, PayloadTooLarge, RequestTimeout, Unauthorized
 from batlehub.net import is_trusted
 
 REGISTRY_MOUNT = "/registries/{name}/"
@@ -134,14 +136,35 @@ def registry_url(request: web.Request, name: str | None = None) -> str:
     return base_url(request) + registry_path(name).rstrip("/")
 
 
+def body_reader(request: web.Request) -> Callable[[], Awaitable[bytes]]:
+    """`request.content.readany`, answered 408 when the client sends nothing for
+    `limits.body_idle_timeout_secs` (a stalled upload must not hold a connection forever)."""
+    idle = request.config_dict[appkeys.SETTINGS].limits.body_idle_timeout_secs
+    content = request.content
+
+    async def read() -> bytes:
+        try:
+            async with asyncio.timeout(idle):
+                return await content.readany()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no request body bytes for {idle:g}s; closing (limits.body_idle_timeout_secs)"
+            ) from None
+
+    return read
+
+
 async def read_body(request: web.Request, limit: int = SMALL_BODY_LIMIT) -> bytes:
     """The whole request body, refused with 413 as soon as it passes `limit` bytes."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    return body
+    read = body_reader(request)
+    body = bytearray()
+    while chunk := await read():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    return bytes(body)
 
 
 async def read_json(request: web.Request, limit: int = SMALL_BODY_LIMIT, *, default: Any = None) -> Any:

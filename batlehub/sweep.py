@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from batlehub import appkeys
-from batlehub.artifacts import is_blob_key
+from batlehub.artifacts import is_blob_key, is_referenced
 from batlehub.db import Database
 from batlehub.interfaces import CacheBackend, StorageBackend
 
@@ -39,16 +39,6 @@ LEASE_TTL_SECS = 600.0
 class SweepResult:
     deleted: list[str] = field(default_factory=list)
     examined: int = 0
-
-
-async def _referenced(db: Database, key: str) -> bool:
-    row = await db.fetchrow(
-        "SELECT 1 AS hit FROM artifacts WHERE storage_key = $1"
-        " UNION ALL SELECT 1 AS hit FROM files WHERE artifact_key = $1"
-        " UNION ALL SELECT 1 AS hit FROM versions WHERE artifact_key = $1 LIMIT 1",
-        key,
-    )
-    return row is not None
 
 
 async def sweep_orphans(db: Database, storage: StorageBackend, *, grace_secs: float) -> SweepResult:
@@ -76,7 +66,7 @@ async def sweep_orphans(db: Database, storage: StorageBackend, *, grace_secs: fl
         current = await storage.stat(key)
         if current is None or current.modified >= time.time() - grace_secs:
             continue
-        if await _referenced(db, key):
+        if await is_referenced(db, key):
             continue
         if await storage.delete(key):
             result.deleted.append(key)

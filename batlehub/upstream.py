@@ -407,6 +407,8 @@ class UpstreamDocuments:
 
     async def known_names(self, text: str, limit: int, exclude: set[str]) -> list[str]:
         """Names of cached upstream documents containing `text` (case-insensitive), for search."""
+        if "\x00" in text:
+            return []
         pattern = "%" + like_escape(text.lower()) + "%"
         rows = await self.db.fetch(
             "SELECT DISTINCT name FROM upstream_documents WHERE registry = $1 AND LOWER(name) LIKE $2 ESCAPE '\\'"

@@ -9,7 +9,7 @@ and client setup.
 from __future__ import annotations
 
 from batlehub.api import RegistryFormatType, hookimpl
-from batlehub_npm.names import normalize_name, scope_of
+from batlehub_npm.names import normalize_name, redact_path, scope_of
 from batlehub_npm.options import validate_options
 from batlehub_npm.registry import NpmRegistry
 
@@ -26,5 +26,6 @@ def register_registry_formats() -> list[RegistryFormatType]:
             factory=NpmRegistry,
             scope_of=scope_of,
             normalize_name=normalize_name,
+            redact_path=redact_path,
         )
     ]

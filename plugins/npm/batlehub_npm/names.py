@@ -281,6 +281,14 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return spec[:at], spec[at + 1 :]
 
 
+_TOKEN_PATH = re.compile(r"^(/-/user/token/)[^/?]+")
+
+
+def redact_path(raw_path: str) -> str:
+    """`npm logout` puts the token in the URL (`/-/user/token/<token>`): never let a log show it."""
+    return _TOKEN_PATH.sub(r"\1<redacted>", raw_path)
+
+
 def scope_of(name: str) -> str | None:
     """`@scope` of `@scope/name`, None for an unscoped name (core keeps owners of scopes)."""
     return name.split("/", 1)[0] if name.startswith("@") and "/" in name else None

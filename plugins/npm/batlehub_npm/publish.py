@@ -24,7 +24,7 @@ from batlehub.api import MAX_JSON_DEPTH, ArtifactStore, BadRequest, PayloadTooLa
 from batlehub_npm.integrity import expected_digests
 from batlehub_npm.names import PackageName, validate_tag, validate_version
 
-DEFAULT_MAX_DOCUMENT_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
 """Everything in a publish body except the tarball itself: manifests, readme, tags."""
 MAX_CONTAINERS = 100_000
 """Objects and arrays a publish body may hold. Bytes alone do not bound memory: a few megabytes of
@@ -438,8 +438,9 @@ class TarballSink:
         return blob
 
     def discard(self) -> None:
-        if isinstance(self._result, SpooledBlob):
-            self._result.discard()
+        """The publish failed: drop what it received (see `ArtifactStore.discard`)."""
+        self.artifacts.discard(self._result)
+        self._result = None
 
 
 __all__ = [

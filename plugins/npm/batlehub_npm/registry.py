@@ -33,6 +33,7 @@ from batlehub.api import (
     UpstreamDocument,
     actor,
     base_url,
+    body_reader,
     read_json,
     registry_subpath,
     registry_url,
@@ -366,8 +367,11 @@ class NpmRegistry:
         self._refuse_writes_in_proxy_mode()
         package = _package(route)
         parse_package_name(package.name, new=True)
-        limit = self.services.settings.limits.max_artifact_size_bytes
-        if request.content_length is not None and request.content_length > max_body_bytes(limit):
+        limits = self.services.settings.limits
+        limit = limits.max_artifact_size_bytes
+        if request.content_length is not None and request.content_length > max_body_bytes(
+            limit, limits.max_document_bytes
+        ):
             raise PayloadTooLarge(f"publish body is larger than allowed for a {limit}-byte tarball")
         sink = TarballSink(self.artifacts)
 
@@ -380,7 +384,11 @@ class NpmRegistry:
             return await sink(document, filename, chunks)
 
         try:
-            parsed = await parse_document(request.content.readany, store_attachment=store_attachment)
+            parsed = await parse_document(
+                body_reader(request),
+                store_attachment=store_attachment,
+                max_document_bytes=limits.max_document_bytes,
+            )
             if not any(fields.get("_has_data") for fields in parsed.attachments.values()):
                 if parsed.attachments:
                     raise BadRequest("the attachment has no data")
@@ -395,8 +403,9 @@ class NpmRegistry:
             blob = await sink.finish(publish.manifest)
             assert blob is not None
             warning = await self.local.publish(publish, blob, actor(request))
-        finally:
+        except BaseException:
             sink.discard()
+            raise
         self.rendered.drop_package(package.name)
         headers = {"X-Quota-Warning": warning, "npm-notice": warning} if warning else {}
         return json_response({"ok": True, "id": package.name, "success": True}, status=201, headers=headers)
@@ -421,7 +430,9 @@ class NpmRegistry:
         require(request, "releases:publish")
         package = _package(route)
         await self._local_for_write(package)
-        parsed = await parse_document(request.content.readany)
+        parsed = await parse_document(
+            body_reader(request), max_document_bytes=self.services.settings.limits.max_document_bytes
+        )
         if "maintainers" in parsed.document and "versions" not in parsed.document:
             await self.local.set_owners(package, parsed.document["maintainers"], rev=route.rev, actor=actor(request))
         else:

@@ -138,7 +138,7 @@ def test_expected_digests_reads_sri_and_shasum() -> None:
     for bad in bad_values:
         with pytest.raises(BadRequest):
             expected_digests(bad, strict=True)
-    assert max_body_bytes(300) == 400 + 64 * 1024 * 1024
+    assert max_body_bytes(300) == 400 + 8 * 1024 * 1024
 
 
 async def storage(tmp_path: Path) -> FilesystemStorage:
