@@ -509,7 +509,8 @@ def _auth(value: Any, problems: _Problems) -> tuple[AuthSettings, ...]:
                 continue
             if not isinstance(user_id, str) or not user_id:
                 problems.add(f"{tpath}.user_id", "required: the user this token authenticates")
-            elif not valid_user_id(user_id):
+                continue
+            if not valid_user_id(user_id):
                 problems.add(f"{tpath}.user_id", "expected 1 to 200 printable characters without spaces")
                 continue
             tokens.append(TokenEntry(value=value_, role=role, user_id=user_id))
