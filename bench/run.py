@@ -314,7 +314,7 @@ class Bench:
     # --- npm install ----------------------------------------------------------------------------
 
     def _npm_installs(self) -> None:
-        from batlehub.testing.npm import npm_env, run_npm
+        from batlehub_npm_testing.clients import npm_env, run_npm
 
         project = self.scratch / "project"
         project.mkdir()

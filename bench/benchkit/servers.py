@@ -25,18 +25,12 @@ from benchkit import BenchError
 REPO = Path(__file__).resolve().parents[2]
 
 try:
-    from batlehub.testing.services import (
-        ManagedProcess,
-        NodeTools,
-        ServiceStartError,
-        VerdaccioServer,
-        free_port,
-        install_node_tools,
-        wait_until,
-    )
+    from batlehub_npm_testing.services import NodeTools, VerdaccioServer, install_node_tools
+
+    from batlehub.testing.services import ManagedProcess, ServiceStartError, free_port, wait_until
 except ImportError as exc:  # pragma: no cover - the venv lacks the project
     raise SystemExit(
-        f"bench: cannot import batlehub.testing ({exc}); run `.venv/bin/pip install -e . -e plugins/npm` first"
+        f"bench: cannot import the test kits ({exc}); run `.venv/bin/pip install -e . -e plugins/npm` first"
     ) from exc
 
 __all__ = ["ManagedProcess", "NodeTools", "ServiceStartError", "free_port"]

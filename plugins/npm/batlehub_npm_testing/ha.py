@@ -6,7 +6,7 @@ its own prefix folder and a copy of `deploy/nginx.conf` whose upstream lists tho
 `HaCluster` to restart, replace and kill replicas; as a script it starts everything (the backing
 services too, unless `BATLEHUB_TEST_*` variables name running ones) and keeps it up until Ctrl-C:
 
-    python -m batlehub.testing.ha --replicas 3
+    python -m batlehub_npm_testing.ha --replicas 3
 
 It prints the URL of nginx, of each replica, and an admin and a user token.
 """
@@ -44,7 +44,7 @@ from batlehub.testing.services import (
     wait_until,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
 REGISTRY = "npm"
 """Name of the npm registry every replica serves (at `/registries/npm/`)."""
@@ -380,6 +380,7 @@ class HaCluster:
 def _start_services(root: Path, stack: contextlib.ExitStack) -> HaServices:
     """Backing services from BATLEHUB_TEST_* variables, or local throwaway ones."""
     from batlehub.testing import services as svc
+    from batlehub_npm_testing.services import VerdaccioServer, install_node_tools
 
     env = os.environ
     if env.get("BATLEHUB_TEST_POSTGRES_URL"):
@@ -415,7 +416,7 @@ def _start_services(root: Path, stack: contextlib.ExitStack) -> HaServices:
         upstream = env["BATLEHUB_TEST_VERDACCIO_URL"]
     else:
         (root / "verdaccio").mkdir(parents=True, exist_ok=True)
-        verdaccio = svc.VerdaccioServer(svc.install_node_tools(), root / "verdaccio")
+        verdaccio = VerdaccioServer(install_node_tools(), root / "verdaccio")
         stack.callback(verdaccio.process.stop)
         verdaccio.start()
         upstream = verdaccio.url
@@ -440,7 +441,7 @@ async def _run(replicas: int, root: Path, services: HaServices) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m batlehub.testing.ha",
+        prog="python -m batlehub_npm_testing.ha",
         description="Run N BatleHub replicas behind nginx with PostgreSQL, Redis, SeaweedFS S3 and a "
         "Verdaccio upstream on this machine, until Ctrl-C. BATLEHUB_TEST_POSTGRES_URL, _REDIS_URL, "
         "_S3_ENDPOINT (+ _S3_ACCESS_KEY, _S3_SECRET_KEY, _S3_BUCKET) and _VERDACCIO_URL use running "
