@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,21 @@ async def test_redis_can_be_stopped_and_started_on_the_same_url(redis_server: An
         assert await client.ping() is True
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def redis_checked_at_teardown(redis_server: Any) -> Iterator[Any]:
+    yield redis_server
+    try:
+        redis_ping(redis_server.port)
+    except OSError as exc:
+        pytest.fail(f"Redis was still stopped when the test's fixtures were torn down: {exc!r}")
+
+
+def test_a_service_a_test_left_stopped_is_back_before_its_fixtures_are_torn_down(
+    redis_checked_at_teardown: Any,
+) -> None:
+    redis_checked_at_teardown.stop()
 
 
 def test_s3_stores_and_returns_objects(s3_config: dict[str, Any]) -> None:

@@ -12,8 +12,8 @@ services it manages itself:
                                    BATLEHUB_TEST_S3_SECRET_KEY, BATLEHUB_TEST_S3_BUCKET
 
 Fault tests stop and start the shared servers through `postgres_server`, `redis_server` and
-`seaweedfs`; a server a test left stopped is started again after it, so one failing fault test does
-not take the rest of the suite with it. Against external services those tests skip.
+`seaweedfs`; a server a test left stopped is started again as the test ends, so one failing fault
+test does not take the rest of the suite with it. Against external services those tests skip.
 
 A format's test kit (the npm plugin's `batlehub_npm_testing` runs Verdaccio) builds its own
 services from the same parts: `ManagedProcess`, `_ChildService`, `_session_service`, `scratch_dir`.
@@ -275,10 +275,13 @@ class _Service(Protocol):
 _RESTARTABLE: list[_Service] = []
 
 
-@pytest.fixture(autouse=True)
-def restart_stopped_services() -> Iterator[None]:
-    """After each test, start again any shared service that the test stopped and did not restart."""
-    yield
+def restart_stopped_services() -> None:
+    """Start again every shared service that a test stopped and did not restart.
+
+    The pytest plugin calls this when each test ends, before the test's own fixtures are torn down,
+    so their teardown (dropping a fresh database, stopping hubs) finds the services it was set up
+    with. Services of a format's test kit take part when they were started by `_session_service`.
+    """
     for service in _RESTARTABLE:
         if service.stopped_by_test:
             service.start()
