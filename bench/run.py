@@ -37,7 +37,7 @@ from benchkit.load import NPM_ABBREVIATED_ACCEPT, NPM_HEADERS, LoadResult, RssSa
 from benchkit.servers import (
     ADMIN_TOKEN,
     REPO,
-    Hub,
+    BenchHub,
     HubRegistry,
     Nginx,
     child_pids,
@@ -71,7 +71,7 @@ class Bench:
         self.keep: bool = args.keep
         self.hub_env: dict[str, str] = _env_pairs(getattr(args, "hub_env", None))
         self.variant_env: dict[str, str] = _env_pairs(getattr(args, "variant_env", None))
-        self.variant: Hub | None = None
+        self.variant: BenchHub | None = None
         self.only: set[str] = set(getattr(args, "only", None) or ["load", "npm", "publish", "workers"])
         self.case_filter: set[str] = set(getattr(args, "case", None) or [])
         self.scratch = Path(tempfile.mkdtemp(prefix="batlehub-bench-"))
@@ -161,19 +161,19 @@ class Bench:
 
     # --- servers ------------------------------------------------------------------------------
 
-    def _start_hub(self, label: str, root: Path, *, proxy: bool, local: bool, workers: int = 1, **kw: Any) -> Hub:
+    def _start_hub(self, label: str, root: Path, *, proxy: bool, local: bool, workers: int = 1, **kw: Any) -> BenchHub:
         registries = []
         if proxy:
             registries.append(HubRegistry("proxy", "proxy", (self.verdaccio.url,)))
         if local:
             registries.append(HubRegistry("local", "local"))
         env = {**self.hub_env, **kw.pop("env", {})}
-        hub = Hub(root, registries, workers=workers, label=label, env=env, **kw)
+        hub = BenchHub(root, registries, workers=workers, label=label, env=env, **kw)
         hub.start()
         self.stoppers.append(hub.stop)
         return hub
 
-    def _warm_proxy(self, hub: Hub) -> None:
+    def _warm_proxy(self, hub: BenchHub) -> None:
         """Fetch every packument (both forms) and every tarball npm will ask for through the proxy,
         the way a busy hub would have them cached."""
         base = hub.registry_url("proxy")

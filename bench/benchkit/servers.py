@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 try:
     from batlehub_npm_testing.services import NodeTools, VerdaccioServer, install_node_tools
 
+    from batlehub.testing.hub import Hub, serve_env
     from batlehub.testing.services import ManagedProcess, ServiceStartError, free_port, wait_until
 except ImportError as exc:  # pragma: no cover - the venv lacks the project
     raise SystemExit(
@@ -236,8 +236,9 @@ class HubRegistry:
     upstreams: tuple[str, ...] = ()
 
 
-class Hub:
-    """One `batlehub serve` (filesystem storage, SQLite, memory cache) with the given registries."""
+class BenchHub:
+    """One `batlehub serve` (filesystem storage, SQLite, memory cache) with the given registries: the
+    test kit's `Hub` process, and the processes that serve its requests (for CPU and RSS)."""
 
     def __init__(
         self,
@@ -256,14 +257,16 @@ class Hub:
         self.label = label
         self.port = free_port()
         self.workers = workers
-        self.log = root / "hub.log"
         root.mkdir(parents=True, exist_ok=True)
         self.config = root / "batlehub.toml"
         self.config.write_text(self._config_text(registries))
-        argv = [sys.executable, "-m", "batlehub", "serve", "--config", str(self.config)]
-        argv += ["--data-dir", str(self.data_dir)]
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}, **(env or {})}
-        self.process = ManagedProcess(argv, self.log, env=env, cwd=root)
+        self.server = Hub(
+            config_path=self.config,
+            data_dir=self.data_dir,
+            log_path=root / "hub.log",
+            port=self.port,
+            env=serve_env(env),
+        )
 
     def _config_text(self, registries: list[HubRegistry]) -> str:
         lines = [
@@ -304,8 +307,8 @@ class Hub:
 
     @property
     def pid(self) -> int:
-        assert self.process.proc is not None
-        return self.process.proc.pid
+        assert self.server.process.proc is not None
+        return self.server.process.proc.pid
 
     def server_pids(self) -> list[int]:
         """The processes that serve requests: the one process, or each worker (not the parent)."""
@@ -326,17 +329,10 @@ class Hub:
         return {pid: rss_bytes(pid) for pid in self.server_pids()}
 
     def start(self, timeout: float = 60) -> None:
-        self.process.start()
         try:
-            wait_until(
-                lambda: http_get(self.url + "api/v1/admin/health", timeout=2)[0] == 200,
-                what=f"BatleHub ({self.label})",
-                process=self.process,
-                log=self.log,
-                timeout=timeout,
-            )
+            self.server.start_blocking(timeout_secs=timeout)
         except ServiceStartError as exc:
-            raise BenchError(f"the hub could not be started: {exc}") from exc
+            raise BenchError(f"the hub ({self.label}) could not be started: {exc}") from exc
         if self.workers > 1:
             deadline = time.monotonic() + timeout
             while len(self.server_pids()) < self.workers and time.monotonic() < deadline:
@@ -345,4 +341,4 @@ class Hub:
             time.sleep(1.0)
 
     def stop(self) -> None:
-        self.process.stop()
+        self.server.stop_blocking()

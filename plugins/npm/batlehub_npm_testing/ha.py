@@ -33,7 +33,7 @@ from typing import Any
 
 import aiohttp
 
-from batlehub.testing.hub import HEALTH_PATH, Hub, HubStartError
+from batlehub.testing.hub import HEALTH_PATH, Hub, HubStartError, serve_env
 from batlehub.testing.services import (
     LOOPBACK,
     ManagedProcess,
@@ -281,8 +281,7 @@ class HaCluster:
         data.mkdir(exist_ok=True)
         generation = self.generations[index]
         self.generations[index] += 1
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
-        env.update(
+        env = serve_env(
             {
                 "PYTHONUNBUFFERED": "1",
                 "BATLEHUB_SERVER__HOST": LOOPBACK,
