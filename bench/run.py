@@ -39,12 +39,12 @@ from benchkit.servers import (
     REPO,
     BenchHub,
     HubRegistry,
-    Nginx,
     child_pids,
     http_get,
     program_version,
     require_program,
     rss_bytes,
+    start_static_nginx,
     start_verdaccio,
     verdaccio_version,
 )
@@ -139,8 +139,7 @@ class Bench:
         target = static / ds.big_tarball.tarball_path
         target.parent.mkdir(parents=True)
         target.write_bytes(ds.big_tarball.tarball)
-        self.nginx = Nginx(self.scratch / "nginx", static)
-        self.nginx.start()
+        self.nginx = start_static_nginx(self.scratch / "nginx", static)
         self.stoppers.append(self.nginx.stop)
         say(f"nginx at {self.nginx.url} serving the same tarball")
 
@@ -242,7 +241,7 @@ class Bench:
             _, _, body = http_get(base + big.url_name, abbreviated)
             tarball_url = json.loads(_decoded(body))["versions"][big.version]["dist"]["tarball"]
             cases.append(("tarball", server, self._check_tarball(server, tarball_url), {**NPM_HEADERS}))
-        nginx_url = self.nginx.url + big.tarball_path
+        nginx_url = f"{self.nginx.url}/{big.tarball_path}"
         cases.append(("tarball", "nginx", self._check_tarball("nginx", nginx_url), {**NPM_HEADERS}))
         return cases
 
@@ -507,7 +506,7 @@ class Bench:
                 "verdaccio": verdaccio_version(self.verdaccio.tools),
                 "node": program_version([self.verdaccio.tools.node, "--version"]),
                 "npm": program_version([self.verdaccio.tools.npm, "--version"]),
-                "nginx": self.nginx.version().removeprefix("nginx version: nginx/"),
+                "nginx": program_version([self.nginx.binary, "-v"]).removeprefix("nginx version: nginx/"),
                 "wrk": program_version([self.wrk, "-v"]).split(" [")[0].removeprefix("wrk "),
             },
             "dataset": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -16,8 +17,17 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from batlehub.testing import hub as hub_module
-from batlehub.testing.hub import HubStartError
-from batlehub.testing.services import PORT_IN_USE, RedisServer, free_port, redis_ping, s3_client, start_service
+from batlehub.testing.hub import Hub, HubStartError, serve_env
+from batlehub.testing.nginx import Nginx
+from batlehub.testing.services import (
+    PORT_IN_USE,
+    RedisServer,
+    free_port,
+    redis_ping,
+    s3_client,
+    scratch_dir,
+    start_service,
+)
 
 
 async def test_postgres_answers_queries(postgres_url: str) -> None:
@@ -186,6 +196,39 @@ async def test_hub_with_a_bad_config_exits_with_its_message(hub: Any) -> None:
 async def test_hub_that_cannot_start_fails_with_its_log(hub: Any) -> None:
     with pytest.raises(HubStartError, match=r"exited with code 1(.|\n)*server\.workers"):
         await hub("[server]\nworkers = 'many'\n")
+
+
+def test_a_hub_started_without_an_event_loop_fails_with_its_log_too(tmp_path: Path) -> None:
+    config = tmp_path / "batlehub.toml"
+    config.write_text("[server]\nworkers = 'many'\n")
+    log = tmp_path / "hub.log"
+    server = Hub(config_path=config, data_dir=tmp_path / "data", log_path=log, port=free_port(), env=serve_env())
+    with pytest.raises(HubStartError, match=r"exited with code 1(.|\n)*server\.workers"):
+        server.start_blocking()
+
+
+async def test_nginx_balances_hubs_with_the_shipped_config(hub: Any) -> None:
+    first, second = await hub(""), await hub("")
+    # Not tmp_path: nginx's workers may run as another user, who cannot enter pytest's folders.
+    root = scratch_dir("nginx")
+    nginx = Nginx.in_front_of(root / "nginx", [first.port, second.port])
+    try:
+        nginx.start()
+        upstream = nginx.conf.read_text()
+        assert f"server 127.0.0.1:{first.port} " in upstream and f"server 127.0.0.1:{second.port} " in upstream
+        async with aiohttp.ClientSession() as session:
+            for _ in range(4):
+                async with session.get(f"{nginx.url}/api/v1/admin/health") as response:
+                    assert response.status == 200
+        await first.stop()
+        async with aiohttp.ClientSession() as session:
+            for _ in range(4):  # nginx retries the stopped one's share on the other
+                async with session.get(f"{nginx.url}/api/v1/admin/health") as response:
+                    assert response.status == 200
+        assert len(nginx.access_log.read_text().splitlines()) == 8
+    finally:
+        nginx.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_service_whose_free_port_was_taken_meanwhile_starts_on_another(tmp_path: Path) -> None:

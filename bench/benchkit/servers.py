@@ -27,7 +27,8 @@ try:
     from batlehub_npm_testing.services import NodeTools, VerdaccioServer, install_node_tools
 
     from batlehub.testing.hub import Hub, serve_env
-    from batlehub.testing.services import ManagedProcess, ServiceStartError, free_port, wait_until
+    from batlehub.testing.nginx import Nginx
+    from batlehub.testing.services import LOOPBACK, ManagedProcess, ServiceStartError, free_port
 except ImportError as exc:  # pragma: no cover - the venv lacks the project
     raise SystemExit(
         f"bench: cannot import the test kits ({exc}); run `.venv/bin/pip install -e . -e plugins/npm` first"
@@ -157,32 +158,25 @@ def verdaccio_version(tools: NodeTools) -> str:
 # --- nginx --------------------------------------------------------------------------------------
 
 
-class Nginx:
+def start_static_nginx(root: Path, static_dir: Path) -> Nginx:
     """nginx serving `static_dir` with sendfile, one worker (like one hub process; see the README)."""
-
-    def __init__(self, root: Path, static_dir: Path) -> None:
-        self.binary = require_program("nginx", "nginx-light", "/usr/sbin")
-        self.root = root
-        self.static_dir = static_dir
-        self.port = free_port()
-        self.log = root / "nginx.log"
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "logs").mkdir(exist_ok=True)
-        user = "user root root;" if os.geteuid() == 0 else ""
-        config = f"""
+    binary = require_program("nginx", "nginx-light", "/usr/sbin")
+    port = free_port()
+    # Workers as root: the static files sit in a scratch folder only its owner may enter.
+    user = "user root root;" if os.geteuid() == 0 else ""
+    config = f"""
 {user}
 worker_processes 1;
-daemon off;
 pid {root}/nginx.pid;
-error_log {root}/logs/error.log warn;
+error_log {root}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log {root}/logs/access.log;
-    client_body_temp_path {root}/client_body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
+    access_log {root}/access.log;
+    client_body_temp_path {root}/temp/client_body;
+    proxy_temp_path {root}/temp/proxy;
+    fastcgi_temp_path {root}/temp/fastcgi;
+    uwsgi_temp_path {root}/temp/uwsgi;
+    scgi_temp_path {root}/temp/scgi;
     sendfile on;
     tcp_nopush on;
     keepalive_timeout 65;
@@ -190,38 +184,18 @@ http {{
     types {{ application/octet-stream tgz; application/json json; }}
     default_type application/octet-stream;
     server {{
-        listen 127.0.0.1:{self.port};
+        listen {LOOPBACK}:{port};
         root {static_dir};
         location / {{ }}
     }}
 }}
 """
-        self.config = root / "nginx.conf"
-        self.config.write_text(config)
-        self.process = ManagedProcess([self.binary, "-p", str(root), "-c", str(self.config)], self.log)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def start(self) -> None:
-        self.process.start()
-        try:
-            wait_until(
-                lambda: http_get(self.url, timeout=2)[0] in (200, 403, 404),
-                what="nginx",
-                process=self.process,
-                log=self.log,
-                timeout=30,
-            )
-        except ServiceStartError as exc:
-            raise BenchError(f"nginx could not be started: {exc}") from exc
-
-    def stop(self) -> None:
-        self.process.stop()
-
-    def version(self) -> str:
-        return program_version([self.binary, "-v"])
+    nginx = Nginx(root, config, port, binary=binary)
+    try:
+        nginx.start(timeout=30)
+    except ServiceStartError as exc:
+        raise BenchError(f"nginx could not be started: {exc}") from exc
+    return nginx
 
 
 # --- BatleHub ---------------------------------------------------------------------------------------
