@@ -37,14 +37,14 @@ from benchkit.load import NPM_ABBREVIATED_ACCEPT, NPM_HEADERS, LoadResult, RssSa
 from benchkit.servers import (
     ADMIN_TOKEN,
     REPO,
-    Hub,
+    BenchHub,
     HubRegistry,
-    Nginx,
     child_pids,
     http_get,
     program_version,
     require_program,
     rss_bytes,
+    start_static_nginx,
     start_verdaccio,
     verdaccio_version,
 )
@@ -71,7 +71,7 @@ class Bench:
         self.keep: bool = args.keep
         self.hub_env: dict[str, str] = _env_pairs(getattr(args, "hub_env", None))
         self.variant_env: dict[str, str] = _env_pairs(getattr(args, "variant_env", None))
-        self.variant: Hub | None = None
+        self.variant: BenchHub | None = None
         self.only: set[str] = set(getattr(args, "only", None) or ["load", "npm", "publish", "workers"])
         self.case_filter: set[str] = set(getattr(args, "case", None) or [])
         self.scratch = Path(tempfile.mkdtemp(prefix="batlehub-bench-"))
@@ -139,8 +139,7 @@ class Bench:
         target = static / ds.big_tarball.tarball_path
         target.parent.mkdir(parents=True)
         target.write_bytes(ds.big_tarball.tarball)
-        self.nginx = Nginx(self.scratch / "nginx", static)
-        self.nginx.start()
+        self.nginx = start_static_nginx(self.scratch / "nginx", static)
         self.stoppers.append(self.nginx.stop)
         say(f"nginx at {self.nginx.url} serving the same tarball")
 
@@ -161,19 +160,19 @@ class Bench:
 
     # --- servers ------------------------------------------------------------------------------
 
-    def _start_hub(self, label: str, root: Path, *, proxy: bool, local: bool, workers: int = 1, **kw: Any) -> Hub:
+    def _start_hub(self, label: str, root: Path, *, proxy: bool, local: bool, workers: int = 1, **kw: Any) -> BenchHub:
         registries = []
         if proxy:
             registries.append(HubRegistry("proxy", "proxy", (self.verdaccio.url,)))
         if local:
             registries.append(HubRegistry("local", "local"))
         env = {**self.hub_env, **kw.pop("env", {})}
-        hub = Hub(root, registries, workers=workers, label=label, env=env, **kw)
+        hub = BenchHub(root, registries, workers=workers, label=label, env=env, **kw)
         hub.start()
         self.stoppers.append(hub.stop)
         return hub
 
-    def _warm_proxy(self, hub: Hub) -> None:
+    def _warm_proxy(self, hub: BenchHub) -> None:
         """Fetch every packument (both forms) and every tarball npm will ask for through the proxy,
         the way a busy hub would have them cached."""
         base = hub.registry_url("proxy")
@@ -242,7 +241,7 @@ class Bench:
             _, _, body = http_get(base + big.url_name, abbreviated)
             tarball_url = json.loads(_decoded(body))["versions"][big.version]["dist"]["tarball"]
             cases.append(("tarball", server, self._check_tarball(server, tarball_url), {**NPM_HEADERS}))
-        nginx_url = self.nginx.url + big.tarball_path
+        nginx_url = f"{self.nginx.url}/{big.tarball_path}"
         cases.append(("tarball", "nginx", self._check_tarball("nginx", nginx_url), {**NPM_HEADERS}))
         return cases
 
@@ -314,7 +313,7 @@ class Bench:
     # --- npm install ----------------------------------------------------------------------------
 
     def _npm_installs(self) -> None:
-        from batlehub.testing.npm import npm_env, run_npm
+        from batlehub_npm_testing.clients import npm_env, run_npm
 
         project = self.scratch / "project"
         project.mkdir()
@@ -507,7 +506,7 @@ class Bench:
                 "verdaccio": verdaccio_version(self.verdaccio.tools),
                 "node": program_version([self.verdaccio.tools.node, "--version"]),
                 "npm": program_version([self.verdaccio.tools.npm, "--version"]),
-                "nginx": self.nginx.version().removeprefix("nginx version: nginx/"),
+                "nginx": program_version([self.nginx.binary, "-v"]).removeprefix("nginx version: nginx/"),
                 "wrk": program_version([self.wrk, "-v"]).split(" [")[0].removeprefix("wrk "),
             },
             "dataset": {

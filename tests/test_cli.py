@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from batlehub.db import MIGRATIONS
+from batlehub.testing.hub import Hub, serve_env
 from batlehub.testing.services import free_port
 
 LATEST = MIGRATIONS[-1][0]
@@ -38,10 +39,7 @@ def batlehub_command() -> list[str]:
 def env(tmp_path: Path) -> dict[str, str]:
     """The environment of a clean shell: no BATLEHUB_* of the developer's, only the built-in
     plugins (so installed third-party plugins don't change the output), data under tmp_path."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
-    clean["BATLEHUB_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    clean["XDG_DATA_HOME"] = str(tmp_path / "xdg")
-    return clean
+    return serve_env({"BATLEHUB_DISABLE_PLUGIN_AUTOLOAD": "1", "XDG_DATA_HOME": str(tmp_path / "xdg")})
 
 
 def run(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -204,67 +202,47 @@ def test_migrate_postgresql(env: dict[str, str], tmp_path: Path, fresh_postgres_
 # --- serve ---------------------------------------------------------------------------------------------
 
 
-class Server:
-    def __init__(self, args: list[str], env: dict[str, str], port: int, log: Path) -> None:
-        self.port = port
-        self.log = log
-        self._log_file = open(log, "w")  # closed in stop()
-        self.proc = subprocess.Popen(
-            batlehub_command() + args, env=env, stdout=self._log_file, stderr=subprocess.STDOUT
-        )
+def start_server(
+    servers: list[Hub],
+    env: dict[str, str],
+    port: int,
+    log: Path,
+    *,
+    config: Path | None = None,
+    data_dir: Path | None = None,
+) -> Hub:
+    """`batlehub serve` run through the installed command, as an operator runs it, once healthy."""
+    server = Hub(config_path=config, data_dir=data_dir, log_path=log, port=port, env=env, command=batlehub_command())
+    servers.append(server)
+    server.start_blocking()
+    return server
 
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
 
-    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url(path), headers=headers or {})
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status, json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read() or b"null")
-
-    def wait_healthy(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"exited with {self.proc.returncode}:\n{self.logs()}"
-            try:
-                if self.get("/api/v1/admin/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"not healthy after {timeout}s:\n{self.logs()}")
-
-    def logs(self) -> str:
-        self._log_file.flush()
-        return self.log.read_text()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log_file.close()
+def get(server: Hub, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(server.url + path, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
 
 
 @pytest.fixture
-def servers() -> Iterator[list[Server]]:
-    started: list[Server] = []
+def servers() -> Iterator[list[Hub]]:
+    started: list[Hub] = []
     yield started
     for server in started:
-        server.stop()
+        server.process.kill()
 
 
-def test_serve_embedded_default(tmp_path: Path, env: dict[str, str], servers: list[Server]) -> None:
+def test_serve_embedded_default(tmp_path: Path, env: dict[str, str], servers: list[Hub]) -> None:
     """No config at all: SQLite, filesystem, memory cache, one npm registry, a first-start admin token."""
     pytest.importorskip("batlehub_npm", reason="the embedded default's npm registry needs batlehub-npm")
     port = free_port()
     env = {**env, "BATLEHUB_SERVER__PORT": str(port), "BATLEHUB_SERVER__HOST": "127.0.0.1"}
     del env["BATLEHUB_DISABLE_PLUGIN_AUTOLOAD"]
     data = tmp_path / "xdg" / "batlehub"
-    server = Server(["serve"], env, port, tmp_path / "serve.log")
-    servers.append(server)
-    server.wait_healthy()
+    server = start_server(servers, env, port, tmp_path / "serve.log")
 
     token_file = data / "admin.token"
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
@@ -272,20 +250,18 @@ def test_serve_embedded_default(tmp_path: Path, env: dict[str, str], servers: li
     assert str(token_file) in server.logs()
     assert token not in server.logs()
     assert (data / "batlehub.db").is_file()
-    status, body = server.get("/api/v1/registries")
+    status, body = get(server, "/api/v1/registries")
     assert status == 200
     assert [(r["name"], r["type"], r["mode"]) for r in body["registries"]] == [("npm", "npm", "hybrid")]
-    assert server.get("/api/v1/admin/tokens", {"Authorization": f"Bearer {token}"})[0] == 200
+    assert get(server, "/api/v1/admin/tokens", {"Authorization": f"Bearer {token}"})[0] == 200
 
-    server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(30) == 0
+    server.process.proc.send_signal(signal.SIGTERM)
+    assert server.process.proc.wait(30) == 0
     # A second start keeps the first token: no new file, no new token.
-    again = Server(["serve"], env, port, tmp_path / "serve2.log")
-    servers.append(again)
-    again.wait_healthy()
+    again = start_server(servers, env, port, tmp_path / "serve2.log")
     assert token_file.read_text().strip() == token
     assert "created an admin token" not in again.logs()
-    assert again.get("/api/v1/admin/tokens", {"Authorization": f"Bearer {token}"})[0] == 200
+    assert get(again, "/api/v1/admin/tokens", {"Authorization": f"Bearer {token}"})[0] == 200
 
 
 def test_serve_without_the_npm_plugin_names_what_is_missing(env: dict[str, str], tmp_path: Path) -> None:
@@ -309,9 +285,7 @@ def test_serve_on_a_taken_port_is_one_clear_line(env: dict[str, str], tmp_path: 
     assert f"batlehub: cannot listen on 127.0.0.1:{port}" in result.stderr
 
 
-def test_sigterm_drains_in_flight_requests_and_exits_0(
-    env: dict[str, str], tmp_path: Path, servers: list[Server]
-) -> None:
+def test_sigterm_drains_in_flight_requests_and_exits_0(env: dict[str, str], tmp_path: Path, servers: list[Hub]) -> None:
     """A download in flight when SIGTERM arrives completes; new connections are refused (or told
     503 by health); a client that stopped reading does not keep the process beyond
     shutdown_timeout_secs; the exit code is 0."""
@@ -327,10 +301,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(
         f'registries = []\n[server]\nhost = "127.0.0.1"\nport = {port}\nstatic_dir = "{ui}"\n'
         f"shutdown_timeout_secs = {shutdown_timeout}\n"
     )
-    args = ["serve", "--config", str(config), "--data-dir", str(tmp_path / "data")]
-    server = Server(args, env, port, tmp_path / "log")
-    servers.append(server)
-    server.wait_healthy()
+    server = start_server(servers, env, port, tmp_path / "log", config=config, data_dir=tmp_path / "data")
 
     request = b"GET /big.bin HTTP/1.1\r\nHost: hub\r\n\r\n"
     with (
@@ -343,10 +314,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(
         received = download.recv(8192)
         assert received.startswith(b"HTTP/1.1 200")
         signalled = time.monotonic()
-        server.proc.send_signal(signal.SIGTERM)
+        server.process.proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         try:
-            status, _ = server.get("/api/v1/admin/health")
+            status, _ = get(server, "/api/v1/admin/health")
             assert status == 503
         except (ConnectionError, urllib.error.URLError):
             pass  # already not accepting: just as good for a load balancer
@@ -355,7 +326,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(
         downloaded_after = time.monotonic() - signalled
         header_end = received.index(b"\r\n\r\n") + 4
         assert len(received) - header_end == size, f"download cut after {downloaded_after:.1f}s"
-        assert server.proc.wait(shutdown_timeout + 10) == 0
+        assert server.process.proc.wait(shutdown_timeout + 10) == 0
     stopped_after = time.monotonic() - signalled
     assert stopped_after < shutdown_timeout + 2, f"exited {stopped_after:.1f}s after SIGTERM"
     logs = server.logs()

@@ -1,5 +1,5 @@
 """High availability, proven end to end: several `batlehub serve` replicas behind nginx, sharing
-PostgreSQL, Redis and SeaweedFS S3, with Verdaccio as the npm upstream (`batlehub.testing.ha`).
+PostgreSQL, Redis and SeaweedFS S3, with Verdaccio as the npm upstream (`batlehub_npm_testing.ha`).
 
 Every test here is what an operator would see: real processes, real signals, real outages of the
 backing services, and the real npm CLI as a client.
@@ -28,10 +28,10 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from batlehub_npm_testing.clients import npm_env, run_npm
+from batlehub_npm_testing.ha import REGISTRY, HaCluster, HaOptions, HaServices
 
 from batlehub.db import MIGRATIONS
-from batlehub.testing.ha import REGISTRY, HaCluster, HaOptions, HaServices
-from batlehub.testing.npm import npm_env, run_npm
 from batlehub.testing.services import s3_client
 
 pytestmark = [pytest.mark.slow, pytest.mark.ha]

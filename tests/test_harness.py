@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import shutil
 import socket
-import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,17 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from batlehub.testing import hub as hub_module
-from batlehub.testing.hub import HubStartError
-from batlehub.testing.npm import make_package, npm_env, run_npm
-from batlehub.testing.services import PORT_IN_USE, RedisServer, free_port, redis_ping, s3_client, start_service
+from batlehub.testing.hub import Hub, HubStartError, serve_env
+from batlehub.testing.nginx import Nginx
+from batlehub.testing.services import (
+    PORT_IN_USE,
+    RedisServer,
+    free_port,
+    redis_ping,
+    s3_client,
+    scratch_dir,
+    start_service,
+)
 
 
 async def test_postgres_answers_queries(postgres_url: str) -> None:
@@ -101,6 +109,21 @@ async def test_redis_can_be_stopped_and_started_on_the_same_url(redis_server: An
         await client.aclose()
 
 
+@pytest.fixture
+def redis_checked_at_teardown(redis_server: Any) -> Iterator[Any]:
+    yield redis_server
+    try:
+        redis_ping(redis_server.port)
+    except OSError as exc:
+        pytest.fail(f"Redis was still stopped when the test's fixtures were torn down: {exc!r}")
+
+
+def test_a_service_a_test_left_stopped_is_back_before_its_fixtures_are_torn_down(
+    redis_checked_at_teardown: Any,
+) -> None:
+    redis_checked_at_teardown.stop()
+
+
 def test_s3_stores_and_returns_objects(s3_config: dict[str, Any]) -> None:
     client = s3_client(s3_config)
     key = f"harness/{uuid.uuid4().hex}"
@@ -126,72 +149,6 @@ def test_s3_objects_survive_a_restart(seaweedfs: Any, s3_config: dict[str, Any])
         client.get_object(Bucket=s3_config["bucket"], Key=key)
     seaweedfs.start()
     assert client.get_object(Bucket=s3_config["bucket"], Key=key)["Body"].read() == b"durable"
-
-
-def _get_json(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return dict(json.load(response))
-
-
-@pytest.mark.slow
-@pytest.mark.npm_cli
-def test_verdaccio_accepts_a_publish_from_the_npm_cli(verdaccio: Any, tmp_path: Path) -> None:
-    name = f"harness-{uuid.uuid4().hex[:8]}"
-    verdaccio.publish(make_package(tmp_path, name, "1.0.0", files={"README.md": "# hi\n"}))
-
-    packument = _get_json(f"{verdaccio.url}{name}")
-    assert packument["dist-tags"]["latest"] == "1.0.0"
-    assert packument["versions"]["1.0.0"]["dist"]["tarball"].startswith(verdaccio.url)
-    assert verdaccio.request_count(f"/{name}", method="PUT") == 1
-
-
-@pytest.mark.slow
-@pytest.mark.npm_cli
-def test_npm_installs_from_verdaccio_with_an_isolated_config(verdaccio: Any, node_tools: Any, tmp_path: Path) -> None:
-    dep = f"harness-dep-{uuid.uuid4().hex[:8]}"
-    verdaccio.publish(make_package(tmp_path / "pkgs", dep, "2.0.0"))
-    project = make_package(tmp_path / "app", "app", "0.0.0", dependencies={dep: "^2.0.0"}, private=True)
-    before = verdaccio.request_count(f"/{dep}")
-
-    env = npm_env(tmp_path, verdaccio.url)
-    result = run_npm(["install"], cwd=project, env=env, npm=node_tools.npm)
-
-    assert result.returncode == 0, result.stderr
-    installed = json.loads((project / "node_modules" / dep / "package.json").read_text())
-    assert installed["version"] == "2.0.0"
-    assert verdaccio.request_count(f"/{dep}") == before + 1
-
-
-@pytest.mark.slow
-@pytest.mark.npm_cli
-@pytest.mark.parametrize("client", ["pnpm", "yarn"])
-def test_pnpm_and_yarn_install_from_verdaccio_through_npm_env(
-    client: str, verdaccio: Any, node_tools: Any, tmp_path: Path
-) -> None:
-    dep = f"harness-{client}-{uuid.uuid4().hex[:8]}"
-    verdaccio.publish(make_package(tmp_path / "pkgs", dep, "3.1.0"))
-    project = make_package(tmp_path / "app", "app", "0.0.0", dependencies={dep: "^3.0.0"}, private=True)
-
-    env = npm_env(tmp_path, verdaccio.url)
-    result = run_npm(["install"], cwd=project, env=env, npm=getattr(node_tools, client))
-
-    assert result.returncode == 0, result.stdout + result.stderr
-    installed = json.loads((project / "node_modules" / dep / "package.json").read_text())
-    assert installed["version"] == "3.1.0"
-    assert verdaccio.request_count(f"/{dep}") >= 1
-
-
-@pytest.mark.slow
-def test_verdaccio_keeps_packages_across_a_restart(verdaccio: Any, tmp_path: Path) -> None:
-    name = f"harness-restart-{uuid.uuid4().hex[:8]}"
-    verdaccio.publish(make_package(tmp_path, name, "1.0.0"))
-    url = verdaccio.url
-    verdaccio.stop()
-    with pytest.raises(OSError):
-        urllib.request.urlopen(f"{url}{name}", timeout=5)
-    verdaccio.start()
-    assert verdaccio.url == url
-    assert _get_json(f"{url}{name}")["name"] == name
 
 
 async def test_hub_serves_health_and_writes_a_first_start_token(hub: Any) -> None:
@@ -239,6 +196,39 @@ async def test_hub_with_a_bad_config_exits_with_its_message(hub: Any) -> None:
 async def test_hub_that_cannot_start_fails_with_its_log(hub: Any) -> None:
     with pytest.raises(HubStartError, match=r"exited with code 1(.|\n)*server\.workers"):
         await hub("[server]\nworkers = 'many'\n")
+
+
+def test_a_hub_started_without_an_event_loop_fails_with_its_log_too(tmp_path: Path) -> None:
+    config = tmp_path / "batlehub.toml"
+    config.write_text("[server]\nworkers = 'many'\n")
+    log = tmp_path / "hub.log"
+    server = Hub(config_path=config, data_dir=tmp_path / "data", log_path=log, port=free_port(), env=serve_env())
+    with pytest.raises(HubStartError, match=r"exited with code 1(.|\n)*server\.workers"):
+        server.start_blocking()
+
+
+async def test_nginx_balances_hubs_with_the_shipped_config(hub: Any) -> None:
+    first, second = await hub(""), await hub("")
+    # Not tmp_path: nginx's workers may run as another user, who cannot enter pytest's folders.
+    root = scratch_dir("nginx")
+    nginx = Nginx.in_front_of(root / "nginx", [first.port, second.port])
+    try:
+        nginx.start()
+        upstream = nginx.conf.read_text()
+        assert f"server 127.0.0.1:{first.port} " in upstream and f"server 127.0.0.1:{second.port} " in upstream
+        async with aiohttp.ClientSession() as session:
+            for _ in range(4):
+                async with session.get(f"{nginx.url}/api/v1/admin/health") as response:
+                    assert response.status == 200
+        await first.stop()
+        async with aiohttp.ClientSession() as session:
+            for _ in range(4):  # nginx retries the stopped one's share on the other
+                async with session.get(f"{nginx.url}/api/v1/admin/health") as response:
+                    assert response.status == 200
+        assert len(nginx.access_log.read_text().splitlines()) == 8
+    finally:
+        nginx.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_service_whose_free_port_was_taken_meanwhile_starts_on_another(tmp_path: Path) -> None:

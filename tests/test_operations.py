@@ -37,9 +37,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from batlehub_npm_testing.clients import make_package, npm_env, run_npm
 
 from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
-from batlehub.testing.npm import make_package, npm_env, run_npm
 from batlehub.testing.services import run_coroutine_sync
 
 ADMIN_TOKEN = "ops-admin-token-0123456789abcdef"

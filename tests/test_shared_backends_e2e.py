@@ -17,9 +17,9 @@ from typing import Any
 import boto3
 import pytest
 import redis
+from batlehub_npm_testing.clients import make_package, npm_env, run_npm
 
 from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
-from batlehub.testing.npm import make_package, npm_env, run_npm
 
 pytestmark = [pytest.mark.npm_cli]
 

@@ -1,4 +1,5 @@
-"""The `hub` fixture: real `batlehub serve` processes for end-to-end tests.
+"""The `hub` fixture: real `batlehub serve` processes for end-to-end tests, and `Hub`, the one
+wrapper of such a process that the CLI's tests, the HA harness and the bench start theirs with.
 
 A test writes its config as TOML text and gets a running server on a free port, exactly as an
 operator would start it, so what the test sees is what a user sees (CLI, config loading, plugin
@@ -14,10 +15,13 @@ discovery, signals, logs). Several hubs may run in one test, e.g. replicas shari
 from __future__ import annotations
 
 import asyncio
+import http.client
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -46,21 +50,47 @@ class HubStartError(ServiceStartError):
     """`batlehub serve` exited or did not become healthy; the message ends with its log."""
 
 
+def serve_env(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of a `batlehub serve` started for a test: this process's own without its
+    `BATLEHUB_*` variables (a developer's settings must not leak into what a test sees), plus
+    `overrides`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
+    env.update(overrides or {})
+    return env
+
+
 class Hub:
-    """One `batlehub serve` process: its address, data folder, first-start admin token and log."""
+    """One `batlehub serve` process: its address, data folder, first-start admin token and log.
+
+    Tests with an event loop await `start`, `stop`, `kill` and `restart`; code without one (the
+    CLI's tests, the bench) calls `start_blocking` and `stop_blocking`.
+    """
 
     def __init__(
-        self, *, config_path: Path | None, data_dir: Path, log_path: Path, port: int, env: Mapping[str, str]
+        self,
+        *,
+        config_path: Path | None,
+        data_dir: Path | None,
+        log_path: Path,
+        port: int,
+        env: Mapping[str, str],
+        command: Sequence[str] | None = None,
     ) -> None:
+        """`port` is where the hub is reached; `config_path` or `env` must make it listen there.
+        `data_dir` None passes no `--data-dir`, so the hub picks its default folder as it does for an
+        operator. `command` runs batlehub (default: `-m batlehub` with this interpreter), e.g. the
+        installed console script."""
         self.config_path = config_path
         self.data_dir = data_dir
         self.log_path = log_path
         self.port = port
         self.admin_token: str | None = None
-        argv = [sys.executable, "-m", "batlehub", "serve", "--data-dir", str(data_dir)]
+        argv = [*(command or [sys.executable, "-m", "batlehub"]), "serve"]
+        if data_dir is not None:
+            argv += ["--data-dir", str(data_dir)]
         if config_path is not None:
             argv += ["--config", str(config_path)]
-        self.process = ManagedProcess(argv, log_path, env=dict(env), cwd=data_dir.parent)
+        self.process = ManagedProcess(argv, log_path, env=dict(env), cwd=(data_dir or log_path).parent)
 
     @property
     def url(self) -> str:
@@ -71,7 +101,8 @@ class Hub:
     def admin_headers(self) -> dict[str, str]:
         """`Authorization` header carrying the first-start admin token."""
         if not self.admin_token:
-            raise RuntimeError(f"no admin token: {self.data_dir / 'admin.token'} was not written")
+            where = self.data_dir / "admin.token" if self.data_dir is not None else "the default data folder's token"
+            raise RuntimeError(f"no admin token: {where} was not written")
         return {"Authorization": f"Bearer {self.admin_token}"}
 
     @property
@@ -92,13 +123,39 @@ class Hub:
         if wait_for is None:
             return
         await self._wait_ready(wait_for, timeout_secs)
-        token_file = self.data_dir / "admin.token"
-        if token_file.exists():
+        self._read_admin_token()
+
+    def start_blocking(self, *, wait_for: WaitFor = "healthy", timeout_secs: float = START_TIMEOUT_SECS) -> None:
+        """`start` for callers without an event loop; the same `wait_for`, the same errors."""
+        self.process.start()
+        if wait_for is None:
+            return
+        _check_wait_for(wait_for)
+        deadline = time.monotonic() + timeout_secs
+        last = "no answer yet"
+        while True:
+            if not self.process.running:
+                raise HubStartError(self._failure(f"exited with code {self.process.returncode}"))
+            try:
+                status, body = _get(self.url + HEALTH_PATH)
+                if wait_for == "port" or status == 200:
+                    break
+                last = f"{HEALTH_PATH} answered {status}: {body[:500]}"
+            except (OSError, http.client.HTTPException) as exc:
+                last = f"{HEALTH_PATH}: {exc!r}"
+            if time.monotonic() > deadline:
+                self.stop_blocking()
+                raise HubStartError(self._failure(f"not {wait_for} after {timeout_secs:.0f}s ({last})"))
+            time.sleep(0.1)
+        self._read_admin_token()
+
+    def _read_admin_token(self) -> None:
+        token_file = self.data_dir / "admin.token" if self.data_dir is not None else None
+        if token_file is not None and token_file.exists():
             self.admin_token = token_file.read_text().strip()
 
     async def _wait_ready(self, wait_for: WaitFor, timeout_secs: float) -> None:
-        if wait_for not in ("healthy", "port"):
-            raise ValueError(f'wait_for must be "healthy", "port" or None, not {wait_for!r}')
+        _check_wait_for(wait_for)
         deadline = time.monotonic() + timeout_secs
         last = "no answer yet"
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
@@ -125,7 +182,11 @@ class Hub:
 
     async def stop(self, timeout_secs: float = STOP_TIMEOUT_SECS) -> None:
         """Graceful stop: SIGTERM, then SIGKILL if it has not exited after `timeout_secs`."""
-        await asyncio.to_thread(self.process.stop, timeout_secs)
+        await asyncio.to_thread(self.stop_blocking, timeout_secs)
+
+    def stop_blocking(self, timeout_secs: float = STOP_TIMEOUT_SECS) -> None:
+        """`stop` for callers without an event loop."""
+        self.process.stop(timeout_secs)
 
     async def kill(self) -> None:
         """SIGKILL: a crash, as far as clients and the database can tell."""
@@ -148,6 +209,24 @@ class Hub:
 
     def __repr__(self) -> str:
         return f"<Hub {self.url} data_dir={self.data_dir}>"
+
+
+def _check_wait_for(wait_for: WaitFor) -> None:
+    if wait_for not in ("healthy", "port"):
+        raise ValueError(f'wait_for must be "healthy", "port" or None, not {wait_for!r}')
+
+
+# Straight to the hub, as the async path's aiohttp does: a proxy set in the environment would
+# answer for a hub that is not up.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with _DIRECT.open(url, timeout=5) as response:
+            return int(response.status), response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(errors="replace")
 
 
 class HubFactory:
@@ -181,8 +260,7 @@ class HubFactory:
             config_path.write_text(config)
         data = Path(data_dir) if data_dir is not None else folder / "data"
         data.mkdir(parents=True, exist_ok=True)
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
-        base_env.update({"PYTHONUNBUFFERED": "1", "BATLEHUB_SERVER__HOST": LOOPBACK})
+        base_env = serve_env({"PYTHONUNBUFFERED": "1", "BATLEHUB_SERVER__HOST": LOOPBACK})
         chosen = port is not None or "BATLEHUB_SERVER__PORT" in (env or {})
         for attempt in range(1, PORT_ATTEMPTS + 1):
             hub_port = port or free_port()
@@ -205,7 +283,7 @@ class HubFactory:
 
     def stop_all(self) -> None:
         for hub in self.hubs:
-            hub.process.stop(STOP_TIMEOUT_SECS)
+            hub.stop_blocking()
 
 
 @pytest.fixture

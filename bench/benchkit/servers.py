@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,18 +24,14 @@ from benchkit import BenchError
 REPO = Path(__file__).resolve().parents[2]
 
 try:
-    from batlehub.testing.services import (
-        ManagedProcess,
-        NodeTools,
-        ServiceStartError,
-        VerdaccioServer,
-        free_port,
-        install_node_tools,
-        wait_until,
-    )
+    from batlehub_npm_testing.services import NodeTools, VerdaccioServer, install_node_tools
+
+    from batlehub.testing.hub import Hub, serve_env
+    from batlehub.testing.nginx import Nginx
+    from batlehub.testing.services import LOOPBACK, ManagedProcess, ServiceStartError, free_port
 except ImportError as exc:  # pragma: no cover - the venv lacks the project
     raise SystemExit(
-        f"bench: cannot import batlehub.testing ({exc}); run `.venv/bin/pip install -e . -e plugins/npm` first"
+        f"bench: cannot import the test kits ({exc}); run `.venv/bin/pip install -e . -e plugins/npm` first"
     ) from exc
 
 __all__ = ["ManagedProcess", "NodeTools", "ServiceStartError", "free_port"]
@@ -163,32 +158,25 @@ def verdaccio_version(tools: NodeTools) -> str:
 # --- nginx --------------------------------------------------------------------------------------
 
 
-class Nginx:
+def start_static_nginx(root: Path, static_dir: Path) -> Nginx:
     """nginx serving `static_dir` with sendfile, one worker (like one hub process; see the README)."""
-
-    def __init__(self, root: Path, static_dir: Path) -> None:
-        self.binary = require_program("nginx", "nginx-light", "/usr/sbin")
-        self.root = root
-        self.static_dir = static_dir
-        self.port = free_port()
-        self.log = root / "nginx.log"
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "logs").mkdir(exist_ok=True)
-        user = "user root root;" if os.geteuid() == 0 else ""
-        config = f"""
+    binary = require_program("nginx", "nginx-light", "/usr/sbin")
+    port = free_port()
+    # Workers as root: the static files sit in a scratch folder only its owner may enter.
+    user = "user root root;" if os.geteuid() == 0 else ""
+    config = f"""
 {user}
 worker_processes 1;
-daemon off;
 pid {root}/nginx.pid;
-error_log {root}/logs/error.log warn;
+error_log {root}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
-    access_log {root}/logs/access.log;
-    client_body_temp_path {root}/client_body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
+    access_log {root}/access.log;
+    client_body_temp_path {root}/temp/client_body;
+    proxy_temp_path {root}/temp/proxy;
+    fastcgi_temp_path {root}/temp/fastcgi;
+    uwsgi_temp_path {root}/temp/uwsgi;
+    scgi_temp_path {root}/temp/scgi;
     sendfile on;
     tcp_nopush on;
     keepalive_timeout 65;
@@ -196,38 +184,18 @@ http {{
     types {{ application/octet-stream tgz; application/json json; }}
     default_type application/octet-stream;
     server {{
-        listen 127.0.0.1:{self.port};
+        listen {LOOPBACK}:{port};
         root {static_dir};
         location / {{ }}
     }}
 }}
 """
-        self.config = root / "nginx.conf"
-        self.config.write_text(config)
-        self.process = ManagedProcess([self.binary, "-p", str(root), "-c", str(self.config)], self.log)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
-
-    def start(self) -> None:
-        self.process.start()
-        try:
-            wait_until(
-                lambda: http_get(self.url, timeout=2)[0] in (200, 403, 404),
-                what="nginx",
-                process=self.process,
-                log=self.log,
-                timeout=30,
-            )
-        except ServiceStartError as exc:
-            raise BenchError(f"nginx could not be started: {exc}") from exc
-
-    def stop(self) -> None:
-        self.process.stop()
-
-    def version(self) -> str:
-        return program_version([self.binary, "-v"])
+    nginx = Nginx(root, config, port, binary=binary)
+    try:
+        nginx.start(timeout=30)
+    except ServiceStartError as exc:
+        raise BenchError(f"nginx could not be started: {exc}") from exc
+    return nginx
 
 
 # --- BatleHub ---------------------------------------------------------------------------------------
@@ -242,8 +210,9 @@ class HubRegistry:
     upstreams: tuple[str, ...] = ()
 
 
-class Hub:
-    """One `batlehub serve` (filesystem storage, SQLite, memory cache) with the given registries."""
+class BenchHub:
+    """One `batlehub serve` (filesystem storage, SQLite, memory cache) with the given registries: the
+    test kit's `Hub` process, and the processes that serve its requests (for CPU and RSS)."""
 
     def __init__(
         self,
@@ -262,14 +231,16 @@ class Hub:
         self.label = label
         self.port = free_port()
         self.workers = workers
-        self.log = root / "hub.log"
         root.mkdir(parents=True, exist_ok=True)
         self.config = root / "batlehub.toml"
         self.config.write_text(self._config_text(registries))
-        argv = [sys.executable, "-m", "batlehub", "serve", "--config", str(self.config)]
-        argv += ["--data-dir", str(self.data_dir)]
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}, **(env or {})}
-        self.process = ManagedProcess(argv, self.log, env=env, cwd=root)
+        self.server = Hub(
+            config_path=self.config,
+            data_dir=self.data_dir,
+            log_path=root / "hub.log",
+            port=self.port,
+            env=serve_env(env),
+        )
 
     def _config_text(self, registries: list[HubRegistry]) -> str:
         lines = [
@@ -310,8 +281,8 @@ class Hub:
 
     @property
     def pid(self) -> int:
-        assert self.process.proc is not None
-        return self.process.proc.pid
+        assert self.server.process.proc is not None
+        return self.server.process.proc.pid
 
     def server_pids(self) -> list[int]:
         """The processes that serve requests: the one process, or each worker (not the parent)."""
@@ -332,17 +303,10 @@ class Hub:
         return {pid: rss_bytes(pid) for pid in self.server_pids()}
 
     def start(self, timeout: float = 60) -> None:
-        self.process.start()
         try:
-            wait_until(
-                lambda: http_get(self.url + "api/v1/admin/health", timeout=2)[0] == 200,
-                what=f"BatleHub ({self.label})",
-                process=self.process,
-                log=self.log,
-                timeout=timeout,
-            )
+            self.server.start_blocking(timeout_secs=timeout)
         except ServiceStartError as exc:
-            raise BenchError(f"the hub could not be started: {exc}") from exc
+            raise BenchError(f"the hub ({self.label}) could not be started: {exc}") from exc
         if self.workers > 1:
             deadline = time.monotonic() + timeout
             while len(self.server_pids()) < self.workers and time.monotonic() < deadline:
@@ -351,4 +315,4 @@ class Hub:
             time.sleep(1.0)
 
     def stop(self) -> None:
-        self.process.stop()
+        self.server.stop_blocking()

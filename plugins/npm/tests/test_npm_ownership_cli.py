@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from batlehub_npm_testing.clients import make_package, npm_env, run_npm
 
 from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
-from batlehub.testing.npm import make_package, npm_env, run_npm
 from batlehub.testing.services import run_coroutine_sync
 
 pytestmark = [pytest.mark.npm_cli]

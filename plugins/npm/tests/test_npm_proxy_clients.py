@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from batlehub_npm_testing.clients import make_package, npm_env, run_npm
+from batlehub_npm_testing.services import NodeTools
 
 from batlehub.testing.hub import Hub, HubFactory
-from batlehub.testing.npm import make_package, npm_env, run_npm
-from batlehub.testing.services import NodeTools
 
 pytestmark = [pytest.mark.npm_cli]
 

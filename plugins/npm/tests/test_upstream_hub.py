@@ -17,9 +17,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from batlehub_npm_testing.clients import make_package, npm_env, run_npm
 
 from batlehub.testing.hub import HubFactory
-from batlehub.testing.npm import make_package, npm_env, run_npm
 
 pytestmark = [pytest.mark.npm_cli]
 

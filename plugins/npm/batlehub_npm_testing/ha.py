@@ -6,7 +6,7 @@ its own prefix folder and a copy of `deploy/nginx.conf` whose upstream lists tho
 `HaCluster` to restart, replace and kill replicas; as a script it starts everything (the backing
 services too, unless `BATLEHUB_TEST_*` variables name running ones) and keeps it up until Ctrl-C:
 
-    python -m batlehub.testing.ha --replicas 3
+    python -m batlehub_npm_testing.ha --replicas 3
 
 It prints the URL of nginx, of each replica, and an admin and a user token.
 """
@@ -18,9 +18,7 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import secrets
-import shutil
 import signal
 import sys
 import tempfile
@@ -33,109 +31,12 @@ from typing import Any
 
 import aiohttp
 
-from batlehub.testing.hub import HEALTH_PATH, Hub, HubStartError
-from batlehub.testing.services import (
-    LOOPBACK,
-    ManagedProcess,
-    ServiceStartError,
-    free_port,
-    log_tail,
-    port_open,
-    wait_until,
-)
+from batlehub.testing.hub import HEALTH_PATH, Hub, HubStartError, serve_env
+from batlehub.testing.nginx import Nginx
+from batlehub.testing.services import LOOPBACK, ServiceStartError, free_port, log_tail
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-NGINX_CONF = REPO_ROOT / "deploy" / "nginx.conf"
 REGISTRY = "npm"
 """Name of the npm registry every replica serves (at `/registries/npm/`)."""
-
-
-def find_nginx() -> str:
-    """The nginx binary (Debian installs it in /usr/sbin, often outside PATH)."""
-    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin:/usr/local/nginx/sbin")
-    if found is None:
-        raise ServiceStartError(
-            "nginx not found: install it with `apt-get install -y nginx` (./scripts/test does this)"
-        )
-    return found
-
-
-def render_nginx_conf(template: str, *, listen_port: int, replica_ports: Sequence[int], prefix: Path) -> str:
-    """`deploy/nginx.conf` with this machine's ports and paths: the `listen` port, one upstream
-    `server` line per replica (keeping the template's parameters), and pid, logs and temp files
-    inside `prefix`. Everything else (headers, retries, limits) is used exactly as shipped."""
-    text = template
-    text = re.sub(r"(?m)^\s*user\s+[^;]*;\n", "", text)
-    text = re.sub(r"(?m)^(\s*)worker_processes\s+[^;]*;", r"\1worker_processes 2;", text)
-    text = re.sub(r"(?m)^(\s*)pid\s+[^;]*;", lambda m: f"{m.group(1)}pid {prefix / 'nginx.pid'};", text)
-    text = re.sub(
-        r"(?m)^(\s*)error_log\s+[^;]*;", lambda m: f"{m.group(1)}error_log {prefix / 'error.log'} notice;", text
-    )
-    text = re.sub(r"(?m)^(\s*)access_log\s+\S+", lambda m: f"{m.group(1)}access_log {prefix / 'access.log'}", text)
-    text, listens = re.subn(r"(?m)^(\s*)listen\s+[^;]*;", rf"\g<1>listen {LOOPBACK}:{listen_port};", text)
-    upstream = re.search(r"(?s)upstream\s+\w+\s*\{.*?\}", text)
-    if listens != 1 or upstream is None:
-        raise ValueError("nginx.conf must have one `listen` and one `upstream` block")
-    block = upstream.group(0)
-    servers = list(re.finditer(r"(?m)^(\s*)server\s+\S+?(\s[^;]*)?;\n", block))
-    if not servers:
-        raise ValueError("the upstream block of nginx.conf has no `server` lines")
-    indent, params = servers[0].group(1), servers[0].group(2) or ""
-    lines = "".join(f"{indent}server {LOOPBACK}:{port}{params};\n" for port in replica_ports)
-    new_block = block[: servers[0].start()] + lines + block[servers[-1].end() :]
-    for other in servers[1:-1]:
-        new_block = new_block.replace(other.group(0), "")
-    text = text.replace(block, new_block)
-    temp_paths = "".join(
-        f"    {kind}_temp_path {prefix / 'temp' / kind};\n"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    return re.sub(r"(?m)^http\s*\{\n", lambda m: m.group(0) + temp_paths, text, count=1)
-
-
-class Nginx:
-    """nginx in the foreground (`daemon off`), with its own prefix folder, config and logs."""
-
-    def __init__(self, root: Path, replica_ports: Sequence[int], port: int | None = None) -> None:
-        self.root = root
-        self.port = port or free_port()
-        self.replica_ports = list(replica_ports)
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "temp").mkdir(exist_ok=True)
-        # Worker processes may run as an unprivileged user when nginx starts as root.
-        for folder in (root, root / "temp"):
-            folder.chmod(0o755)
-        self.conf = root / "nginx.conf"
-        template = NGINX_CONF.read_text()
-        self.conf.write_text(
-            render_nginx_conf(template, listen_port=self.port, replica_ports=replica_ports, prefix=root)
-        )
-        found = re.search(r"fail_timeout=(\d+)s?\b", template)
-        self.fail_timeout_secs = float(found.group(1)) if found else 10.0
-        """How long nginx skips a replica after a failed attempt (its default: 10 s)."""
-        argv = [find_nginx(), "-p", str(root), "-c", str(self.conf), "-e", str(root / "error.log"), "-g", "daemon off;"]
-        self.process = ManagedProcess(argv, root / "nginx.out")
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
-
-    @property
-    def access_log(self) -> Path:
-        return self.root / "access.log"
-
-    @property
-    def error_log(self) -> Path:
-        return self.root / "error.log"
-
-    def start(self) -> None:
-        self.process.start()
-        wait_until(
-            lambda: port_open(self.port), what="nginx", process=self.process, log=self.root / "error.log", timeout=20
-        )
-
-    def stop(self) -> None:
-        self.process.stop(timeout=5)
 
 
 @dataclass(frozen=True)
@@ -190,7 +91,7 @@ class HaCluster:
         self.ports = [free_port() for _ in range(replicas)]
         self.replicas: list[Hub] = []
         self.generations = [0] * replicas
-        self.nginx = Nginx(base_dir / "nginx", self.ports)
+        self.nginx = Nginx.in_front_of(base_dir / "nginx", self.ports)
 
     # --- configuration --------------------------------------------------------------------------
 
@@ -281,8 +182,7 @@ class HaCluster:
         data.mkdir(exist_ok=True)
         generation = self.generations[index]
         self.generations[index] += 1
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
-        env.update(
+        env = serve_env(
             {
                 "PYTHONUNBUFFERED": "1",
                 "BATLEHUB_SERVER__HOST": LOOPBACK,
@@ -380,6 +280,7 @@ class HaCluster:
 def _start_services(root: Path, stack: contextlib.ExitStack) -> HaServices:
     """Backing services from BATLEHUB_TEST_* variables, or local throwaway ones."""
     from batlehub.testing import services as svc
+    from batlehub_npm_testing.services import VerdaccioServer, install_node_tools
 
     env = os.environ
     if env.get("BATLEHUB_TEST_POSTGRES_URL"):
@@ -415,7 +316,7 @@ def _start_services(root: Path, stack: contextlib.ExitStack) -> HaServices:
         upstream = env["BATLEHUB_TEST_VERDACCIO_URL"]
     else:
         (root / "verdaccio").mkdir(parents=True, exist_ok=True)
-        verdaccio = svc.VerdaccioServer(svc.install_node_tools(), root / "verdaccio")
+        verdaccio = VerdaccioServer(install_node_tools(), root / "verdaccio")
         stack.callback(verdaccio.process.stop)
         verdaccio.start()
         upstream = verdaccio.url
@@ -440,7 +341,7 @@ async def _run(replicas: int, root: Path, services: HaServices) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m batlehub.testing.ha",
+        prog="python -m batlehub_npm_testing.ha",
         description="Run N BatleHub replicas behind nginx with PostgreSQL, Redis, SeaweedFS S3 and a "
         "Verdaccio upstream on this machine, until Ctrl-C. BATLEHUB_TEST_POSTGRES_URL, _REDIS_URL, "
         "_S3_ENDPOINT (+ _S3_ACCESS_KEY, _S3_SECRET_KEY, _S3_BUCKET) and _VERDACCIO_URL use running "
