@@ -14,8 +14,9 @@ the whole suite run against a real instance of its service::
         def storage_config(self, tmp_path):
             return {"bucket": ..., "prefix": f"test-{uuid4().hex}/"}   # a fresh namespace per test
 
-The contract's `storage` fixture builds the backend with the descriptor's factory, exactly as the
-server does, opens it, yields it and closes it.
+The contract's `storage` fixture builds the backend exactly as the server does: `storage_config`
+validated by the descriptor's `config_model` (through `batlehub.app.validate_config`), the
+factory called with the validated model; then it opens it, yields it and closes it.
 
 Rules the suite pins down (where the `StorageBackend` Protocol leaves room):
 
@@ -44,6 +45,7 @@ from typing import Any
 
 import pytest
 
+from batlehub.app import validate_config
 from batlehub.config import Settings
 from batlehub.errors import IntegrityError, InvalidKey, NotFound, PayloadTooLarge
 from batlehub.interfaces import BlobStat, StorageBackend, StorageBackendType
@@ -152,7 +154,10 @@ class StorageBackendContract:
         self, storage_type: StorageBackendType, storage_config: Mapping[str, Any], tmp_path: Path
     ) -> AsyncIterator[StorageBackend]:
         settings = Settings(data_dir=tmp_path / "data")
-        backend = storage_type.factory({"type": storage_type.name, **storage_config}, settings)
+        config = validate_config(
+            storage_type, {"type": storage_type.name, **storage_config}, path="storage", settings=settings
+        )
+        backend = storage_type.factory(config, settings)
         await backend.open()
         try:
             yield backend
@@ -161,13 +166,9 @@ class StorageBackendContract:
 
     # --- the descriptor -----------------------------------------------------------------------------
 
-    def test_descriptor_is_frozen_and_complete(
-        self, storage_type: StorageBackendType, storage_config: Mapping[str, Any]
-    ) -> None:
+    def test_descriptor_is_frozen_and_complete(self, storage_type: StorageBackendType) -> None:
         assert storage_type.name and storage_type.description
         assert storage_type.capabilities <= KNOWN_CAPABILITIES, storage_type.capabilities
-        unknown = set(storage_config) - set(storage_type.config_keys)
-        assert not unknown, f"config keys the descriptor does not declare: {unknown}"
         with pytest.raises(FrozenInstanceError):
             storage_type.name = "changed"  # type: ignore[misc]
 
