@@ -17,12 +17,13 @@ from batlehub.builtin.cache_memory import MemoryCache
 from batlehub.builtin.cache_postgres import PostgresCache
 from batlehub.config import DatabaseSettings, Settings
 from batlehub.errors import ConfigError
+from batlehub.interfaces import CacheBackendType
 from batlehub.plugins import flatten, get_plugin_manager
 
 # An editable install is not rewritten by pytest on its own; without this a failing contract
 # assertion would say only "AssertionError".
 pytest.register_assert_rewrite("batlehub.testing.cache_contract")
-from batlehub.testing.cache_contract import CacheBackendContract  # noqa: E402
+from batlehub.testing.cache_contract import CacheBackendContract, cache_type_named  # noqa: E402
 
 
 async def _drop_tables(url: str, prefix: str) -> None:
@@ -48,6 +49,14 @@ class TestMemoryCache(CacheBackendContract):
         yield backend
         await backend.close()
 
+    @pytest.fixture
+    def cache_type(self) -> CacheBackendType:
+        return cache_type_named("memory")
+
+    @pytest.fixture
+    def cache_config(self) -> dict[str, Any]:
+        return {}
+
 
 class TestPostgresCache(CacheBackendContract):
     @pytest.fixture
@@ -57,6 +66,14 @@ class TestPostgresCache(CacheBackendContract):
         yield backend
         await backend.close()
         await _drop_tables(postgres_url, namespace)
+
+    @pytest.fixture
+    def cache_type(self) -> CacheBackendType:
+        return cache_type_named("postgres")
+
+    @pytest.fixture
+    def cache_config(self, postgres_url: str, namespace: str) -> dict[str, Any]:
+        return {"url": postgres_url, "table_prefix": namespace}
 
     @pytest.fixture
     async def cache_peer(self, postgres_url: str, namespace: str, cache: PostgresCache) -> AsyncIterator[PostgresCache]:

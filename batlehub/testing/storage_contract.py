@@ -16,7 +16,8 @@ the whole suite run against a real instance of its service::
 
 The contract's `storage` fixture builds the backend exactly as the server does: `storage_config`
 validated by the descriptor's `config_model` (through `batlehub.app.validate_config`), the
-factory called with the validated model; then it opens it, yields it and closes it.
+factory called with the validated model; then it opens it, yields it and closes it. The suite
+also checks that the model refuses keys it does not declare.
 
 Rules the suite pins down (where the `StorageBackend` Protocol leaves room):
 
@@ -44,10 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from batlehub.app import validate_config
 from batlehub.config import Settings
-from batlehub.errors import IntegrityError, InvalidKey, NotFound, PayloadTooLarge
+from batlehub.errors import ConfigError, IntegrityError, InvalidKey, NotFound, PayloadTooLarge
 from batlehub.interfaces import BlobStat, StorageBackend, StorageBackendType
 from batlehub.plugins import flatten, get_plugin_manager
 
@@ -171,6 +173,28 @@ class StorageBackendContract:
         assert storage_type.capabilities <= KNOWN_CAPABILITIES, storage_type.capabilities
         with pytest.raises(FrozenInstanceError):
             storage_type.name = "changed"  # type: ignore[misc]
+
+    def test_config_model_accepts_the_known_keys(
+        self, storage_type: StorageBackendType, storage_config: Mapping[str, Any], tmp_path: Path
+    ) -> None:
+        assert issubclass(storage_type.config_model, BaseModel)
+        config = validate_config(storage_type, storage_config, path="storage", settings=Settings(data_dir=tmp_path))
+        assert isinstance(config, storage_type.config_model)
+        if storage_config:  # validated configs are immutable, like the core's settings
+            with pytest.raises(ValidationError):
+                setattr(config, next(iter(storage_config)), None)
+
+    def test_config_model_refuses_unknown_keys(
+        self, storage_type: StorageBackendType, storage_config: Mapping[str, Any], tmp_path: Path
+    ) -> None:
+        with pytest.raises(ConfigError) as info:
+            validate_config(
+                storage_type, {**storage_config, "no_such_key": 1}, path="storage", settings=Settings(data_dir=tmp_path)
+            )
+        (problem,) = info.value.problems
+        assert problem.startswith(f"storage.no_such_key: unknown key for type {storage_type.name!r} (known: "), problem
+        for key in storage_config:  # the message lists the keys the operator could have meant
+            assert key in problem, problem
 
     async def test_backend_satisfies_protocol(self, storage: StorageBackend) -> None:
         assert isinstance(storage, StorageBackend)

@@ -19,13 +19,13 @@ from batlehub_cache_redis import backend as redis_backend
 from batlehub.app import validate_config
 from batlehub.config import Settings
 from batlehub.errors import ConfigError, ServiceUnavailable, StartupError
-from batlehub.interfaces import Banner, IpBlock
+from batlehub.interfaces import Banner, CacheBackendType, IpBlock
 from batlehub.plugins import flatten, get_plugin_manager
 
 # An editable install is not rewritten by pytest on its own; without this a failing contract
 # assertion would say only "AssertionError".
 pytest.register_assert_rewrite("batlehub.testing.cache_contract")
-from batlehub.testing.cache_contract import CacheBackendContract  # noqa: E402
+from batlehub.testing.cache_contract import CacheBackendContract, cache_type_named  # noqa: E402
 
 
 class TestRedisCache(CacheBackendContract):
@@ -43,6 +43,14 @@ class TestRedisCache(CacheBackendContract):
         await backend.open()
         yield backend
         await backend.close()
+
+    @pytest.fixture
+    def cache_type(self) -> CacheBackendType:
+        return cache_type_named("redis")
+
+    @pytest.fixture
+    def cache_config(self, redis_url: str, namespace: str) -> dict[str, Any]:
+        return {"url": redis_url, "prefix": f"test:{namespace}:"}
 
 
 async def _delete_namespace(cache: RedisCache) -> None:
