@@ -8,7 +8,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -151,7 +151,8 @@ async def list_registries(request: web.Request) -> web.Response:
         {
             "name": r.name,
             "type": r.type,
-            "mode": r.options.get("mode"),
+            # Formats without modes have no such key; a running app holds validated options.
+            "mode": r.options.get("mode") if isinstance(r.options, Mapping) else getattr(r.options, "mode", None),
             "url": registry_url(request, r.name) + "/",
         }
         for r in settings.registries

@@ -4,7 +4,8 @@ A format imports from `batlehub.api` and nothing else in `batlehub` (backends al
 `batlehub.interfaces` and `batlehub.storage`, see their guides). What is here is documented in
 docs/plugins/registry-formats.md; what is not here may change without notice.
 
-- Registering: `hookimpl`, `RegistryFormatType`, the `Registry` protocol.
+- Registering: `hookimpl`, `RegistryFormatType`, the `Registry` protocol, and for the format's
+  `config_model`: `ConfigModel` (its base), `ConfigList` (a TOML array), `core_settings`.
 - Per registry (`RegistryServices`, handed to the format's factory): the package store, the
   artifact store, upstream documents, the fail-open cache, tokens.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
@@ -17,6 +18,7 @@ from __future__ import annotations
 from batlehub.artifacts import VERIFIABLE, ArtifactStore, BlobMissing, SpooledBlob, blob_key
 from batlehub.auth import ANONYMOUS, Identity
 from batlehub.config import RegistrySettings, Settings
+from batlehub.configmodel import ConfigList, ConfigModel, core_settings
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight
 from batlehub.errors import (
     AlreadyExists,
@@ -80,6 +82,8 @@ __all__ = [
     "BadRequest",
     "BatleHubError",
     "BlobMissing",
+    "ConfigList",
+    "ConfigModel",
     "Conflict",
     "DocumentFormat",
     "FailOpenCache",
@@ -121,6 +125,7 @@ __all__ = [
     "body_reader",
     "check_json",
     "client_ip",
+    "core_settings",
     "hookimpl",
     "identity",
     "json_may_need_repair",

@@ -7,6 +7,7 @@ cache, storage, upstream HTTP client, auth, registries.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -15,11 +16,13 @@ from typing import Any
 import aiohttp
 import pluggy
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
 
 from batlehub import admin, appkeys, replicas, sweep
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
-from batlehub.config import REGISTRY_CORE_KEYS, Settings
+from batlehub.config import REGISTRY_CORE_KEYS, RegistrySettings, Settings
+from batlehub.configmodel import forbids_unknown_keys, problems_of
 from batlehub.coordination import FailOpenCache
 from batlehub.db import create_database
 from batlehub.errors import ConfigError, StartupError
@@ -50,6 +53,13 @@ def installed_types(pm: pluggy.PluginManager) -> InstalledTypes:
         for item in items:
             if item.name in out:
                 raise StartupError(f"two plugins provide the {kind} type {item.name!r}")
+            model = item.config_model
+            # A model that ignored unknown keys would let a typo'd key silently fall back to a default.
+            if not (isinstance(model, type) and issubclass(model, BaseModel) and forbids_unknown_keys(model)):
+                raise StartupError(
+                    f"the {kind} type {item.name!r} needs a config_model that refuses unknown keys"
+                    " (derive it from batlehub.api.ConfigModel)"
+                )
             out[item.name] = item
         return out
 
@@ -67,65 +77,130 @@ def _not_installed(section: str, name: str, choices: Mapping[str, Any]) -> str:
     )
 
 
+Descriptor = CacheBackendType | StorageBackendType | RegistryFormatType
+
+
+def validate_config(
+    descriptor: Descriptor, table: Mapping[str, Any] | BaseModel, *, path: str, settings: Settings | None = None
+) -> BaseModel:
+    """Validate the keys a descriptor owns with its `config_model`; raise `ConfigError` with every
+    problem, each named by its key path under `path` (`storage`, `registries[0]`).
+
+    `table` is the section as written: the core's own keys in it (`type`; a registry's `name`,
+    `rbac`...) are left out. `settings` reach validators that need them (see
+    `batlehub.configmodel.core_settings`). Already validated options are returned as they are.
+    """
+    model, problems = _validated(descriptor, table, path=path, settings=settings)
+    if model is None:
+        raise ConfigError(problems)
+    return model
+
+
+def _validated(
+    descriptor: Descriptor, table: Mapping[str, Any] | BaseModel, *, path: str, settings: Settings | None
+) -> tuple[BaseModel | None, list[str]]:
+    # The one place core validates a plugin's keys, for create_app and check-config alike.
+    model = descriptor.config_model
+    if isinstance(table, model):
+        return table, []
+    if isinstance(table, BaseModel):
+        raise TypeError(f"{path}: a {type(table).__name__} is not a {model.__name__}")
+    core_keys = REGISTRY_CORE_KEYS if isinstance(descriptor, RegistryFormatType) else frozenset({"type"})
+    data = {key: value for key, value in table.items() if key not in core_keys}
+    try:
+        return model.model_validate(data, context={"settings": settings}), []
+    except ValidationError as exc:
+        owner = f"type {descriptor.name!r}"
+        return None, problems_of(exc, model, path=path, owner=owner, table_keys=core_keys)
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """The plugins' keys of valid settings, validated by the descriptors' config models."""
+
+    cache: BaseModel
+    storage: BaseModel
+    registries: tuple[RegistrySettings, ...]
+    """`settings.registries`, each with `options` replaced by its format's validated model."""
+
+
+def validate_plugins_config(settings: Settings, types: InstalledTypes) -> PluginConfig:
+    """Validate what the installed plugins own in `settings`; raise `ConfigError` with every problem."""
+    config, problems = _check_plugins(settings, types, None)
+    if config is None:
+        raise ConfigError(problems)
+    return config
+
+
 def check_plugins_config(
     settings: Settings | None, types: InstalledTypes, raw: Mapping[str, Any] | None = None
 ) -> list[str]:
     """Problems that need the installed plugins to see: unknown types and their own keys.
 
-    With `settings` (valid core settings), the chosen backend factories are asked too. Without
-    them (the core settings have problems of their own), `raw` — the merged, unvalidated settings —
-    is checked as far as it can be, so that `check-config` lists every problem in one go.
+    Without `settings` (the core settings have problems of their own), `raw` — the merged,
+    unvalidated settings — is checked as far as it can be, so that `check-config` lists every
+    problem in one go.
     """
+    return _check_plugins(settings, types, raw)[1]
+
+
+def _check_plugins(
+    settings: Settings | None, types: InstalledTypes, raw: Mapping[str, Any] | None
+) -> tuple[PluginConfig | None, list[str]]:
     problems: list[str] = []
+    entries: list[tuple[Any, Mapping[str, Any] | BaseModel]]
     if settings is not None:
-        tables: list[tuple[str, Any]] = [("cache", settings.cache), ("storage", settings.storage)]
-        registries = [(r.type, r.options) for r in settings.registries]
+        tables: dict[str, Any] = {"cache": settings.cache, "storage": settings.storage}
+        entries = [(r.type, r.options) for r in settings.registries]
     else:
         raw = raw or {}
-        tables = [(name, raw.get(name, {})) for name in ("cache", "storage")]
-        entries = raw.get("registries", [])
-        registries = [
-            (entry.get("type"), {k: v for k, v in entry.items() if k not in REGISTRY_CORE_KEYS})
-            for entry in (entries if isinstance(entries, list) else [])
+        tables = {name: raw.get(name, {}) for name in ("cache", "storage")}
+        listed = raw.get("registries", [])
+        entries = [
+            (entry.get("type"), entry)
+            for entry in (listed if isinstance(listed, list) else [])
             if isinstance(entry, Mapping)
         ]
     defaults = {"cache": "memory", "storage": "filesystem"}
-    for section, table in tables:
-        if not isinstance(table, Mapping):
+    backends: dict[str, BaseModel | None] = {}
+    for section, table in tables.items():
+        type_name = table.get("type", defaults[section]) if isinstance(table, Mapping) else None
+        if not isinstance(type_name, str):
             continue  # reported by the core's own validation
-        choices: Mapping[str, Any] = types.cache if section == "cache" else types.storage
-        type_name = table.get("type", defaults[section])
+        choices: Mapping[str, CacheBackendType | StorageBackendType] = (
+            types.cache if section == "cache" else types.storage
+        )
         chosen = choices.get(type_name)
         if chosen is None:
-            problems.append(_not_installed(section, str(type_name), choices))
+            problems.append(_not_installed(section, type_name, choices))
             continue
-        unknown = [key for key in table if key != "type" and key not in chosen.config_keys]
-        for key in unknown:
-            known = ", ".join(sorted({"type", *chosen.config_keys}))
-            problems.append(f"{section}.{key}: unknown key for type {chosen.name!r} (known: {known})")
-        if not unknown and settings is not None:
-            try:  # factories only construct (no I/O) and raise ConfigError for bad values
-                chosen.factory(table, settings)
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-    for index, (registry_type, options) in enumerate(registries):
+        backends[section], found = _validated(chosen, table, path=section, settings=settings)
+        problems.extend(found)
+    registries: list[RegistrySettings] = []
+    for index, (registry_type, options) in enumerate(entries):
         if not isinstance(registry_type, str):
             continue  # reported by the core's own validation
         fmt = types.registries.get(registry_type)
         if fmt is None:
             problems.append(_not_installed(f"registries[{index}]", registry_type, types.registries))
             continue
-        problems.extend(f"registries[{index}].{p}" for p in fmt.validate(options))
-    return problems
+        model, found = _validated(fmt, options, path=f"registries[{index}]", settings=settings)
+        problems.extend(found)
+        if settings is not None and model is not None:
+            registries.append(dataclasses.replace(settings.registries[index], options=model))
+    cache, storage = backends.get("cache"), backends.get("storage")
+    if problems or settings is None or cache is None or storage is None:
+        return None, problems
+    return PluginConfig(cache=cache, storage=storage, registries=tuple(registries)), problems
 
 
 def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> web.Application:
     """Build the application. Raises `ConfigError` for settings the installed plugins reject."""
     pm = pm or get_plugin_manager()
     types = installed_types(pm)
-    problems = check_plugins_config(settings, types)
-    if problems:
-        raise ConfigError(problems)
+    config = validate_plugins_config(settings, types)
+    # One entry per registry from here on, holding the validated options, wherever it is read.
+    settings = dataclasses.replace(settings, registries=config.registries)
 
     state = HubState(tracing=bool(settings.otel.endpoint))
     app = web.Application(middlewares=[_in_flight_counter(state), *MIDDLEWARES], client_max_size=MAX_REQUEST_BODY)
@@ -137,8 +212,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     cache_type = types.cache[settings.cache["type"]]
     storage_type = types.storage[settings.storage["type"]]
     db = create_database(settings)
-    cache = cache_type.factory(settings.cache, settings)
-    storage = storage_type.factory(settings.storage, settings)
+    cache = cache_type.factory(config.cache, settings)
+    storage = storage_type.factory(config.storage, settings)
     auth = Authenticator(settings, db)
     http = _UpstreamClient()
     app[appkeys.DATABASE] = db

@@ -7,13 +7,16 @@ a config in one go: `server.port: expected an integer, got "abc"`.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from batlehub.errors import ConfigError
 
@@ -30,6 +33,8 @@ _NOT_SETTINGS = {"CONFIG", "DISABLE_PLUGIN_AUTOLOAD", "DATA_DIR", "LOAD_DOTENV",
 _NOT_SETTINGS_PREFIX = "TEST_"
 # Keys of a `[[registries]]` entry that core owns; the rest belong to the registry format.
 REGISTRY_CORE_KEYS = frozenset({"type", "name", "rbac", "rate_limit", "quota"})
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -88,8 +93,19 @@ class RegistrySettings:
     rbac: Mapping[str, tuple[str, ...]]
     rate_limit: RateLimitSettings | None
     quota: QuotaSettings | None
-    options: Mapping[str, Any]
-    """Every other key of the entry, validated by the registry format."""
+    options: Mapping[str, Any] | BaseModel
+    """Every other key of the entry: as read until the format's `config_model` validated them
+    (`batlehub.app.validate_config`), then that model's instance. `create_app` puts the validated
+    entry in the app's settings, so a running registry only ever sees the model."""
+
+    def validated_options(self, model: builtins.type[_M]) -> _M:  # `type` is a field here
+        """`options` as the format's validated `config_model`, typed for the format's code."""
+        if not isinstance(self.options, model):
+            raise TypeError(
+                f"registry {self.name!r}: options are not a validated {model.__name__}"
+                " (batlehub.app.validate_config makes them one)"
+            )
+        return self.options
 
 
 @dataclass(frozen=True)

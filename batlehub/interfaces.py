@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from pydantic import BaseModel
+
+from batlehub.configmodel import ConfigModel
+
 if TYPE_CHECKING:
     from aiohttp import web
 
@@ -239,6 +243,23 @@ class Registry(Protocol):
 
 
 # --- descriptors returned by the register_* hooks -----------------------------------------------
+#
+# The config contract, the same for the three kinds of descriptor:
+#
+# * `config_model` is a pydantic model of the keys the descriptor owns: a `[cache]` or `[storage]`
+#   table minus `type`; for a registry format, the keys of a `[[registries]]` entry other than the
+#   core's (type, name, rbac, rate_limit, quota). Derive it from `batlehub.configmodel.ConfigModel`
+#   (re-exported by `batlehub.api`): it refuses unknown keys, which core requires of every model.
+# * Core validates with it in one place, `batlehub.app.validate_config`, for `create_app` and
+#   `batlehub check-config` alike, and reports each error by its key path
+#   (`storage.bucket: required`). A validator that needs the core settings reads them with
+#   `batlehub.configmodel.core_settings(info)`.
+# * The factory then receives the validated model instance, never the raw table: it only
+#   constructs (no I/O) and does not validate again.
+
+
+class NoConfig(ConfigModel):
+    """The model of a descriptor that owns no keys: any key in its table is reported as unknown."""
 
 
 @dataclass(frozen=True)
@@ -247,12 +268,12 @@ class CacheBackendType:
 
     name: str
     description: str
-    factory: Callable[[Mapping[str, Any], Settings], CacheBackend]
-    """Called with the `[cache]` section (all keys, `type` included) and the whole settings."""
+    factory: Callable[[Any, Settings], CacheBackend]
+    """Called with the validated `config_model` instance and the whole settings."""
     shared: bool = True
     """False when state is per process, so several replicas would not see each other's state."""
-    config_keys: frozenset[str] = field(default_factory=frozenset)
-    """Keys the section may hold besides `type`; others are reported as unknown."""
+    config_model: type[BaseModel] = NoConfig
+    """The keys the `[cache]` table may hold besides `type` (see the config contract above)."""
 
 
 @dataclass(frozen=True)
@@ -261,12 +282,14 @@ class StorageBackendType:
 
     name: str
     description: str
-    factory: Callable[[Mapping[str, Any], Settings], StorageBackend]
+    factory: Callable[[Any, Settings], StorageBackend]
+    """Called with the validated `config_model` instance and the whole settings."""
     shared: bool = True
     """False when objects live on this machine only (e.g. `filesystem` on a local disk)."""
     capabilities: frozenset[str] = field(default_factory=frozenset)
     """Any of "local_path", "presigned_url"."""
-    config_keys: frozenset[str] = field(default_factory=frozenset)
+    config_model: type[BaseModel] = NoConfig
+    """The keys the `[storage]` table may hold besides `type` (see the config contract above)."""
 
 
 @dataclass(frozen=True)
@@ -275,12 +298,12 @@ class RegistryFormatType:
 
     name: str
     description: str
-    validate: Callable[[Mapping[str, Any]], list[str]]
-    """Given the format's own keys of one `[[registries]]` entry (`RegistrySettings.options`: every
-    key but type, name, rbac, rate_limit, quota), return its problems as `"key: message"` with key
-    paths relative to the entry (unknown keys included); [] if valid."""
+    config_model: type[BaseModel]
+    """The format's own keys of a `[[registries]]` entry (see the config contract above)."""
     factory: Callable[[RegistrySettings, RegistryServices], Registry]
-    """Build the registry. `RegistrySettings.options` has passed `validate`."""
+    """Build the registry. Core hands it the entry with `options` replaced (`dataclasses.replace`)
+    by the validated `config_model` instance; `RegistrySettings.validated_options(Model)` returns
+    it typed. The same entry is in the app's settings and in `RegistryServices.registry`."""
     scope_of: Callable[[str], str | None] | None = None
     """The scope of a package name (npm: `@scope` of `@scope/name`), or None for a name outside
     any scope. Scopes have owners too (DESIGN §6); None here: the format has no scopes."""

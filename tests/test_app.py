@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ from yarl import URL
 from batlehub import admin, appkeys
 from batlehub.app import create_app
 from batlehub.builtin.cache_memory import MemoryCache
-from batlehub.config import parse_settings
+from batlehub.config import RegistrySettings, parse_settings
+from batlehub.configmodel import ConfigModel
 from batlehub.errors import ConfigError, NotFound
 from batlehub.interfaces import (
     BlobStat,
@@ -45,11 +46,17 @@ ClientFactory = Callable[..., Any]
 # --- test plugins -----------------------------------------------------------------------------------
 
 
+class PingOptions(ConfigModel):
+    greeting: str = "pong"
+
+
 class PingRegistry:
     """The smallest registry format: GET /ping (releases:read), PUT /publish (releases:publish)."""
 
-    def __init__(self, settings: Any, services: RegistryServices) -> None:
+    def __init__(self, settings: RegistrySettings, services: RegistryServices) -> None:
         self.name = settings.name
+        self.settings = settings
+        self.options = settings.validated_options(PingOptions)
 
     def make_app(self) -> web.Application:
         async def ping(request: web.Request) -> web.Response:
@@ -75,10 +82,9 @@ class PingRegistry:
 class PingFormatPlugin:
     @hookimpl
     def register_registry_formats(self) -> list[RegistryFormatType]:
-        def validate(options: Mapping[str, Any]) -> list[str]:
-            return [f"{key}: unknown key" for key in options]
-
-        return [RegistryFormatType(name="ping", description="test format", validate=validate, factory=PingRegistry)]
+        return [
+            RegistryFormatType(name="ping", description="test format", config_model=PingOptions, factory=PingRegistry)
+        ]
 
 
 class TinyStorage:
@@ -138,6 +144,10 @@ class TinyStorage:
         return None
 
 
+class TinyStorageConfig(ConfigModel):
+    label: str = ""
+
+
 class TinyStoragePlugin:
     @hookimpl
     def register_storage_backends(self) -> list[StorageBackendType]:
@@ -145,8 +155,8 @@ class TinyStoragePlugin:
             StorageBackendType(
                 name="tiny",
                 description="test storage in a dict",
-                factory=lambda section, settings: TinyStorage(section.get("label", "")),
-                config_keys=frozenset({"label"}),
+                factory=lambda config, settings: TinyStorage(config.label),
+                config_model=TinyStorageConfig,
             )
         ]
 
@@ -270,10 +280,28 @@ async def test_plugin_storage_keys_are_checked(make_client: ClientFactory) -> No
     assert info.value.problems == ["storage.path: unknown key for type 'tiny' (known: label, type)"]
 
 
+async def test_plugin_storage_values_are_checked_by_its_model(make_client: ClientFactory) -> None:
+    with pytest.raises(ConfigError) as info:
+        await make_client(storage={"type": "tiny", "label": 7})
+    assert info.value.problems == ["storage.label: expected a string, got 7"]
+
+
 async def test_unknown_registry_option_is_a_config_error(make_client: ClientFactory) -> None:
     with pytest.raises(ConfigError) as info:
         await make_client(registries=[ping_registry(colour="red")])
-    assert info.value.problems == ["registries[0].colour: unknown key"]
+    assert info.value.problems == [
+        "registries[0].colour: unknown key for type 'ping' (known: greeting, name, quota, rate_limit, rbac, type)"
+    ]
+
+
+async def test_registry_gets_its_validated_options_everywhere(make_client: ClientFactory) -> None:
+    """The factory, the app's settings and the registry's services hold one validated entry."""
+    client = await make_client(registries=[ping_registry(greeting="hello")])
+    registry = client.app[appkeys.REGISTRIES]["reg"]
+    assert isinstance(registry, PingRegistry)
+    assert registry.options == PingOptions(greeting="hello")
+    assert client.app[appkeys.SETTINGS].registry("reg") is registry.settings
+    assert client.app[appkeys.REGISTRY_SERVICES]["reg"].registry is registry.settings
 
 
 class FlakyCache(MemoryCache):

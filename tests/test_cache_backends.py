@@ -6,21 +6,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
+from batlehub.app import validate_config
 from batlehub.builtin import cache_memory, cache_postgres
 from batlehub.builtin.cache_memory import MemoryCache
 from batlehub.builtin.cache_postgres import PostgresCache
 from batlehub.config import DatabaseSettings, Settings
 from batlehub.errors import ConfigError
+from batlehub.interfaces import CacheBackendType
 from batlehub.plugins import flatten, get_plugin_manager
 
 # An editable install is not rewritten by pytest on its own; without this a failing contract
 # assertion would say only "AssertionError".
 pytest.register_assert_rewrite("batlehub.testing.cache_contract")
-from batlehub.testing.cache_contract import CacheBackendContract  # noqa: E402
+from batlehub.testing.cache_contract import CacheBackendContract, cache_type_named  # noqa: E402
 
 
 async def _drop_tables(url: str, prefix: str) -> None:
@@ -46,6 +49,14 @@ class TestMemoryCache(CacheBackendContract):
         yield backend
         await backend.close()
 
+    @pytest.fixture
+    def cache_type(self) -> CacheBackendType:
+        return cache_type_named("memory")
+
+    @pytest.fixture
+    def cache_config(self) -> dict[str, Any]:
+        return {}
+
 
 class TestPostgresCache(CacheBackendContract):
     @pytest.fixture
@@ -55,6 +66,14 @@ class TestPostgresCache(CacheBackendContract):
         yield backend
         await backend.close()
         await _drop_tables(postgres_url, namespace)
+
+    @pytest.fixture
+    def cache_type(self) -> CacheBackendType:
+        return cache_type_named("postgres")
+
+    @pytest.fixture
+    def cache_config(self, postgres_url: str, namespace: str) -> dict[str, Any]:
+        return {"url": postgres_url, "table_prefix": namespace}
 
     @pytest.fixture
     async def cache_peer(self, postgres_url: str, namespace: str, cache: PostgresCache) -> AsyncIterator[PostgresCache]:
@@ -135,41 +154,55 @@ def _settings(tmp_path: Path, db_url: str = "") -> Settings:
     return Settings(data_dir=tmp_path, database=database)
 
 
+def _postgres_config(table: dict[str, Any], settings: Settings | None) -> Any:
+    (postgres,) = cache_postgres.register_cache_backends()
+    return validate_config(postgres, table, path="cache", settings=settings)
+
+
 def test_builtins_register_their_cache_backends() -> None:
     pm = get_plugin_manager(load_entrypoints=False)
     types = {t.name: t for t in flatten(pm.hook.register_cache_backends())}
     assert types["memory"].shared is False
-    assert types["memory"].config_keys == frozenset()
+    assert types["memory"].config_model.model_fields == {}
     assert types["postgres"].shared is True
-    assert types["postgres"].config_keys == {"url", "table_prefix"}
+    assert set(types["postgres"].config_model.model_fields) == {"url", "table_prefix"}
 
 
 def test_memory_factory(tmp_path: Path) -> None:
     (memory,) = cache_memory.register_cache_backends()
-    assert isinstance(memory.factory({"type": "memory"}, _settings(tmp_path)), MemoryCache)
+    config = validate_config(memory, {"type": "memory"}, path="cache")
+    assert isinstance(memory.factory(config, _settings(tmp_path)), MemoryCache)
 
 
 def test_postgres_url_defaults_to_the_database(tmp_path: Path) -> None:
     (postgres,) = cache_postgres.register_cache_backends()
-    cache = postgres.factory({"type": "postgres"}, _settings(tmp_path, "postgresql://db.internal/hub"))
+    settings = _settings(tmp_path, "postgresql://db.internal/hub")
+    cache = postgres.factory(_postgres_config({"type": "postgres"}, settings), settings)
     assert isinstance(cache, PostgresCache)
     assert cache.url == "postgresql://db.internal/hub"
     assert cache.table_prefix == "batlehub_cache_"
-    own = postgres.factory(
-        {"type": "postgres", "url": "postgresql://cache.internal/c", "table_prefix": "hub2_"},
-        _settings(tmp_path, "postgresql://db.internal/hub"),
-    )
+    table = {"type": "postgres", "url": "postgresql://cache.internal/c", "table_prefix": "hub2_"}
+    own = postgres.factory(_postgres_config(table, settings), settings)
     assert (own.url, own.table_prefix) == ("postgresql://cache.internal/c", "hub2_")
 
 
-def test_postgres_factory_needs_a_postgres_url(tmp_path: Path) -> None:
-    (postgres,) = cache_postgres.register_cache_backends()
+def test_postgres_config_needs_a_postgres_url(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        postgres.factory({"type": "postgres"}, _settings(tmp_path))
+        _postgres_config({"type": "postgres"}, _settings(tmp_path))
     assert info.value.problems == ['cache.url: required for the postgres cache (or set database.type = "postgresql")']
-    with pytest.raises(ConfigError, match=r"cache\.url"):
-        postgres.factory({"type": "postgres", "url": "redis://x"}, _settings(tmp_path))
-    with pytest.raises(ConfigError, match=r"cache\.table_prefix"):
-        postgres.factory(
+    with pytest.raises(ConfigError) as info:
+        _postgres_config({"type": "postgres", "url": "redis://x"}, _settings(tmp_path))
+    assert info.value.problems == ["cache.url: expected a postgresql:// URL, got 'redis://x'"]
+    with pytest.raises(ConfigError) as info:
+        _postgres_config(
             {"type": "postgres", "table_prefix": "x; DROP TABLE y"}, _settings(tmp_path, "postgresql://h/d")
         )
+    assert info.value.problems == [
+        "cache.table_prefix: expected lowercase letters, digits and _ (at most 40), got 'x; DROP TABLE y'"
+    ]
+
+
+def test_postgres_url_requirement_waits_for_valid_core_settings() -> None:
+    """Without core settings (check-config of a file with core problems) the model cannot know
+    database.url, so it does not guess; the core's problems come first."""
+    assert _postgres_config({"type": "postgres"}, None).url is None

@@ -148,6 +148,27 @@ def test_check_config_lists_every_problem(env: dict[str, str], tmp_path: Path) -
     assert '  server.port: expected an integer, got "abc"' in lines
 
 
+def test_check_config_lists_core_and_backend_problems_together(env: dict[str, str], tmp_path: Path) -> None:
+    """The backends' own keys are validated by their config models even when the core settings
+    have problems, so one run shows everything."""
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        "registries = []\n"
+        '[server]\nport = "abc"\n'
+        '[cache]\ntype = "postgres"\nurl = "redis://x"\n'
+        '[storage]\ntype = "filesystem"\npath = 42\nbuckt = "b"\n'
+    )
+    result = run(["check-config", "--config", str(config)], env)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "batlehub: configuration has 4 problem(s):",
+        '  server.port: expected an integer, got "abc"',
+        "  cache.url: expected a postgresql:// URL, got 'redis://x'",
+        "  storage.path: expected a path, got 42",
+        "  storage.buckt: unknown key for type 'filesystem' (known: path, type)",
+    ]
+
+
 def test_check_config_names_missing_plugins(env: dict[str, str], tmp_path: Path) -> None:
     config = tmp_path / "hub.toml"
     config.write_text('registries = []\n[storage]\ntype = "gcs"\nbucket = "b"\n[cache]\ntype = "memcached"\n')

@@ -342,3 +342,51 @@ def test_known_backend_keys_pass(types, tmp_path: Path) -> None:  # type: ignore
         }
     )
     assert check_plugins_config(settings, types) == []
+
+
+def test_backend_values_are_checked_by_the_descriptors_model(types) -> None:  # type: ignore[no-untyped-def]
+    settings = parse_settings(
+        {
+            "registries": [],
+            "storage": {"type": "filesystem", "path": 42},
+            "cache": {"type": "postgres", "url": "redis://x", "table_prefix": "Hub"},
+        }
+    )
+    assert check_plugins_config(settings, types) == [
+        "cache.url: expected a postgresql:// URL, got 'redis://x'",
+        "cache.table_prefix: expected lowercase letters, digits and _ (at most 40), got 'Hub'",
+        "storage.path: expected a path, got 42",
+    ]
+
+
+def test_validated_plugin_config_goes_to_the_factories(types, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from batlehub.app import validate_plugins_config
+    from batlehub.builtin.storage_filesystem import FilesystemConfig
+
+    settings = parse_settings({"registries": [], "storage": {"path": str(tmp_path / "blobs")}})
+    config = validate_plugins_config(settings, types)
+    assert config.storage == FilesystemConfig(path=tmp_path / "blobs")
+    assert config.registries == ()
+    broken = parse_settings({"registries": [], "storage": {"path": 42}})
+    with pytest.raises(ConfigError) as info:
+        validate_plugins_config(broken, types)
+    assert info.value.problems == ["storage.path: expected a path, got 42"]
+
+
+def test_plugin_keys_are_checked_even_when_the_core_settings_are_not(types) -> None:  # type: ignore[no-untyped-def]
+    """check-config lists every problem in one run: the plugins' keys are validated from the raw
+    settings when the core's own validation failed."""
+    raw = {
+        "server": {"port": "abc"},
+        "storage": {"path": 42, "bucket": "b"},
+        "cache": {"type": "postgres", "table_prefix": "Hub"},
+        "registries": [{"type": "maven", "name": "m2"}],
+    }
+    assert problems_of(raw) == ['server.port: expected an integer, got "abc"']
+    assert check_plugins_config(None, types, raw) == [
+        # No "cache.url: required": without valid core settings, database.url is unknown.
+        "cache.table_prefix: expected lowercase letters, digits and _ (at most 40), got 'Hub'",
+        "storage.path: expected a path, got 42",
+        "storage.bucket: unknown key for type 'filesystem' (known: path, type)",
+        '[registries[0]] type "maven" is not installed (installed: none) — is its plugin installed?',
+    ]

@@ -35,10 +35,15 @@ def scope_of(name: str) -> str | None:
     return name.split(".", 1)[0] if name.startswith("~") else None
 
 
+class BlobsOptions(api.ConfigModel):
+    mode: str = "local"
+
+
 class BlobsRegistry:
     def __init__(self, settings: api.RegistrySettings, services: api.RegistryServices) -> None:
         self.name = settings.name
         self.services = services
+        self.options = settings.validated_options(BlobsOptions)
 
     def make_app(self) -> web.Application:
         app = web.Application()
@@ -103,7 +108,7 @@ class BlobsPlugin:
             api.RegistryFormatType(
                 name="blobs",
                 description="files by name and version (a test format)",
-                validate=lambda options: [f"{key}: unknown key" for key in options if key != "mode"],
+                config_model=BlobsOptions,
                 factory=BlobsRegistry,
                 scope_of=scope_of,
             )

@@ -11,6 +11,7 @@ from typing import Any
 import pluggy
 import pytest
 from aiohttp import web
+from pydantic import BaseModel
 
 from batlehub import hookspecs
 from batlehub.app import create_app, installed_types
@@ -184,6 +185,30 @@ def test_two_plugins_providing_one_type_is_a_startup_error() -> None:
     pm = get_plugin_manager(load_entrypoints=False)
     pm.register(Duplicate(), name="test-duplicate")
     with pytest.raises(StartupError, match="two plugins provide the storage type 'filesystem'"):
+        installed_types(pm)
+
+
+def test_a_config_model_that_ignores_unknown_keys_is_a_startup_error() -> None:
+    """Every descriptor's model must refuse unknown keys, or a typo'd key would fall back to a default."""
+
+    class Lenient(BaseModel):
+        label: str = ""
+
+    class LenientPlugin:
+        @hookimpl
+        def register_storage_backends(self) -> list[StorageBackendType]:
+            return [
+                StorageBackendType(
+                    name="lenient",
+                    description="test",
+                    factory=lambda c, s: None,  # type: ignore[arg-type,return-value]
+                    config_model=Lenient,
+                )
+            ]
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(LenientPlugin(), name="test-lenient")
+    with pytest.raises(StartupError, match="the storage type 'lenient' needs a config_model that refuses unknown keys"):
         installed_types(pm)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from batlehub.app import validate_config
 from batlehub.builtin.storage_filesystem import TMP_DIR, FilesystemStorage
 from batlehub.config import Settings
 from batlehub.errors import ConfigError, Conflict, InvalidKey, NotFound
@@ -36,26 +37,32 @@ async def fs(tmp_path: Path) -> AsyncIterator[FilesystemStorage]:
     await backend.close()
 
 
+def _build(table: dict[str, Any], settings: Settings) -> Any:
+    descriptor = storage_type_named("filesystem")
+    return descriptor.factory(validate_config(descriptor, table, path="storage", settings=settings), settings)
+
+
 def test_descriptor() -> None:
     descriptor = storage_type_named("filesystem")
     assert descriptor.shared is False
     assert descriptor.capabilities == frozenset({"local_path"})
-    assert descriptor.config_keys == frozenset({"path"})
+    assert set(descriptor.config_model.model_fields) == {"path"}
 
 
 def test_path_defaults_to_data_dir(tmp_path: Path) -> None:
-    descriptor = storage_type_named("filesystem")
-    backend = descriptor.factory({"type": "filesystem"}, Settings(data_dir=tmp_path))
+    settings = Settings(data_dir=tmp_path)
+    backend = _build({"type": "filesystem"}, settings)
     assert isinstance(backend, FilesystemStorage)
     assert backend.root == tmp_path / "storage"
-    other = descriptor.factory({"type": "filesystem", "path": str(tmp_path / "x")}, Settings(data_dir=tmp_path))
+    assert _build({"type": "filesystem", "path": ""}, settings).root == tmp_path / "storage"  # an unset env var
+    other = _build({"type": "filesystem", "path": str(tmp_path / "x")}, settings)
     assert isinstance(other, FilesystemStorage) and other.root == tmp_path / "x"
 
 
 def test_path_must_be_a_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        storage_type_named("filesystem").factory({"type": "filesystem", "path": 42}, Settings(data_dir=tmp_path))
-    assert info.value.problems[0].startswith("storage.path:")
+        _build({"type": "filesystem", "path": 42}, Settings(data_dir=tmp_path))
+    assert info.value.problems == ["storage.path: expected a path, got 42"]
 
 
 async def test_symlink_inside_root_cannot_escape(fs: FilesystemStorage, tmp_path: Path) -> None:

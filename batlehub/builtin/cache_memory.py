@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from batlehub.interfaces import Banner, CacheBackendType, IpBlock, WindowCount
+from batlehub.interfaces import Banner, CacheBackendType, IpBlock, NoConfig, WindowCount
 from batlehub.plugins import hookimpl
 
 if TYPE_CHECKING:
@@ -201,7 +200,8 @@ class MemoryCache:
         self._violations = {ip: log for ip, log in self._violations.items() if log and log[-1] > horizon}
 
 
-def _factory(section: Mapping[str, Any], settings: Settings) -> MemoryCache:
+def _factory(config: NoConfig, settings: Settings) -> MemoryCache:
+    """Build from the validated (empty) `[cache]` table: the memory cache has no keys of its own."""
     return MemoryCache()
 
 
@@ -213,6 +213,6 @@ def register_cache_backends() -> list[CacheBackendType]:
             description="in-process memory; fast, but each process has its own state (single node only)",
             factory=_factory,
             shared=False,
-            config_keys=frozenset(),
+            config_model=NoConfig,
         )
     ]

@@ -23,11 +23,14 @@ import contextlib
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from batlehub.errors import ConfigError, ServiceUnavailable
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
+
+from batlehub.configmodel import ConfigModel, core_settings
+from batlehub.errors import ServiceUnavailable
 from batlehub.interfaces import Banner, CacheBackendType, IpBlock, WindowCount
 from batlehub.plugins import hookimpl
 
@@ -322,18 +325,38 @@ class PostgresCache:
         return bool(status == "UPDATE 1")
 
 
-def _factory(section: Mapping[str, Any], settings: Settings) -> PostgresCache:
-    url = section.get("url") or settings.database.url
-    if not isinstance(url, str) or not url.startswith(("postgresql://", "postgres://")):
-        if section.get("url"):
-            raise ConfigError([f"cache.url: expected a postgresql:// URL, got {url!r}"])
-        raise ConfigError(['cache.url: required for the postgres cache (or set database.type = "postgresql")'])
-    prefix = section.get("table_prefix", DEFAULT_TABLE_PREFIX)
-    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix):
-        raise ConfigError(
-            [f"cache.table_prefix: expected lowercase letters, digits and _ (at most 40), got {prefix!r}"]
-        )
-    return PostgresCache(url, table_prefix=prefix)
+def _postgres_url(url: str) -> str:
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ValueError(f"expected a postgresql:// URL, got {url!r}")
+    return url
+
+
+def _table_prefix(prefix: str) -> str:
+    # The prefix is spliced into SQL as an identifier, so only a plain one is allowed.
+    if not _PREFIX_RE.match(prefix):
+        raise ValueError(f"expected lowercase letters, digits and _ (at most 40), got {prefix!r}")
+    return prefix
+
+
+class PostgresCacheConfig(ConfigModel):
+    """`[cache]` of `type = "postgres"`."""
+
+    url: Annotated[str, AfterValidator(_postgres_url)] | None = Field(default=None, validate_default=True)
+    """None: the database's own `database.url`."""
+    table_prefix: Annotated[str, AfterValidator(_table_prefix)] = DEFAULT_TABLE_PREFIX
+
+    @field_validator("url")
+    @classmethod
+    def _url_or_database(cls, url: str | None, info: ValidationInfo) -> str | None:
+        settings = core_settings(info)
+        if url is None and settings is not None and not settings.database.url:
+            raise ValueError('required for the postgres cache (or set database.type = "postgresql")')
+        return url
+
+
+def _factory(config: PostgresCacheConfig, settings: Settings) -> PostgresCache:
+    """Build from the validated `[cache]` table; `url` falls back to `database.url`."""
+    return PostgresCache(config.url or settings.database.url, table_prefix=config.table_prefix)
 
 
 @hookimpl
@@ -344,6 +367,6 @@ def register_cache_backends() -> list[CacheBackendType]:
             description="PostgreSQL tables shared by every replica (url defaults to database.url)",
             factory=_factory,
             shared=True,
-            config_keys=frozenset({"url", "table_prefix"}),
+            config_model=PostgresCacheConfig,
         )
     ]

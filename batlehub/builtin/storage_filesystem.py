@@ -21,9 +21,12 @@ import tempfile
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from stat import S_ISLNK, S_ISREG
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from batlehub.errors import ConfigError, Conflict, InvalidKey, NotFound
+from pydantic import BeforeValidator, Field
+
+from batlehub.configmodel import ConfigModel
+from batlehub.errors import Conflict, InvalidKey, NotFound
 from batlehub.interfaces import BlobStat, StorageBackendType, StoredBlob
 from batlehub.plugins import hookimpl
 from batlehub.storage import StreamDigest, validate_key, validate_prefix
@@ -411,17 +414,24 @@ def _check_range(start: int | None, end: int | None) -> None:
 
 # --- plugin registration ------------------------------------------------------------------------
 
-CONFIG_KEYS = frozenset({"path"})
+
+def _none_if_empty(value: Any) -> Any:
+    # An empty value (often an unset environment variable) means "the default", as it always has.
+    return None if value == "" else value
 
 
-def make_filesystem_storage(section: Mapping[str, Any], settings: Settings) -> FilesystemStorage:
-    """Build from `[storage]`: `path` defaults to `<data dir>/storage`."""
-    raw = section.get("path")
-    if raw is None or raw == "":
+class FilesystemConfig(ConfigModel):
+    """`[storage]` of `type = "filesystem"`."""
+
+    path: Annotated[Path | None, Field(strict=False), BeforeValidator(_none_if_empty)] = None
+    """None: `<data dir>/storage`. A leading `~` is expanded."""
+
+
+def make_filesystem_storage(config: FilesystemConfig, settings: Settings) -> FilesystemStorage:
+    """Build from the validated `[storage]` table: `path` defaults to `<data dir>/storage`."""
+    if config.path is None:
         return FilesystemStorage(Path(settings.data_dir) / "storage")
-    if not isinstance(raw, str | os.PathLike):
-        raise ConfigError([f"storage.path: expected a path, got {type(raw).__name__}"])
-    return FilesystemStorage(Path(raw).expanduser())
+    return FilesystemStorage(config.path.expanduser())
 
 
 @hookimpl
@@ -433,6 +443,6 @@ def register_storage_backends() -> list[StorageBackendType]:
             factory=make_filesystem_storage,
             shared=False,
             capabilities=frozenset({"local_path"}),
-            config_keys=CONFIG_KEYS,
+            config_model=FilesystemConfig,
         )
     ]

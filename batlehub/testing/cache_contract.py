@@ -3,7 +3,10 @@
 A backend's tests subclass `CacheBackendContract` and provide an async fixture `cache` that yields
 an opened backend in a fresh namespace (a unique key prefix, table prefix or database), so tests
 never see each other's state. A shared backend (`shared = True`, the default) also provides
-`cache_peer`: a second instance on the same namespace, standing in for another replica::
+`cache_peer`: a second instance on the same namespace, standing in for another replica. The
+`cache_type` and `cache_config` fixtures let the suite check the descriptor's config model the
+way the server uses it: a `[cache]` table it accepts, unknown keys refused, the factory built from
+the validated model::
 
     class TestMyCache(CacheBackendContract):
         @pytest.fixture
@@ -17,6 +20,14 @@ never see each other's state. A shared backend (`shared = True`, the default) al
         async def cache_peer(self, namespace):
             ...  # the same, a second instance
 
+        @pytest.fixture
+        def cache_type(self):
+            return cache_type_named("mine")        # found through the installed plugins
+
+        @pytest.fixture
+        def cache_config(self):
+            return {"url": ..., "prefix": "hub:"}  # the [cache] table without `type`
+
 The tests run against a real service: the point is to catch what only a real one does (races
 between connections, server-side expiry, encodings).
 """
@@ -26,11 +37,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
-from batlehub.interfaces import Banner, CacheBackend, IpBlock
+from batlehub.app import validate_config
+from batlehub.config import Settings
+from batlehub.errors import ConfigError
+from batlehub.interfaces import Banner, CacheBackend, CacheBackendType, IpBlock
+from batlehub.plugins import flatten, get_plugin_manager
 
 # Short TTLs keep the suite fast; the sleeps leave a margin for a busy, shared CI machine.
 SHORT = 0.5
@@ -45,6 +63,15 @@ ODD_KEYS = [
     "x" * 600,
     "",
 ]
+
+
+def cache_type_named(name: str) -> CacheBackendType:
+    """The descriptor an installed plugin registers under `name`, found the way the server finds
+    it (built-ins plus `batlehub` entry points), so the test also proves the plugin is wired up."""
+    for descriptor in flatten(get_plugin_manager().hook.register_cache_backends()):
+        if descriptor.name == name:
+            return descriptor
+    raise LookupError(f"no cache backend named {name!r} is installed")
 
 
 async def _open_many_connections(cache: CacheBackend) -> None:
@@ -73,6 +100,41 @@ class CacheBackendContract:
         if not self.shared:
             pytest.skip("the backend keeps state per process; there is no peer to share it with")
         pytest.fail("a shared backend's contract subclass must provide the `cache_peer` fixture")
+
+    @pytest.fixture
+    def cache_type(self) -> CacheBackendType:
+        pytest.fail("a CacheBackendContract subclass must provide the `cache_type` fixture")
+
+    @pytest.fixture
+    def cache_config(self) -> Mapping[str, Any]:
+        """A `[cache]` table (without `type`) that the descriptor's config model accepts."""
+        pytest.fail("a CacheBackendContract subclass must provide the `cache_config` fixture")
+
+    # --- the descriptor's config model -----------------------------------------------------------
+
+    def test_config_model_accepts_the_known_keys(
+        self, cache_type: CacheBackendType, cache_config: Mapping[str, Any], tmp_path: Path
+    ) -> None:
+        settings = Settings(data_dir=tmp_path)
+        config = validate_config(cache_type, {"type": cache_type.name, **cache_config}, path="cache", settings=settings)
+        assert isinstance(config, cache_type.config_model)
+        assert isinstance(cache_type.factory(config, settings), CacheBackend)  # constructs only: no I/O
+        if cache_config:  # validated configs are immutable, like the core's settings
+            with pytest.raises(ValidationError):
+                setattr(config, next(iter(cache_config)), None)
+
+    def test_config_model_refuses_unknown_keys(
+        self, cache_type: CacheBackendType, cache_config: Mapping[str, Any], tmp_path: Path
+    ) -> None:
+        assert issubclass(cache_type.config_model, BaseModel)
+        with pytest.raises(ConfigError) as info:
+            validate_config(
+                cache_type, {**cache_config, "no_such_key": 1}, path="cache", settings=Settings(data_dir=tmp_path)
+            )
+        (problem,) = info.value.problems
+        assert problem.startswith(f"cache.no_such_key: unknown key for type {cache_type.name!r} (known: "), problem
+        for key in cache_config:  # the message lists the keys the operator could have meant
+            assert key in problem, problem
 
     # --- shape ------------------------------------------------------------------------------------
 

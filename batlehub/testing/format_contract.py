@@ -2,9 +2,10 @@
 
 A format's test suite subclasses `RegistryFormatContract` and says how its clients publish, read
 and unpublish (the adapter methods below); the tests then check what core promises for every
-format: a publish is readable at once, a version is published once, only owners change a package
-and only scope owners publish new names in a scope, quotas hold under concurrency, every write is
-audited, `on_publish`/`on_unpublish` fire once, after the commit. They run on SQLite and on a real
+format: the format's config model accepts its `registry_options` and refuses unknown keys, a
+publish is readable at once, a version is published once, only owners change a package and only
+scope owners publish new names in a scope, quotas hold under concurrency, every write is audited,
+`on_publish`/`on_unpublish` fire once, after the commit. They run on SQLite and on a real
 PostgreSQL::
 
     class TestMyFormatContract(RegistryFormatContract):
@@ -29,9 +30,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from batlehub import appkeys
-from batlehub.app import create_app
+from batlehub.app import create_app, validate_config
 from batlehub.config import parse_settings
-from batlehub.plugins import get_plugin_manager, hookimpl
+from batlehub.errors import ConfigError
+from batlehub.interfaces import RegistryFormatType
+from batlehub.plugins import flatten, get_plugin_manager, hookimpl
 
 ADMIN = "contract-admin-token-0123456789"
 ALICE = "contract-alice-token-0123456789"
@@ -143,6 +146,23 @@ class RegistryFormatContract:
             return response.status, await response.json()
 
     # --- the contract ---------------------------------------------------------------------------
+
+    def format_type(self) -> RegistryFormatType:
+        found = flatten(get_plugin_manager().hook.register_registry_formats())
+        return next(f for f in found if f.name == self.registry_type)
+
+    def test_config_model_accepts_the_registry_options(self) -> None:
+        fmt = self.format_type()
+        entry = {"type": self.registry_type, "name": LOCAL, **self.registry_options()}
+        assert isinstance(validate_config(fmt, entry, path="registries[0]"), fmt.config_model)
+
+    def test_config_model_refuses_unknown_keys(self) -> None:
+        fmt = self.format_type()
+        entry = {"type": self.registry_type, "name": LOCAL, **self.registry_options(), "no_such_key": 1}
+        with pytest.raises(ConfigError) as info:
+            validate_config(fmt, entry, path="registries[0]")
+        (problem,) = info.value.problems
+        assert problem.startswith(f"registries[0].no_such_key: unknown key for type {self.registry_type!r}"), problem
 
     async def test_a_publish_is_readable_at_once_and_a_version_is_published_once(self, client: TestClient) -> None:
         name = self.unique("first")

@@ -14,8 +14,10 @@ the whole suite run against a real instance of its service::
         def storage_config(self, tmp_path):
             return {"bucket": ..., "prefix": f"test-{uuid4().hex}/"}   # a fresh namespace per test
 
-The contract's `storage` fixture builds the backend with the descriptor's factory, exactly as the
-server does, opens it, yields it and closes it.
+The contract's `storage` fixture builds the backend exactly as the server does: `storage_config`
+validated by the descriptor's `config_model` (through `batlehub.app.validate_config`), the
+factory called with the validated model; then it opens it, yields it and closes it. The suite
+also checks that the model refuses keys it does not declare.
 
 Rules the suite pins down (where the `StorageBackend` Protocol leaves room):
 
@@ -43,9 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
+from batlehub.app import validate_config
 from batlehub.config import Settings
-from batlehub.errors import IntegrityError, InvalidKey, NotFound, PayloadTooLarge
+from batlehub.errors import ConfigError, IntegrityError, InvalidKey, NotFound, PayloadTooLarge
 from batlehub.interfaces import BlobStat, StorageBackend, StorageBackendType
 from batlehub.plugins import flatten, get_plugin_manager
 
@@ -152,7 +156,10 @@ class StorageBackendContract:
         self, storage_type: StorageBackendType, storage_config: Mapping[str, Any], tmp_path: Path
     ) -> AsyncIterator[StorageBackend]:
         settings = Settings(data_dir=tmp_path / "data")
-        backend = storage_type.factory({"type": storage_type.name, **storage_config}, settings)
+        config = validate_config(
+            storage_type, {"type": storage_type.name, **storage_config}, path="storage", settings=settings
+        )
+        backend = storage_type.factory(config, settings)
         await backend.open()
         try:
             yield backend
@@ -161,15 +168,33 @@ class StorageBackendContract:
 
     # --- the descriptor -----------------------------------------------------------------------------
 
-    def test_descriptor_is_frozen_and_complete(
-        self, storage_type: StorageBackendType, storage_config: Mapping[str, Any]
-    ) -> None:
+    def test_descriptor_is_frozen_and_complete(self, storage_type: StorageBackendType) -> None:
         assert storage_type.name and storage_type.description
         assert storage_type.capabilities <= KNOWN_CAPABILITIES, storage_type.capabilities
-        unknown = set(storage_config) - set(storage_type.config_keys)
-        assert not unknown, f"config keys the descriptor does not declare: {unknown}"
         with pytest.raises(FrozenInstanceError):
             storage_type.name = "changed"  # type: ignore[misc]
+
+    def test_config_model_accepts_the_known_keys(
+        self, storage_type: StorageBackendType, storage_config: Mapping[str, Any], tmp_path: Path
+    ) -> None:
+        assert issubclass(storage_type.config_model, BaseModel)
+        config = validate_config(storage_type, storage_config, path="storage", settings=Settings(data_dir=tmp_path))
+        assert isinstance(config, storage_type.config_model)
+        if storage_config:  # validated configs are immutable, like the core's settings
+            with pytest.raises(ValidationError):
+                setattr(config, next(iter(storage_config)), None)
+
+    def test_config_model_refuses_unknown_keys(
+        self, storage_type: StorageBackendType, storage_config: Mapping[str, Any], tmp_path: Path
+    ) -> None:
+        with pytest.raises(ConfigError) as info:
+            validate_config(
+                storage_type, {**storage_config, "no_such_key": 1}, path="storage", settings=Settings(data_dir=tmp_path)
+            )
+        (problem,) = info.value.problems
+        assert problem.startswith(f"storage.no_such_key: unknown key for type {storage_type.name!r} (known: "), problem
+        for key in storage_config:  # the message lists the keys the operator could have meant
+            assert key in problem, problem
 
     async def test_backend_satisfies_protocol(self, storage: StorageBackend) -> None:
         assert isinstance(storage, StorageBackend)

@@ -20,10 +20,11 @@ The client reconnects by itself once Redis answers again; no restart is needed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated
 
-from batlehub.errors import ConfigError
+from pydantic import AfterValidator, Field
+
+from batlehub.configmodel import ConfigModel
 from batlehub.interfaces import CacheBackendType
 from batlehub.plugins import hookimpl
 from batlehub_cache_redis.backend import DEFAULT_PREFIX, RedisCache
@@ -31,24 +32,26 @@ from batlehub_cache_redis.backend import DEFAULT_PREFIX, RedisCache
 if TYPE_CHECKING:
     from batlehub.config import Settings
 
-__all__ = ["RedisCache", "register_cache_backends"]
-
-_SCHEMES = ("redis://", "rediss://", "unix://")
+__all__ = ["RedisCache", "RedisCacheConfig", "register_cache_backends"]
 
 
-def _factory(section: Mapping[str, Any], settings: Settings) -> RedisCache:
-    problems = []
-    url = section.get("url")
-    if not url:
-        problems.append('cache.url: required for the redis cache (e.g. "redis://localhost:6379/0")')
-    elif not isinstance(url, str) or not url.startswith(_SCHEMES):
-        problems.append(f"cache.url: expected a redis://, rediss:// or unix:// URL, got {url!r}")
-    prefix = section.get("prefix", DEFAULT_PREFIX)
-    if not isinstance(prefix, str):
-        problems.append(f"cache.prefix: expected a string, got {prefix!r}")
-    if problems:
-        raise ConfigError(problems)
-    return RedisCache(str(url), prefix=prefix)
+def _redis_url(url: str) -> str:
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {url!r}")
+    return url
+
+
+class RedisCacheConfig(ConfigModel):
+    """`[cache]` of `type = "redis"`."""
+
+    url: Annotated[str, AfterValidator(_redis_url)] = Field(examples=["redis://localhost:6379/0"])
+    prefix: str = DEFAULT_PREFIX
+    """Put before every key, so several hubs can share one Redis."""
+
+
+def _factory(config: RedisCacheConfig, settings: Settings) -> RedisCache:
+    """Build from the validated `[cache]` table (no connection is made until `open`)."""
+    return RedisCache(config.url, prefix=config.prefix)
 
 
 @hookimpl
@@ -59,6 +62,6 @@ def register_cache_backends() -> list[CacheBackendType]:
             description="Redis shared by every replica (fast; degrades gracefully while Redis is down)",
             factory=_factory,
             shared=True,
-            config_keys=frozenset({"url", "prefix"}),
+            config_model=RedisCacheConfig,
         )
     ]

@@ -16,15 +16,16 @@ import pytest
 from batlehub_cache_redis import RedisCache
 from batlehub_cache_redis import backend as redis_backend
 
+from batlehub.app import validate_config
 from batlehub.config import Settings
 from batlehub.errors import ConfigError, ServiceUnavailable, StartupError
-from batlehub.interfaces import Banner, IpBlock
+from batlehub.interfaces import Banner, CacheBackendType, IpBlock
 from batlehub.plugins import flatten, get_plugin_manager
 
 # An editable install is not rewritten by pytest on its own; without this a failing contract
 # assertion would say only "AssertionError".
 pytest.register_assert_rewrite("batlehub.testing.cache_contract")
-from batlehub.testing.cache_contract import CacheBackendContract  # noqa: E402
+from batlehub.testing.cache_contract import CacheBackendContract, cache_type_named  # noqa: E402
 
 
 class TestRedisCache(CacheBackendContract):
@@ -42,6 +43,14 @@ class TestRedisCache(CacheBackendContract):
         await backend.open()
         yield backend
         await backend.close()
+
+    @pytest.fixture
+    def cache_type(self) -> CacheBackendType:
+        return cache_type_named("redis")
+
+    @pytest.fixture
+    def cache_config(self, redis_url: str, namespace: str) -> dict[str, Any]:
+        return {"url": redis_url, "prefix": f"test:{namespace}:"}
 
 
 async def _delete_namespace(cache: RedisCache) -> None:
@@ -164,23 +173,32 @@ def test_registered_through_the_entry_point() -> None:
     pm.register(ep.load(), name=ep.name)
     types = {t.name: t for t in flatten(pm.hook.register_cache_backends())}
     assert types["redis"].shared is True
-    assert types["redis"].config_keys == {"url", "prefix"}
+    assert set(types["redis"].config_model.model_fields) == {"url", "prefix"}
+
+
+def _build(table: dict[str, Any], settings: Settings) -> RedisCache:
+    (redis_type,) = batlehub_cache_redis.register_cache_backends()
+    cache = redis_type.factory(validate_config(redis_type, table, path="cache", settings=settings), settings)
+    assert isinstance(cache, RedisCache)
+    return cache
 
 
 def test_factory_reads_url_and_prefix(tmp_path: Path) -> None:
-    (redis_type,) = batlehub_cache_redis.register_cache_backends()
     settings = Settings(data_dir=tmp_path)
-    cache = redis_type.factory({"type": "redis", "url": "redis://cache:6379/2"}, settings)
+    cache = _build({"type": "redis", "url": "redis://cache:6379/2"}, settings)
     assert (cache.url, cache.prefix) == ("redis://cache:6379/2", "batlehub:")
-    cache = redis_type.factory({"type": "redis", "url": "rediss://cache:6380/0", "prefix": "hub2:"}, settings)
+    cache = _build({"type": "redis", "url": "rediss://cache:6380/0", "prefix": "hub2:"}, settings)
     assert cache.prefix == "hub2:"
 
 
-def test_factory_requires_a_redis_url(tmp_path: Path) -> None:
-    (redis_type,) = batlehub_cache_redis.register_cache_backends()
+def test_config_requires_a_redis_url(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
     with pytest.raises(ConfigError) as info:
-        redis_type.factory({"type": "redis"}, settings)
-    assert info.value.problems[0].startswith("cache.url: required")
-    with pytest.raises(ConfigError, match=r"cache\.url"):
-        redis_type.factory({"type": "redis", "url": "postgresql://db/hub"}, settings)
+        _build({"type": "redis"}, settings)
+    assert info.value.problems == ["cache.url: required (e.g. 'redis://localhost:6379/0')"]
+    with pytest.raises(ConfigError) as info:
+        _build({"type": "redis", "url": "postgresql://db/hub", "prefix": 3}, settings)
+    assert info.value.problems == [
+        "cache.url: expected a redis://, rediss:// or unix:// URL, got 'postgresql://db/hub'",
+        "cache.prefix: expected a string, got 3",
+    ]

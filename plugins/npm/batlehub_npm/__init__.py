@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from batlehub.api import RegistryFormatType, hookimpl
 from batlehub_npm.names import normalize_name, redact_path, scope_of
-from batlehub_npm.options import validate_options
+from batlehub_npm.options import NpmOptions
 from batlehub_npm.registry import NpmRegistry
 
 __all__ = ["NpmRegistry", "register_registry_formats"]
@@ -22,7 +22,7 @@ def register_registry_formats() -> list[RegistryFormatType]:
         RegistryFormatType(
             name="npm",
             description="npm registry for npm, pnpm and yarn: proxies upstream registries, hosts private packages",
-            validate=validate_options,
+            config_model=NpmOptions,
             factory=NpmRegistry,
             scope_of=scope_of,
             normalize_name=normalize_name,

@@ -43,7 +43,7 @@ from batlehub_npm import accounts, documents
 from batlehub_npm.documents import Rendered, RenderedCache
 from batlehub_npm.local import LocalPackages
 from batlehub_npm.names import PackageName, Route, parse_package_name, parse_route, validate_version
-from batlehub_npm.options import options_of
+from batlehub_npm.options import NpmOptions
 from batlehub_npm.publish import TarballSink, max_body_bytes, parse_document, parse_publish, single_manifest
 from batlehub_npm.upstream import UpstreamProxy
 
@@ -65,7 +65,7 @@ class NpmRegistry:
         self.name = settings.name
         self.settings = settings
         self.services = services
-        self.options = options_of(settings.options)
+        self.options = settings.validated_options(NpmOptions)
         self.mode = self.options.mode
         self.local = LocalPackages(services.packages)
         self.artifacts = services.artifacts
@@ -75,9 +75,9 @@ class NpmRegistry:
             self.proxy = UpstreamProxy(
                 services,
                 upstreams=list(self.options.upstreams),
-                metadata_ttl_secs=self.options.metadata_ttl_secs,
-                serve_stale=self.options.serve_stale,
-                warm_packages=list(self.options.warm_packages),
+                metadata_ttl_secs=self.options.cache.metadata_ttl_secs,
+                serve_stale=self.options.cache.serve_stale,
+                warm_packages=list(self.options.cache.warm_packages),
                 guard_publishes=self.mode == "hybrid",
             )
         self._warm_task: asyncio.Task[None] | None = None
@@ -112,7 +112,7 @@ class NpmRegistry:
         return app
 
     async def startup(self) -> None:
-        if self.proxy is not None and self.options.warm_packages:
+        if self.proxy is not None and self.options.cache.warm_packages:
             self._warm_task = asyncio.create_task(self.proxy.warm(), name=f"npm-warm-{self.name}")
 
     async def shutdown(self) -> None:

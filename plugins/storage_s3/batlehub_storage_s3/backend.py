@@ -13,9 +13,8 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AsyncExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import aioboto3
 import aiohttp
@@ -28,8 +27,10 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
 
-from batlehub.errors import NotFound, ServiceUnavailable, UpstreamError
+from batlehub.configmodel import ConfigModel
+from batlehub.errors import InvalidKey, NotFound, ServiceUnavailable, UpstreamError
 from batlehub.interfaces import BlobStat, StoredBlob
 from batlehub.storage import StreamDigest, validate_key, validate_prefix
 
@@ -47,21 +48,74 @@ _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _DENIED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"})
 
 
-@dataclass(frozen=True)
-class S3Options:
-    """The `[storage]` section of `type = "s3"`, validated."""
+DEFAULT_REGION = "us-east-1"
 
-    bucket: str
-    region: str = "us-east-1"
-    endpoint: str | None = None
+
+def _none_if_empty(value: Any) -> Any:
+    # An empty value (often an unset environment variable) means "not set", as it always has.
+    return None if value == "" else value
+
+
+def _default_region_if_empty(value: Any) -> Any:
+    return DEFAULT_REGION if value == "" else value
+
+
+def _endpoint(url: str | None) -> str | None:
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+    return url.rstrip("/") if url else url
+
+
+def _key_prefix(prefix: str) -> str:
+    prefix = prefix.strip("/")
+    if not prefix:
+        return ""
+    try:
+        validate_key(prefix)
+    except InvalidKey:
+        raise ValueError(f"{prefix!r} is not a safe relative key prefix") from None
+    return prefix + "/"
+
+
+def _bytes_between(minimum: int, maximum: int) -> AfterValidator:
+    def check(value: int) -> int:
+        if not minimum <= value <= maximum:
+            raise ValueError(f"must be between {minimum} and {maximum} bytes, got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+OptionalText = Annotated[str | None, BeforeValidator(_none_if_empty)]
+
+
+class S3Options(ConfigModel):
+    """The `[storage]` section of `type = "s3"` (the backend's `config_model`), validated."""
+
+    bucket: Annotated[str, Field(min_length=1)]
+    region: Annotated[str, BeforeValidator(_default_region_if_empty)] = DEFAULT_REGION
+    endpoint: Annotated[OptionalText, AfterValidator(_endpoint)] = None
+    """None: AWS itself; anything else is an S3-compatible service, without a trailing `/`."""
     force_path_style: bool = False
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    prefix: str = ""
+    access_key_id: OptionalText = None
+    secret_access_key: OptionalText = Field(default=None, validate_default=True)
+    """Both keys or neither: without them, the AWS credential chain (environment, profile, role)."""
+    prefix: Annotated[str, AfterValidator(_key_prefix)] = ""
     """Always empty or ending in `/`."""
     redirect_downloads: bool = False
-    multipart_threshold_bytes: int = 8 * MiB
-    part_size: int = 8 * MiB
+    multipart_threshold_bytes: Annotated[int, _bytes_between(1, MAX_PART_SIZE)] = 8 * MiB
+    part_size: Annotated[int, _bytes_between(MIN_PART_SIZE, MAX_PART_SIZE)] = 8 * MiB
+
+    @field_validator("secret_access_key")
+    @classmethod
+    def _both_keys_or_neither(cls, secret: str | None, info: ValidationInfo) -> str | None:
+        if "access_key_id" not in info.data:
+            return secret  # the access key has a problem of its own, reported already
+        if (info.data["access_key_id"] is None) != (secret is None):
+            raise ValueError(
+                "set both access_key_id and secret_access_key, or neither (to use the AWS credential chain)"
+            )
+        return secret
 
 
 class S3Storage:

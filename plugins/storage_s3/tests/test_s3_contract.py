@@ -16,8 +16,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from batlehub_storage_s3 import S3Storage, parse_options
+from batlehub_storage_s3 import S3Options, S3Storage
 
+from batlehub.app import validate_config
 from batlehub.config import Settings
 from batlehub.errors import ConfigError, IntegrityError, NotFound, PayloadTooLarge, ServiceUnavailable, UpstreamError
 from batlehub.interfaces import StorageBackendType
@@ -52,6 +53,20 @@ class TestS3Contract(StorageBackendContract):
 # --- helpers ----------------------------------------------------------------------------------------
 
 
+def build(section: dict[str, Any], settings: Settings) -> S3Storage:
+    """The backend as the server builds it: the section validated by the model, then the factory."""
+    descriptor = storage_type_named("s3")
+    backend = descriptor.factory(validate_config(descriptor, section, path="storage", settings=settings), settings)
+    assert isinstance(backend, S3Storage)
+    return backend
+
+
+def s3_options(section: dict[str, Any]) -> S3Options:
+    options = validate_config(storage_type_named("s3"), section, path="storage")
+    assert isinstance(options, S3Options)
+    return options
+
+
 @pytest.fixture
 async def make_s3(s3_config: dict[str, Any], tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     """Build and open S3 backends with overrides of `s3_config` (fresh prefix unless given)."""
@@ -59,7 +74,7 @@ async def make_s3(s3_config: dict[str, Any], tmp_path: Path) -> AsyncIterator[Ca
 
     async def make(**overrides: Any) -> S3Storage:
         section = {"type": "s3", **s3_config, "prefix": fresh_prefix(), **overrides}
-        backend = storage_type_named("s3").factory(section, Settings(data_dir=tmp_path))
+        backend = build(section, Settings(data_dir=tmp_path))
         assert isinstance(backend, S3Storage)
         await backend.open()
         opened.append(backend)
@@ -89,23 +104,27 @@ def test_descriptor() -> None:
     descriptor = storage_type_named("s3")
     assert descriptor.shared is True
     assert descriptor.capabilities == frozenset({"presigned_url"})
-    assert {"bucket", "endpoint", "prefix", "redirect_downloads", "part_size"} <= descriptor.config_keys
+    assert descriptor.config_model is S3Options
+    assert {"bucket", "endpoint", "prefix", "redirect_downloads", "part_size"} <= set(S3Options.model_fields)
 
 
 def test_config_defaults_and_normalisation() -> None:
-    options = parse_options({"type": "s3", "bucket": "b", "prefix": "/hub/artifacts/", "endpoint": "http://s3:9000/"})
+    options = s3_options({"type": "s3", "bucket": "b", "prefix": "/hub/artifacts/", "endpoint": "http://s3:9000/"})
     assert options.region == "us-east-1"
     assert options.prefix == "hub/artifacts/"
     assert options.endpoint == "http://s3:9000"
     assert options.part_size == 8 * MiB
     assert options.redirect_downloads is False
     assert options.access_key_id is None  # the AWS credential chain
-    assert parse_options({"bucket": "b"}).prefix == ""
+    assert s3_options({"bucket": "b"}).prefix == ""
+    # Empty values, as an unset environment variable gives them, mean "not set".
+    unset = s3_options({"bucket": "b", "region": "", "endpoint": "", "access_key_id": "", "secret_access_key": ""})
+    assert (unset.region, unset.endpoint, unset.access_key_id) == ("us-east-1", None, None)
 
 
 def test_config_problems_name_their_keys() -> None:
     with pytest.raises(ConfigError) as info:
-        parse_options(
+        s3_options(
             {
                 "type": "s3",
                 "access_key_id": "only-one",
@@ -113,16 +132,19 @@ def test_config_problems_name_their_keys() -> None:
                 "force_path_style": "yes",
                 "endpoint": "s3.local",
                 "prefix": "../escape",
+                "buckt": "typo",
             }
         )
-    keys = sorted(problem.split(":", 1)[0] for problem in info.value.problems)
-    assert keys == [
-        "storage.bucket",
-        "storage.endpoint",
-        "storage.force_path_style",
-        "storage.part_size",
-        "storage.prefix",
-        "storage.secret_access_key",
+    assert sorted(info.value.problems) == [
+        "storage.bucket: required",
+        "storage.buckt: unknown key for type 's3' (known: access_key_id, bucket, endpoint, force_path_style,"
+        " multipart_threshold_bytes, part_size, prefix, redirect_downloads, region, secret_access_key, type)",
+        "storage.endpoint: expected an http:// or https:// URL, got 's3.local'",
+        "storage.force_path_style: expected true or false, got 'yes'",
+        "storage.part_size: must be between 5242880 and 5368709120 bytes, got 1024",
+        "storage.prefix: '../escape' is not a safe relative key prefix",
+        "storage.secret_access_key: set both access_key_id and secret_access_key, or neither"
+        " (to use the AWS credential chain)",
     ]
 
 
