@@ -144,8 +144,12 @@ async def audit(
         body = await _without_local_names(body, local)
     status, content_type, answer = await proxy.audit(sub, body, headers)
     if content_type.split(";")[0].strip().lower() != "application/json":
-        # Never serve an upstream's HTML (or anything else) from the hub's own origin.
-        return _json({"error": f"the upstream registry answered {status} for audit, without JSON"}, status=502)
+        # Never serve an upstream's HTML (or anything else) from the hub's own origin: keep its
+        # refusal (npm shows "404 Not Found" for an upstream without an audit service), say ours.
+        return _json(
+            {"error": f"the upstream registry answered {status} for audit, without JSON"},
+            status=status if 400 <= status < 600 else 502,
+        )
     return web.Response(status=status, body=answer, content_type="application/json")
 
 
