@@ -238,7 +238,7 @@ async def create_token(request: web.Request) -> web.Response:
     admin = require_admin(request)
     data = await read_object(request)
     user_id, role, days = data.get("user_id"), data.get("role", "user"), data.get("expires_in_days")
-    if not valid_user_id(user_id):
+    if not isinstance(user_id, str) or not valid_user_id(user_id):
         raise BadRequest("user_id: expected 1 to 200 printable characters without spaces")
     if role not in ("user", "admin"):
         raise BadRequest('role: expected "user" or "admin"')

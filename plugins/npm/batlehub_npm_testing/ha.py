@@ -31,7 +31,7 @@ from typing import Any
 
 import aiohttp
 
-from batlehub.testing.hub import HEALTH_PATH, Hub, HubStartError, serve_env
+from batlehub.testing.hub import HEALTH_PATH, Hub, HubStartError, WaitFor, serve_env
 from batlehub.testing.nginx import Nginx
 from batlehub.testing.services import LOOPBACK, ServiceStartError, free_port, log_tail
 
@@ -198,7 +198,7 @@ class HaCluster:
             env=env,
         )
 
-    async def start_replica(self, index: int, *, wait_for: str | None = "healthy", timeout_secs: float = 60) -> Hub:
+    async def start_replica(self, index: int, *, wait_for: WaitFor = "healthy", timeout_secs: float = 60) -> Hub:
         """Start a new process for replica `index` on its port (replacing a stopped one)."""
         hub = self._new_hub(index)
         if index < len(self.replicas):
@@ -208,7 +208,7 @@ class HaCluster:
         await hub.start(wait_for=wait_for, timeout_secs=timeout_secs)
         return hub
 
-    async def start(self, *, wait_for: str | None = "healthy", timeout_secs: float = 60) -> None:
+    async def start(self, *, wait_for: WaitFor = "healthy", timeout_secs: float = 60) -> None:
         """Start every replica at once (as a deploy of a fresh cluster would), then nginx."""
         self.replicas = [self._new_hub(i) for i in range(len(self.ports))]
         await asyncio.gather(*(h.start(wait_for=wait_for, timeout_secs=timeout_secs) for h in self.replicas))
