@@ -34,8 +34,9 @@ from batlehub.blobresponse import open_blob, plain_download
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, under_lease
 from batlehub.errors import IntegrityError, NotFound, PayloadTooLarge, UpstreamError
 from batlehub.interfaces import StorageBackend, StorageBackendType, StoredBlob
+from batlehub.outbound import UpstreamOrigins, failure_reason
 from batlehub.storage import StreamDigest
-from batlehub.upstream import UpstreamOrigins, UpstreamStats, failure_reason
+from batlehub.upstream import UpstreamStats
 
 if TYPE_CHECKING:
     from batlehub.db import Connection, Database

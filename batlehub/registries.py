@@ -15,9 +15,10 @@ import aiohttp
 
 from batlehub.artifacts import ArtifactStore
 from batlehub.coordination import FailOpenCache
+from batlehub.outbound import UpstreamOrigins
 from batlehub.packages import PackageStore
 from batlehub.plugins import fire_event
-from batlehub.upstream import DocumentFormat, UpstreamDocuments, UpstreamOrigins, UpstreamStats
+from batlehub.upstream import DocumentFormat, UpstreamDocuments, UpstreamStats
 
 if TYPE_CHECKING:
     import pluggy

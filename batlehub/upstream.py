@@ -29,8 +29,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,7 @@ from yarl import URL
 
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, under_lease
 from batlehub.errors import NotFound, UpstreamError
+from batlehub.outbound import UpstreamOrigins, failure_reason
 
 if TYPE_CHECKING:
     from batlehub.db import Database
@@ -213,72 +213,6 @@ class _UpstreamFailed(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
-
-
-def failure_reason(exc: BaseException) -> str:
-    """A short, host-free description of a failed HTTP exchange, for clients."""
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    if isinstance(exc, OutsideUpstreams):
-        return "it points outside the configured upstreams"
-    if isinstance(exc, aiohttp.ClientConnectionError):
-        return "connection failed"
-    return "bad response"
-
-
-# --- where the hub may go ---------------------------------------------------------------------------
-
-MAX_REDIRECTS = 3
-
-
-class UpstreamOrigins:
-    """The outbound-URL policy: the hub sends requests only to the configured upstreams (same
-    scheme, host and port), whatever an upstream's documents or redirects point at. Nothing an
-    upstream sends makes the hub reach another service, nor tells a client whether one exists."""
-
-    def __init__(self, urls: list[str] | tuple[str, ...] = ()) -> None:
-        self._origins: set[tuple[str, str, int]] = set()
-        self.add(urls)
-
-    def add(self, urls: list[str] | tuple[str, ...]) -> None:
-        for url in urls:
-            found = _origin(URL(url))
-            if found is not None:
-                self._origins.add(found)
-
-    def allows(self, url: URL) -> bool:
-        return _origin(url) in self._origins
-
-    @asynccontextmanager
-    async def request(
-        self, session: aiohttp.ClientSession, method: str, url: str | URL, **kwargs: Any
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
-        """`session.request`, refusing URLs outside the policy, and following at most
-        `MAX_REDIRECTS` redirects, each of them inside it too. Raises `OutsideUpstreams` for
-        a URL (or a redirect) that leaves the configured upstreams."""
-        target = url if isinstance(url, URL) else URL(url)
-        for _ in range(MAX_REDIRECTS + 1):
-            if not self.allows(target):
-                raise OutsideUpstreams(str(target))
-            async with session.request(method, target, allow_redirects=False, **kwargs) as response:
-                location = response.headers.get("Location")
-                if response.status not in (301, 302, 303, 307, 308) or not location:
-                    yield response
-                    return
-                target = target.join(URL(location))
-                if response.status == 303:
-                    method = "GET"
-        raise OutsideUpstreams(f"{target} (more than {MAX_REDIRECTS} redirects)")
-
-
-class OutsideUpstreams(aiohttp.ClientError):
-    """A URL outside the configured upstreams; never requested."""
-
-
-def _origin(url: URL) -> tuple[str, str, int] | None:
-    if url.scheme not in ("http", "https") or not url.host:
-        return None
-    return url.scheme, url.host.lower(), url.port or (443 if url.scheme == "https" else 80)
 
 
 # --- the documents ----------------------------------------------------------------------------------
