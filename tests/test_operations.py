@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import subprocess
 import tarfile
 import time
 import urllib.parse
@@ -38,6 +37,7 @@ from typing import Any
 import aiohttp
 import pytest
 from batlehub_npm_testing.clients import make_package, npm_env, run_npm
+from batlehub_npm_testing.clients import output as npm_output
 
 from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
 from batlehub.testing.services import run_coroutine_sync
@@ -331,10 +331,6 @@ async def publish(
 async def packument(session: aiohttp.ClientSession, hub: Hub, registry: str, name: str) -> dict[str, Any]:
     _, _, body = await call(session, "GET", f"{hub.url}/registries/{registry}/{name}", headers=ADMIN, expect=200)
     return body
-
-
-def npm_output(result: subprocess.CompletedProcess[str]) -> str:
-    return result.stdout + result.stderr
 
 
 def npm_login(cwd: Path, env: dict[str, str], username: str, password: str, timeout: float = 60) -> tuple[int, str]:

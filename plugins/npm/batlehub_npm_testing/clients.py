@@ -160,3 +160,14 @@ def publish_package(
             f"{result.stdout}{result.stderr}"
         )
     return result
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    """Everything a client printed (npm writes errors to stderr, results to stdout)."""
+    return result.stdout + result.stderr
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    """The client's stdout, after asserting it succeeded (showing all it printed if not)."""
+    assert result.returncode == 0, output(result)
+    return result.stdout

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batlehub_npm_testing.clients import make_package, npm_env, run_npm
+from batlehub_npm_testing.clients import make_package, npm_env, ok, output, run_npm
 from batlehub_npm_testing.services import NodeTools
 
 from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
@@ -58,15 +58,6 @@ def npm_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 @pytest.fixture
 def registry(npm_hub: Hub) -> str:
     return f"{npm_hub.url}/registries/npm/"
-
-
-def output(result: subprocess.CompletedProcess[str]) -> str:
-    return result.stdout + result.stderr
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, output(result)
-    return result.stdout
 
 
 def publish(tmp_path: Path, registry: str, token: str | None, name: str, version: str, **kw: Any) -> Any:

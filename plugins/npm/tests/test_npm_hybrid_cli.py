@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batlehub_npm_testing.clients import make_package, npm_env, run_npm
+from batlehub_npm_testing.clients import make_package, npm_env, ok, run_npm
 
 from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
 from batlehub.testing.services import run_coroutine_sync
@@ -66,11 +65,6 @@ def hybrid_hub(
         yield run_coroutine_sync(lambda: factory(config(verdaccio.url)))
     finally:
         factory.stop_all()
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 def view(tmp_path: Path, registry: str, spec: str, *fields: str) -> Any:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batlehub_npm_testing.clients import make_package, npm_env, run_npm
+from batlehub_npm_testing.clients import make_package, npm_env, ok, output, run_npm
 
 from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
 from batlehub.testing.services import run_coroutine_sync
@@ -51,15 +51,6 @@ def npm_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
 @pytest.fixture
 def registry(npm_hub: Hub) -> str:
     return f"{npm_hub.url}/registries/npm/"
-
-
-def output(result: subprocess.CompletedProcess[str]) -> str:
-    return result.stdout + result.stderr
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, output(result)
-    return result.stdout
 
 
 def npm(tmp_path: Path, registry: str, token: str | None, *args: str, cwd: Path | None = None) -> Any:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from batlehub_npm_testing.clients import make_package, npm_env, run_npm
+from batlehub_npm_testing.clients import make_package, npm_env, ok, run_npm
 from batlehub_npm_testing.services import NodeTools
 
 from batlehub.testing.hub import Hub, HubFactory
@@ -28,11 +28,6 @@ name = "proxy"
 mode = "proxy"
 upstreams = ["{upstream}"]
 """
-
-
-def ok(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
 
 
 @pytest.fixture
