@@ -38,7 +38,10 @@ TOKENS = {"admin": (ADMIN, "admin"), "alice": (ALICE, "user")}
 @pytest.fixture
 async def serve(tmp_path: Path) -> AsyncIterator[Hub]:
     factory = HubFactory(tmp_path)
-    config = token_auth_toml(TOKENS) + "\n[limits]\nheader_timeout_secs = 1\nbody_idle_timeout_secs = 1\n"
+    config = token_auth_toml(TOKENS) + (
+        "\n[limits]\nheader_timeout_secs = 1\nbody_idle_timeout_secs = 1\n"
+        '\n[[registries]]\ntype = "npm"\nname = "npm"\nmode = "local"\n'
+    )
     try:
         yield await factory(config)
     finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import socket
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,6 @@ from batlehub.app import validate_config
 from batlehub.config import Settings
 from batlehub.errors import ConfigError, IntegrityError, NotFound, PayloadTooLarge, ServiceUnavailable, UpstreamError
 from batlehub.interfaces import StorageBackendType
-from batlehub.testing.services import free_port
 from batlehub.testing.storage_contract import (
     StorageBackendContract,
     chunked,
@@ -316,19 +316,23 @@ async def test_presigned_url_is_none_without_redirects(make_s3: Callable[..., An
 
 
 async def test_closed_port_is_service_unavailable(make_s3: Callable[..., Any]) -> None:
-    storage = await make_s3(endpoint=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(ServiceUnavailable, match="storage unavailable"):
-        await storage.ping()
-    with pytest.raises(ServiceUnavailable):
-        await storage.put("x", chunked(b"data"))
-    with pytest.raises(ServiceUnavailable):
-        await read_all(storage, "x")
-    with pytest.raises(ServiceUnavailable):
-        await storage.stat("x")
-    with pytest.raises(ServiceUnavailable):
-        await keys_of(storage.list())
-    with pytest.raises(ServiceUnavailable):
-        await storage.delete("x")
+    # A bound socket that never listens: connections are refused, and no other process can take
+    # the port meanwhile (a port that is merely free may be someone's by the time we connect).
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        storage = await make_s3(endpoint=f"http://127.0.0.1:{closed.getsockname()[1]}")
+        with pytest.raises(ServiceUnavailable, match="storage unavailable"):
+            await storage.ping()
+        with pytest.raises(ServiceUnavailable):
+            await storage.put("x", chunked(b"data"))
+        with pytest.raises(ServiceUnavailable):
+            await read_all(storage, "x")
+        with pytest.raises(ServiceUnavailable):
+            await storage.stat("x")
+        with pytest.raises(ServiceUnavailable):
+            await keys_of(storage.list())
+        with pytest.raises(ServiceUnavailable):
+            await storage.delete("x")
 
 
 async def test_server_down_then_back(make_s3: Callable[..., Any], seaweedfs: Any) -> None:
