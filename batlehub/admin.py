@@ -10,20 +10,22 @@ import math
 import time
 from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
+from html import escape
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from batlehub import appkeys, audit, ownership, quota
+from batlehub import __version__, appkeys, audit, ownership, quota
 from batlehub.auth import Identity, has_permission
 from batlehub.config import valid_user_id
 from batlehub.coordination import LogThrottle
 from batlehub.errors import BadRequest, NotFound
+from batlehub.guide import registry_guides
 from batlehub.interfaces import Banner, IpBlock
 from batlehub.net import canonical_ip, is_trusted
 from batlehub.plugins import describe_plugins
-from batlehub.requests import identity, read_json, registry_url, require_admin
+from batlehub.requests import base_url, identity, read_json, registry_url, require_admin
 
 log = logging.getLogger("batlehub.server")
 _health_warnings = LogThrottle()
@@ -231,7 +233,7 @@ async def delete_ip_block(request: web.Request) -> web.Response:
 
 async def list_tokens(request: web.Request) -> web.Response:
     require_admin(request)
-    return _json({"tokens": await request.app[appkeys.AUTH].list_tokens()})
+    return _json({"tokens": [_token_json(t) for t in await request.app[appkeys.AUTH].list_tokens()]})
 
 
 async def create_token(request: web.Request) -> web.Response:
@@ -251,7 +253,19 @@ async def create_token(request: web.Request) -> web.Response:
         raise BadRequest("description: expected a string")
     record, token = await request.app[appkeys.AUTH].create_token(user_id, role, days, description)
     await _audit(request, "token.create", admin, target=record["id"], detail={"user_id": user_id, "role": role})
-    return _json({**record, "token": token}, 201)
+    return _json({**_token_json(record), "token": token}, 201)
+
+
+def _token_json(record: dict[str, Any]) -> dict[str, Any]:
+    """A token's record with its times as RFC 3339 (`2026-12-02T16:25:21.250Z`), null when unset."""
+    return {
+        k: rfc3339(v) if k in ("created", "expires", "last_used") and v is not None else v for k, v in record.items()
+    }
+
+
+def rfc3339(epoch: float) -> str:
+    moment = datetime.fromtimestamp(epoch, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 async def delete_token(request: web.Request) -> web.Response:
@@ -365,6 +379,46 @@ async def _audit(
         target=target,
         client_ip=request.get(appkeys.CLIENT_IP),
         detail=detail,
+    )
+
+
+# --- the front page --------------------------------------------------------------------------------
+
+
+def add_front_page(app: web.Application) -> None:
+    app.router.add_get("/", front_page)
+
+
+async def front_page(request: web.Request) -> web.Response:
+    """For a browser: the registries this caller may read and how to point clients at them."""
+    caller = identity(request)
+    settings = request.app[appkeys.SETTINGS]
+    services = request.app[appkeys.REGISTRY_SERVICES]
+    readable = {r.name for r in settings.registries if has_permission(caller, r, "releases:read")}
+    formats = {s.format_type.name: s.format_type for s in services.values()}
+    items = []
+    for guide in registry_guides(settings, formats, base_url(request), readable):
+        usage = "\n".join(guide.usage)
+        items.append(
+            f"<section><h2>{escape(guide.name)} <small>{escape(guide.type)}, {escape(guide.mode or '')}</small></h2>"
+            f"<p><code>{escape(guide.url)}</code><br>{escape(guide.upstream_line())}</p>"
+            + (f"<pre>{escape(usage)}</pre>" if usage else "")
+            + "</section>"
+        )
+    body = (
+        "<!doctype html><html lang=en><head><meta charset=utf-8><title>BatleHub</title>"
+        "<meta name=viewport content='width=device-width'>"
+        "<style>body{font:16px/1.5 system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;color:#111}"
+        "pre{background:#f4f4f4;padding:.75rem;overflow:auto}small{color:#555;font-weight:normal}</style>"
+        f"</head><body><h1>BatleHub {escape(__version__)}</h1>"
+        + ("".join(items) or "<p>No registry is readable without a token.</p>")
+        + "<p>Health: <a href=/api/v1/admin/health>/api/v1/admin/health</a>. Registries as JSON:"
+        " <a href=/api/v1/registries>/api/v1/registries</a>.</p></body></html>"
+    )
+    return web.Response(
+        text=body,
+        content_type="text/html",
+        headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
     )
 
 

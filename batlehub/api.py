@@ -38,7 +38,8 @@ from batlehub.errors import (
     UnprocessableEntity,
     UpstreamError,
 )
-from batlehub.interfaces import Registry, RegistryFormatType, StoredBlob
+from batlehub.guide import points_at_this_hub
+from batlehub.interfaces import DefaultRegistry, Registry, RegistryFormatType, StoredBlob
 from batlehub.jsondoc import MAX_DEPTH as MAX_JSON_DEPTH
 from batlehub.jsondoc import check as check_json
 from batlehub.jsondoc import may_need_repair as json_may_need_repair
@@ -54,6 +55,7 @@ from batlehub.packages import (
 )
 from batlehub.plugins import hookimpl
 from batlehub.registries import RegistryServices
+from batlehub.rendering import Rendered, RenderedCache, content_etag, etag_matches, respond, revision_etag
 from batlehub.requests import (
     Actor,
     actor,
@@ -65,6 +67,7 @@ from batlehub.requests import (
     read_body,
     read_json,
     registry_of,
+    registry_path,
     registry_subpath,
     registry_url,
     require,
@@ -85,6 +88,7 @@ __all__ = [
     "ConfigList",
     "ConfigModel",
     "Conflict",
+    "DefaultRegistry",
     "DocumentFormat",
     "FailOpenCache",
     "FileRecord",
@@ -106,6 +110,8 @@ __all__ = [
     "RegistryFormatType",
     "RegistryServices",
     "RegistrySettings",
+    "Rendered",
+    "RenderedCache",
     "RequestTimeout",
     "ServiceUnavailable",
     "Settings",
@@ -125,16 +131,22 @@ __all__ = [
     "body_reader",
     "check_json",
     "client_ip",
+    "content_etag",
     "core_settings",
+    "etag_matches",
     "hookimpl",
     "identity",
     "json_may_need_repair",
     "parse_json",
+    "points_at_this_hub",
     "read_body",
     "read_json",
     "registry_of",
+    "registry_path",
     "registry_subpath",
     "registry_url",
     "repair_json",
     "require",
+    "respond",
+    "revision_etag",
 ]

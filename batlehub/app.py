@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from batlehub import admin, appkeys, replicas, sweep
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
-from batlehub.config import REGISTRY_CORE_KEYS, RegistrySettings, Settings
+from batlehub.config import DEFAULT_RBAC, REGISTRY_CORE_KEYS, RegistrySettings, Settings
 from batlehub.configmodel import forbids_unknown_keys, problems_of
 from batlehub.coordination import FailOpenCache
 from batlehub.db import create_database
@@ -194,10 +194,43 @@ def _check_plugins(
     return PluginConfig(cache=cache, storage=storage, registries=tuple(registries)), problems
 
 
+def with_default_registries(settings: Settings, types: InstalledTypes) -> Settings:
+    """Settings whose registries are the installed formats' defaults when the config names none
+    (`Settings.default_registries`); each format's note goes to the log. Otherwise `settings`."""
+    if not settings.default_registries:
+        return settings
+    registries = []
+    for name in sorted(types.registries):
+        offer = types.registries[name].default_registry
+        default = offer(settings) if offer is not None else None
+        if default is None:
+            continue
+        if default.note:
+            log.info("registry %s: %s", default.name, default.note)
+        registries.append(
+            RegistrySettings(
+                type=name,
+                name=default.name,
+                rbac=dict(DEFAULT_RBAC),
+                rate_limit=None,
+                quota=None,
+                options=dict(default.options),
+            )
+        )
+    # Left marked when no format offered one: migrate and check-config need none, serve refuses.
+    return dataclasses.replace(settings, registries=tuple(registries), default_registries=not registries)
+
+
 def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> web.Application:
     """Build the application. Raises `ConfigError` for settings the installed plugins reject."""
     pm = pm or get_plugin_manager()
     types = installed_types(pm)
+    settings = with_default_registries(settings, types)
+    if settings.default_registries:
+        raise StartupError(
+            "the configuration has no [[registries]] and no installed format offers a default one:"
+            " install a registry format plugin (e.g. batlehub-npm), or configure [[registries]]"
+        )
     config = validate_plugins_config(settings, types)
     # One entry per registry from here on, holding the validated options, wherever it is read.
     settings = dataclasses.replace(settings, registries=config.registries)
@@ -260,6 +293,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     admin.add_routes(app)
     if settings.server.static_dir:
         admin.add_static_ui(app, settings.server.static_dir)
+    else:
+        admin.add_front_page(app)
     return app
 
 

@@ -34,7 +34,7 @@ from batlehub.blobresponse import open_blob, plain_download
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, under_lease
 from batlehub.errors import IntegrityError, NotFound, PayloadTooLarge, UpstreamError
 from batlehub.interfaces import StorageBackend, StorageBackendType, StoredBlob
-from batlehub.outbound import UpstreamOrigins, failure_reason
+from batlehub.outbound import UpstreamOrigins, failure_reason, origin_of
 from batlehub.storage import StreamDigest
 from batlehub.upstream import UpstreamStats
 
@@ -330,7 +330,9 @@ class ArtifactStore:
                     ) from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("registry %s: cannot fetch %s: %s", self.registry, url, exc)
-            raise UpstreamError(f"cannot fetch {what} from the upstream registry ({failure_reason(exc)})") from exc
+            raise UpstreamError(
+                f"cannot fetch {what} from the upstream registry {origin_of(url)} ({failure_reason(exc)})"
+            ) from exc
         # The row is written after answering (awaited by `close`): until the sweep's grace period
         # has passed, a fresh blob is safe without it, and this process remembers the key as
         # stored. If the write fails, the sweep may collect the blob later; it is fetched again.

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from batlehub import __version__
-from batlehub.config import Settings, load_settings
+from batlehub.config import Settings
 from batlehub.errors import ConfigError, StartupError
 
 log = logging.getLogger("batlehub.server")
@@ -72,9 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "plugins":
             return _plugins()
+        settings = _load_checked(args.config, args.data_dir)
         if args.command == "check-config":
-            return _check_config(args.config, args.data_dir)
-        settings = load_settings(args.config, data_dir=args.data_dir)
+            print(f"configuration is valid ({settings.source})")
+            return 0
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         return _serve(settings)
@@ -112,8 +113,10 @@ def _plugins() -> int:
     return 0
 
 
-def _check_config(config_file: str | None, data_dir: str | None) -> int:
-    from batlehub.app import check_plugins_config, installed_types
+def _load_checked(config_file: str | None, data_dir: str | None) -> Settings:
+    """The settings, with every problem of the core and of the installed plugins listed at once
+    (a ConfigError), and the formats' default registries resolved when the config names none."""
+    from batlehub.app import check_plugins_config, installed_types, with_default_registries
     from batlehub.config import parse_settings, read_raw
     from batlehub.plugins import get_plugin_manager
 
@@ -124,11 +127,11 @@ def _check_config(config_file: str | None, data_dir: str | None) -> int:
     except ConfigError as exc:
         # Add what the plugins say about the same file, so that one run lists every problem.
         raise ConfigError(exc.problems + check_plugins_config(None, types, raw)) from None
+    settings = with_default_registries(settings, types)
     problems = check_plugins_config(settings, types)
     if problems:
         raise ConfigError(problems)
-    print(f"configuration is valid ({settings.source})")
-    return 0
+    return settings
 
 
 async def _migrate(settings: Settings) -> int:
@@ -177,6 +180,9 @@ def _serve_many(settings: Settings, workers: int) -> int:
     for proc in procs:
         proc.start()
     log.info("started %d workers on %s:%d", workers, settings.server.host, settings.server.port)
+    from batlehub.plugins import get_plugin_manager
+
+    _log_guide(settings, get_plugin_manager())
 
     def forward(signum: int, _frame: Any) -> None:
         for proc in procs:
@@ -237,6 +243,8 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
         settings.source,
         settings.data_dir,
     )
+    if settings.server.workers <= 1:
+        _log_guide(app[appkeys.SETTINGS], app[appkeys.PLUGIN_MANAGER])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -253,6 +261,14 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
     app[appkeys.ACCESS_LOG].flush()
     log.info("stopped")
     return 0
+
+
+def _log_guide(settings: Settings, pm: Any) -> None:
+    from batlehub.app import installed_types
+    from batlehub.guide import startup_lines
+
+    for line in startup_lines(settings, installed_types(pm).registries):
+        log.info("%s", line)
 
 
 async def _drain(state: Any, timeout_secs: float) -> None:

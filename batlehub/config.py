@@ -155,6 +155,10 @@ class Settings:
     storage: Mapping[str, Any] = field(default_factory=lambda: {"type": "filesystem"})
     auth: tuple[AuthSettings, ...] = ()
     registries: tuple[RegistrySettings, ...] = ()
+    default_registries: bool = False
+    """True when the config has no [[registries]]: every installed format then adds the registry
+    it offers by default (`batlehub.app.with_default_registries`), e.g. npm's, proxying the
+    registry the local npm client uses."""
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     ip_blocking: IpBlockingSettings = field(default_factory=IpBlockingSettings)
     otel: OtelSettings = field(default_factory=OtelSettings)
@@ -464,6 +468,7 @@ def parse_settings(
         otel=OtelSettings(**otel),
         sweep=SweepSettings(**sweep),
         source=source,
+        default_registries="registries" not in raw,
     )
 
 
@@ -538,21 +543,9 @@ def _is_hex(text: str, length: int) -> bool:
     return len(text) == length and all(c in "0123456789abcdefABCDEF" for c in text)
 
 
-def default_registry() -> RegistrySettings:
-    """The registry of the embedded default: one npm registry named `npm`, hybrid, no upstream."""
-    return RegistrySettings(
-        type="npm",
-        name="npm",
-        rbac=dict(DEFAULT_RBAC),
-        rate_limit=None,
-        quota=None,
-        options={"mode": "hybrid", "upstreams": []},
-    )
-
-
 def _registries(raw: Mapping[str, Any], problems: _Problems) -> tuple[RegistrySettings, ...]:
     if "registries" not in raw:
-        return (default_registry(),)
+        return ()  # each installed format adds its default one (`Settings.default_registries`)
     value = raw["registries"]
     if not isinstance(value, list):
         problems.add("registries", f"expected a list of tables ([[registries]]), got {_describe(value)}")

@@ -238,6 +238,14 @@ MIGRATIONS: list[tuple[int, str, list[Any]]] = [
                 PRIMARY KEY (registry, name))""",
         ],
     ),
+    (
+        4,
+        "the order in which dist-tags were created",
+        [
+            # Clients print tags in the order they get them, and registries keep insertion order.
+            "ALTER TABLE dist_tags ADD COLUMN created DOUBLE PRECISION NOT NULL DEFAULT 0",
+        ],
+    ),
 ]
 
 

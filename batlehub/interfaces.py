@@ -263,6 +263,17 @@ class NoConfig(ConfigModel):
 
 
 @dataclass(frozen=True)
+class DefaultRegistry:
+    """The registry a format offers when the config has no `[[registries]]` (the embedded
+    default): a name and the format's own options for it."""
+
+    name: str
+    options: Mapping[str, Any]
+    note: str = ""
+    """One line for the start-up log: where the upstream came from, or the setting to add."""
+
+
+@dataclass(frozen=True)
 class CacheBackendType:
     """A kind of cache backend that `[cache] type = name` selects."""
 
@@ -307,6 +318,12 @@ class RegistryFormatType:
     scope_of: Callable[[str], str | None] | None = None
     """The scope of a package name (npm: `@scope` of `@scope/name`), or None for a name outside
     any scope. Scopes have owners too (DESIGN §6); None here: the format has no scopes."""
+    default_registry: Callable[[Settings], DefaultRegistry | None] | None = None
+    """The registry this format adds to a config without `[[registries]]`, or None for none. Called
+    once at start (it may look at the user's client configuration, e.g. npm's registry)."""
+    usage: Callable[[str], list[str]] | None = None
+    """Given a registry's URL, the lines a user pastes to point the format's clients at it (for
+    the start-up log and the front page), e.g. npm's two `.npmrc` lines."""
     redact_path: Callable[[str], str] | None = None
     """The raw path below the registry's mount point as logs may show it, with secrets that the
     format's clients put in paths replaced (npm logout sends the token in the URL). None: paths

@@ -71,6 +71,14 @@ class OutsideUpstreams(aiohttp.ClientError):
     """A URL outside the configured upstreams; never requested."""
 
 
+def origin_of(url: str) -> str:
+    """`scheme://host:port` of a configured upstream: how it is named to clients (no path, no
+    credentials)."""
+    parsed = URL(url)
+    port = f":{parsed.explicit_port}" if parsed.explicit_port else ""
+    return f"{parsed.scheme}://{parsed.host}{port}"
+
+
 def _origin(url: URL) -> tuple[str, str, int] | None:
     if url.scheme not in ("http", "https") or not url.host:
         return None

@@ -19,6 +19,9 @@ from batlehub.config import valid_user_id
 from batlehub.errors import AlreadyExists, BadRequest, Conflict, Forbidden, NotFound
 from batlehub.package_model import NewFile, VersionRecord
 
+TAG_ORDER = " ORDER BY created, CASE WHEN tag = 'latest' THEN 0 ELSE 1 END, tag"
+"""Tags in the order they were created (clients print them so), `latest` first among equals."""
+
 if TYPE_CHECKING:
     from batlehub.db import Connection
     from batlehub.packages import PackageStore
@@ -327,7 +330,7 @@ class PackageWrite:
 
     async def tags(self) -> dict[str, str]:
         rows = await self.conn.fetch(
-            "SELECT tag, version FROM dist_tags WHERE registry = $1 AND name = $2", self._reg, self.name
+            "SELECT tag, version FROM dist_tags WHERE registry = $1 AND name = $2" + TAG_ORDER, self._reg, self.name
         )
         return {r["tag"]: r["version"] for r in rows}
 
@@ -335,12 +338,13 @@ class PackageWrite:
         if not await self.has_version(version):
             raise NotFound(f"version {version} of {self.name} does not exist")
         await self.conn.execute(
-            "INSERT INTO dist_tags (registry, name, tag, version) VALUES ($1, $2, $3, $4)"
+            "INSERT INTO dist_tags (registry, name, tag, version, created) VALUES ($1, $2, $3, $4, $5)"
             " ON CONFLICT (registry, name, tag) DO UPDATE SET version = excluded.version",
             self._reg,
             self.name,
             tag,
             version,
+            time.time(),
         )
 
     async def remove_tag(self, tag: str) -> bool:

@@ -29,7 +29,7 @@ from batlehub.auth import check_permission
 from batlehub.coordination import FailOpenCache
 from batlehub.errors import Forbidden, UpstreamError
 from batlehub.package_model import FileRecord, NewFile, Package, PackageSummary, VersionRecord, revision_stamp
-from batlehub.package_write import PackageWrite, owners_of, replace_owners, scope_owners_of
+from batlehub.package_write import TAG_ORDER, PackageWrite, owners_of, replace_owners, scope_owners_of
 from batlehub.upstream import like_escape
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class PackageStore:
                 name,
             )
             tags = await conn.fetch(
-                "SELECT tag, version FROM dist_tags WHERE registry = $1 AND name = $2", self.name, name
+                "SELECT tag, version FROM dist_tags WHERE registry = $1 AND name = $2" + TAG_ORDER, self.name, name
             )
             owners = await conn.fetch(
                 "SELECT user_id FROM package_owners WHERE registry = $1 AND name = $2 ORDER BY added, user_id",

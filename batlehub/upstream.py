@@ -38,7 +38,7 @@ from yarl import URL
 
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, under_lease
 from batlehub.errors import NotFound, UpstreamError
-from batlehub.outbound import UpstreamOrigins, failure_reason
+from batlehub.outbound import UpstreamOrigins, failure_reason, origin_of
 
 if TYPE_CHECKING:
     from batlehub.db import Database
@@ -480,15 +480,14 @@ class UpstreamDocuments:
         """Ask each upstream in turn; runs once per key at a time, under the lease."""
         last = await self._last_good(name, variant)
         problems: list[str] = []
-        reasons: list[str] = []
+        failed: list[str] = []
         for upstream in self.upstreams:
             try:
                 doc = await self._fetch_one(upstream, name, variant, last)
             except _UpstreamFailed as exc:
                 self.stats.failures += 1
                 problems.append(f"{upstream}: {exc}")
-                if exc.reason not in reasons:
-                    reasons.append(exc.reason)
+                failed.append(f"{origin_of(upstream)} ({exc.reason})")
                 continue
             if doc is not None:
                 self._failed_until.pop(f"{variant}:{name}", None)
@@ -503,27 +502,37 @@ class UpstreamDocuments:
         if len(self._failed_until) > 10_000:
             now = time.monotonic()
             self._failed_until = {k: t for k, t in self._failed_until.items() if t > now}
+        # One line per outage and interval, however many packages it hits (an `npm ci` asks for
+        # hundreds), counting the ones it stands for.
         detail = "; ".join(problems)
         if self.serve_stale and last is not None:
             self.stats.stale_served += 1
-            if self._warn_allowed(f"stale:{name}"):
+            others = self._warn_allowed.admit("stale")
+            if others is not None:
                 log.warning(
-                    "registry %s: serving the stale copy of %s from %s (fetched %.0f s ago): "
+                    "registry %s: serving the stale copy of %s from %s (fetched %.0f s ago)%s: "
                     "the upstream registries failed: %s",
                     self.registry,
                     name,
                     last.copy.upstream,
                     time.time() - last.copy.fetched,
+                    f" and {others} other stale copies since the last line" if others else "",
                     detail,
                 )
             return self._document(last.copy, last.data, stale=True)
-        if self._warn_allowed(f"down:{name}"):
-            log.warning("registry %s: cannot fetch %s: %s", self.registry, name, detail)
-        # Clients get the kind of failure, not the upstream's address: that stays in the log.
-        why = ", ".join(reasons)
+        others = self._warn_allowed.admit("down")
+        if others is not None:
+            log.warning(
+                "registry %s: cannot fetch %s%s: %s",
+                self.registry,
+                name,
+                f" (and {others} other packages since the last line)" if others else "",
+                detail,
+            )
+        which = ", ".join(failed)
         if last is None:
-            raise UpstreamError(f"package {name} is not cached and the upstream registry is unavailable ({why})")
-        raise UpstreamError(f"upstream registry unavailable for package {name} ({why})")
+            raise UpstreamError(f"package {name} is not cached, and its upstream registry failed: {which}")
+        raise UpstreamError(f"the upstream registry failed for package {name}: {which}")
 
     async def _fetch_one(
         self, upstream: str, name: str, variant: str, last: _LastGood | None
@@ -688,23 +697,45 @@ class UpstreamDocuments:
     async def forward(self, path: str, body: bytes, headers: Mapping[str, str]) -> tuple[int, str, bytes]:
         """POST `body` to `path` under the first upstream (e.g. an audit service) and return its
         status, content type and body. Raises `UpstreamError` if it cannot be reached."""
+        return await self._first_upstream("POST", path, body=body, headers=headers, client_timeout=FORWARD_TIMEOUT)
+
+    async def query(self, path: str, *, timeout_secs: float = 5.0) -> tuple[int, str, bytes]:
+        """GET `path` (with its query string, already encoded) under the first upstream, e.g. a
+        search; its status, content type and body (at most the document limit). Raises
+        `UpstreamError` when it cannot be reached in time."""
+        client_timeout = aiohttp.ClientTimeout(total=timeout_secs, connect=min(timeout_secs, 5))
+        return await self._first_upstream(
+            "GET", path, headers={"Accept": "application/json"}, client_timeout=client_timeout
+        )
+
+    async def _first_upstream(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: Mapping[str, str],
+        client_timeout: aiohttp.ClientTimeout,
+    ) -> tuple[int, str, bytes]:
         if not self.upstreams:
             raise NotFound("this registry has no upstream registry to ask")
         self.stats.forwarded += 1
+        upstream = self.upstreams[0]
         try:
             async with self.origins.request(
                 self.http(),
-                "POST",
-                URL(self.upstreams[0] + path.lstrip("/"), encoded=True),
+                method,
+                URL(upstream + path.lstrip("/"), encoded=True),
                 data=body,
                 headers=dict(headers),
-                timeout=FORWARD_TIMEOUT,
+                timeout=client_timeout,
             ) as resp:
-                answer = await resp.read()
+                answer = await self._read_limited(resp)
                 return resp.status, resp.headers.get("Content-Type", "application/octet-stream"), answer
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("registry %s: request to %s failed: %s", self.registry, self.upstreams[0], exc)
-            raise UpstreamError(f"upstream registry unavailable ({failure_reason(exc)})") from exc
+        except (aiohttp.ClientError, TimeoutError, _UpstreamFailed) as exc:
+            log.warning("registry %s: %s %s failed: %s", self.registry, method, upstream, exc)
+            reason = exc.reason if isinstance(exc, _UpstreamFailed) else failure_reason(exc)
+            raise UpstreamError(f"the upstream registry {origin_of(upstream)} failed ({reason})") from exc
 
 
 def like_escape(text: str) -> str:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -420,7 +421,7 @@ async def test_tokens_create_use_revoke(make_client: ClientFactory, database_raw
     assert created.status == 201
     record = await created.json()
     token = record["token"]
-    assert record["user_id"] == "gina" and record["role"] == "user" and record["expires"] > time.time()
+    assert record["user_id"] == "gina" and record["role"] == "user" and epoch(record["expires"]) > time.time()
 
     bearer = {"Authorization": f"Bearer {token}"}
     pong = await client.get("/registries/reg/ping", headers=bearer)
@@ -863,3 +864,20 @@ async def test_static_ui_odd_paths_are_not_server_errors(
     response = await client.get(URL(path, encoded=True))
     assert response.status == 200
     assert await response.text() == "<html>batlehub ui</html>"
+
+
+def epoch(rfc3339: str) -> float:
+    """The admin API's times are RFC 3339 strings."""
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+async def test_the_front_page_says_how_to_use_each_registry(aiohttp_client: Any, tmp_path: Path) -> None:
+    pytest.importorskip("batlehub_npm")
+    settings = parse_settings({"registries": [{"type": "npm", "name": "npm", "mode": "local"}]}, data_dir=tmp_path)
+    client = await aiohttp_client(create_app(settings))
+    response = await client.get("/")
+    assert response.status == 200 and response.content_type == "text/html"
+    page = await response.text()
+    assert f"registry=http://{client.host}:{client.port}/registries/npm/" in page
+    assert "local packages only" in page
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]

@@ -224,7 +224,7 @@ async def test_no_first_start_token_when_tokens_are_configured(tmp_path: Path, d
 
 
 def default_registry():  # type: ignore[no-untyped-def]
-    return parse_settings({}).registries[0]
+    return parse_settings({"registries": [{"type": "npm", "name": "npm"}]}).registries[0]
 
 
 ANON = ANONYMOUS

@@ -39,7 +39,14 @@ def batlehub_command() -> list[str]:
 def env(tmp_path: Path) -> dict[str, str]:
     """The environment of a clean shell: no BATLEHUB_* of the developer's, only the built-in
     plugins (so installed third-party plugins don't change the output), data under tmp_path."""
-    return serve_env({"BATLEHUB_DISABLE_PLUGIN_AUTOLOAD": "1", "XDG_DATA_HOME": str(tmp_path / "xdg")})
+    return serve_env(
+        {
+            "BATLEHUB_DISABLE_PLUGIN_AUTOLOAD": "1",
+            "XDG_DATA_HOME": str(tmp_path / "xdg"),
+            # What the embedded default would proxy: nothing outside this machine in a test.
+            "NPM_CONFIG_REGISTRY": "http://127.0.0.1:9/",
+        }
+    )
 
 
 def run(args: list[str], env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -158,15 +165,19 @@ def test_check_config_lists_core_and_backend_problems_together(env: dict[str, st
         '[cache]\ntype = "postgres"\nurl = "redis://x"\n'
         '[storage]\ntype = "filesystem"\npath = 42\nbuckt = "b"\n'
     )
-    result = run(["check-config", "--config", str(config)], env)
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == [
+    expected = [
         "batlehub: configuration has 4 problem(s):",
         '  server.port: expected an integer, got "abc"',
         "  cache.url: expected a postgresql:// URL, got 'redis://x'",
         "  storage.path: expected a path, got 42",
         "  storage.buckt: unknown key for type 'filesystem' (known: path, type)",
     ]
+    result = run(["check-config", "--config", str(config)], env)
+    assert result.returncode == 1 and result.stderr.splitlines() == expected
+    # serve and migrate check the same way: every problem in one round, not the core's first.
+    for command in ("serve", "migrate"):
+        result = run([command, "--config", str(config)], env)
+        assert result.returncode == 1 and result.stderr.splitlines() == expected, command
 
 
 def test_check_config_names_missing_plugins(env: dict[str, str], tmp_path: Path) -> None:
@@ -274,6 +285,12 @@ def test_serve_embedded_default(tmp_path: Path, env: dict[str, str], servers: li
     status, body = get(server, "/api/v1/registries")
     assert status == 200
     assert [(r["name"], r["type"], r["mode"]) for r in body["registries"]] == [("npm", "npm", "hybrid")]
+    # The log is the guide: where the registry is, what it proxies, what to paste, the admin token.
+    logs = server.logs()
+    assert "registry npm: proxying http://127.0.0.1:9/, the registry your npm client uses" in logs
+    assert f"registry=http://127.0.0.1:{port}/registries/npm/" in logs
+    assert f"//127.0.0.1:{port}/registries/npm/:_authToken=" in logs
+    assert f"admin token: in {token_file}" in logs
     assert get(server, "/api/v1/admin/tokens", {"Authorization": f"Bearer {token}"})[0] == 200
 
     server.process.proc.send_signal(signal.SIGTERM)
@@ -289,8 +306,8 @@ def test_serve_without_the_npm_plugin_names_what_is_missing(env: dict[str, str],
     result = run(["serve", "--data-dir", str(tmp_path / "data")], {**env, "BATLEHUB_SERVER__PORT": str(free_port())})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert '[registries[0]] type "npm" is not installed' in result.stderr
-    assert "is its plugin installed?" in result.stderr
+    assert "no installed format offers a default one" in result.stderr
+    assert "install a registry format plugin" in result.stderr
 
 
 def test_serve_on_a_taken_port_is_one_clear_line(env: dict[str, str], tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from batlehub.app import check_plugins_config, installed_types
+from batlehub.app import check_plugins_config, installed_types, with_default_registries
 from batlehub.config import load_settings, parse_settings
 from batlehub.errors import ConfigError
 from batlehub.plugins import get_plugin_manager
@@ -40,8 +40,13 @@ def problems_of(raw: dict, **kw: object) -> list[str]:
 # --- embedded default ------------------------------------------------------------------------------
 
 
-def test_embedded_default_is_one_hybrid_npm_registry_with_anonymous_read(tmp_path: Path) -> None:
-    settings = load_settings(None)
+def test_embedded_default_is_one_hybrid_npm_registry_with_anonymous_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NPM_CONFIG_REGISTRY", "http://127.0.0.1:9/")  # where the user's npm points
+    loaded = load_settings(None)
+    assert loaded.default_registries and loaded.registries == ()
+    settings = with_default_registries(loaded, installed_types(get_plugin_manager()))
     assert settings.source == "embedded default"
     assert settings.data_dir == tmp_path / "xdg" / "batlehub"
     assert settings.database.type == "sqlite"
@@ -53,7 +58,7 @@ def test_embedded_default_is_one_hybrid_npm_registry_with_anonymous_read(tmp_pat
     npm = settings.registry("npm")
     assert npm is not None
     assert npm.options["mode"] == "hybrid"
-    assert npm.options["upstreams"] == []
+    assert npm.options["upstreams"] == ["http://127.0.0.1:9/"]
     assert "releases:read" in npm.rbac["anonymous"]
     assert "source:read" in npm.rbac["anonymous"]
     assert "releases:publish" not in npm.rbac["anonymous"]

@@ -421,8 +421,9 @@ async def test_token_list_shows_no_secrets(cluster: Cluster) -> None:
         assert len(mine) == 1
         entry = mine[0]
         assert {"id", "user_id", "role", "created", "expires", "last_used"} <= set(entry)
-        assert entry["user_id"] == "lister" and entry["role"] == "user" and entry["expires"] > time.time()
-        assert entry["last_used"] is not None and entry["created"] <= entry["last_used"] <= time.time()
+        assert entry["user_id"] == "lister" and entry["role"] == "user" and epoch(entry["expires"]) > time.time()
+        assert entry["last_used"] is not None and epoch(entry["created"]) <= epoch(entry["last_used"]) <= time.time()
+        assert entry["created"].endswith("Z") and "T" in entry["created"]  # RFC 3339, not float epochs
         for listed_entry in listed:
             assert not {"token", "token_hash", "hash", "secret"} & set(listed_entry)
         assert created["token"] not in raw
@@ -499,9 +500,9 @@ async def test_an_expired_token_is_refused_on_both_replicas(cluster: Cluster) ->
             json_body={"user_id": "eve", "role": "user", "expires_in_days": 2 / 86400},
             expect=201,
         )
-        assert made["expires"] - made["created"] == pytest.approx(2, abs=0.01)
+        assert epoch(made["expires"]) - epoch(made["created"]) == pytest.approx(2, abs=0.01)
         assert (await whoami_status(session, cluster.b, made["token"]))[0] == 200
-        await asyncio.sleep(max(0.0, made["expires"] - time.time()) + 0.1)
+        await asyncio.sleep(max(0.0, epoch(made["expires"]) - time.time()) + 0.1)
         for hub in (cluster.a, cluster.b):
             assert (await whoami_status(session, hub, made["token"]))[0] == 401
 
@@ -1156,3 +1157,8 @@ async def test_audit_log_records_who_what_when_where_and_filters(cluster: Cluste
         assert len(whole) == len({e["id"] for e in whole})
         status, _, body = await call(session, "GET", f"{cluster.a.url}/api/v1/admin/audit-log?limit=0", headers=ADMIN)
         assert status == 400 and "limit" in body["error"]
+
+
+def epoch(rfc3339: str) -> float:
+    """The admin API's times are RFC 3339 strings."""
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()

@@ -264,7 +264,15 @@ class HubFactory:
         chosen = port is not None or "BATLEHUB_SERVER__PORT" in (env or {})
         for attempt in range(1, PORT_ATTEMPTS + 1):
             hub_port = port or free_port()
-            process_env = {**base_env, "BATLEHUB_SERVER__PORT": str(hub_port), **(env or {})}
+            process_env = {
+                **base_env,
+                "BATLEHUB_SERVER__PORT": str(hub_port),
+                # A config without [[registries]] proxies the registry the npm client is configured
+                # with; a test hub must not reach one outside this machine: by default it is the
+                # hub itself, which it detects and proxies nothing (a test can pass its own).
+                "NPM_CONFIG_REGISTRY": f"http://{LOOPBACK}:{hub_port}/registries/npm/",
+                **(env or {}),
+            }
             if "BATLEHUB_SERVER__PORT" in (env or {}):
                 hub_port = int(process_env["BATLEHUB_SERVER__PORT"])
             hub = Hub(

@@ -9,6 +9,7 @@ and client setup.
 from __future__ import annotations
 
 from batlehub.api import RegistryFormatType, hookimpl
+from batlehub_npm import defaults
 from batlehub_npm.names import normalize_name, redact_path, scope_of
 from batlehub_npm.options import NpmOptions
 from batlehub_npm.registry import NpmRegistry
@@ -27,5 +28,7 @@ def register_registry_formats() -> list[RegistryFormatType]:
             scope_of=scope_of,
             normalize_name=normalize_name,
             redact_path=redact_path,
+            default_registry=defaults.default_registry,
+            usage=defaults.usage,
         )
     ]

@@ -77,6 +77,10 @@ async def ping(request: web.Request, route: Route) -> web.StreamResponse:
     return _json({})
 
 
+async def stars(request: web.Request, route: Route) -> web.StreamResponse:
+    raise NotFound("stars are not kept by this registry, so there are none to list")
+
+
 async def web_login(request: web.Request, route: Route) -> web.StreamResponse:
     # A 4xx here makes npm fall back to the CouchDB-style login below.
     raise NotFound("web login is not supported: log in with your user id and an access token as the password")

@@ -9,12 +9,9 @@ with a strong ETag; whoever uses the cache must first check the shared revision.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
-from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -168,24 +165,6 @@ def serialize(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def content_etag(body: bytes) -> str:
-    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-
-
-def revision_etag(stamp: str, variant: str, base_url: str) -> str:
-    """A strong ETag known before building the document, so a 304 costs no database read."""
-    return '"' + hashlib.sha256(f"{stamp}\0{variant}\0{base_url}".encode()).hexdigest()[:32] + '"'
-
-
-def etag_matches(if_none_match: str | None, etag: str) -> bool:
-    if not if_none_match:
-        return False
-    if if_none_match.strip() == "*":
-        return True
-    candidates = [c.strip() for c in if_none_match.split(",")]
-    return etag in candidates or f"W/{etag}" in candidates
-
-
 def wants_abbreviated(accept: str | None) -> bool:
     """True when the client prefers the install-only form (npm, pnpm and yarn all ask so)."""
     if not accept:
@@ -195,60 +174,3 @@ def wants_abbreviated(accept: str | None) -> bool:
         if media.lower() == ABBREVIATED_TYPE:
             return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
     return False
-
-
-@dataclass
-class Rendered:
-    """A serialized document and its ETag; the gzip form is computed once, on first demand."""
-
-    body: bytes
-    etag: str
-    content_type: str
-    _gzipped: bytes | None = field(default=None, repr=False)
-
-    def gzipped(self) -> bytes:
-        if self._gzipped is None:
-            self._gzipped = gzip.compress(self.body, compresslevel=6, mtime=0)
-        return self._gzipped
-
-    @property
-    def size(self) -> int:
-        return len(self.body) + (len(self._gzipped) if self._gzipped else 0)
-
-
-class RenderedCache:
-    """Per-process LRU of rendered documents, bounded by total bytes.
-
-    Keys start with the package name and contain everything the bytes depend on (revision stamp
-    or upstream content id, variant, base URL); a caller checks the shared revision before
-    trusting an entry, so an entry never outlives a write made on another replica. Used on the
-    event loop only.
-    """
-
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[Any, ...], Rendered] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: tuple[Any, ...]) -> Rendered | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: tuple[Any, ...], item: Rendered) -> None:
-        if item.size * 4 > self.max_bytes:
-            return  # one huge document must not flush everything else
-        old = self._items.pop(key, None)
-        if old is not None:
-            self._bytes -= old.size
-        self._items[key] = item
-        self._bytes += item.size
-        while self._bytes > self.max_bytes and self._items:
-            _, evicted = self._items.popitem(last=False)
-            self._bytes -= evicted.size
-
-    def drop_package(self, name: str) -> None:
-        """Forget a package's entries in this process (a write here; other replicas go by revision)."""
-        for key in [k for k in self._items if k[0] == name]:
-            self._bytes -= self._items.pop(key).size

@@ -182,7 +182,7 @@ class Route:
 
     kind: str
     """One of: package, package_rev, version, tarball, tarball_rev, dist_tags, ping, whoami, search,
-    web_login, login, logout, audit, unknown."""
+    web_login, login, logout, audit, stars, unknown."""
     package: PackageName | None = None
     version: str | None = None
     """A version or tag for `version`, the version of a tarball, the tag for `dist_tags`."""
@@ -256,6 +256,8 @@ def _special_route(segments: list[str]) -> Route:
         return Route("search")
     if rest[:2] == ["v1", "login"]:
         return Route("web_login")
+    if rest[:2] == ["_view", "starredByUser"]:
+        return Route("stars")
     if len(rest) >= 2 and rest[0] == "user" and rest[1].startswith("org.couchdb.user:"):
         return Route("login", extra=rest[1][len("org.couchdb.user:") :])
     if len(rest) == 3 and rest[:2] == ["user", "token"]:

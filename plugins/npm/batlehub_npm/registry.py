@@ -16,6 +16,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -29,18 +30,25 @@ from batlehub.api import (
     PayloadTooLarge,
     RegistryServices,
     RegistrySettings,
+    Rendered,
+    RenderedCache,
     UnprocessableEntity,
     UpstreamDocument,
     actor,
     base_url,
     body_reader,
+    content_etag,
+    etag_matches,
+    parse_json,
     read_json,
+    registry_path,
     registry_subpath,
     registry_url,
     require,
+    respond,
+    revision_etag,
 )
 from batlehub_npm import accounts, documents
-from batlehub_npm.documents import Rendered, RenderedCache
 from batlehub_npm.local import LocalPackages
 from batlehub_npm.names import PackageName, Route, parse_package_name, parse_route, validate_version
 from batlehub_npm.options import NpmOptions
@@ -98,6 +106,7 @@ class NpmRegistry:
             ("whoami", "GET"): accounts.whoami,
             ("ping", "GET"): accounts.ping,
             ("web_login", "POST"): accounts.web_login,
+            ("stars", "GET"): accounts.stars,
             ("login", "PUT"): self.login,
             ("login", "GET"): self.user_lookup,
             ("logout", "DELETE"): self.logout,
@@ -124,6 +133,13 @@ class NpmRegistry:
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         raw = registry_subpath(request)
+        mount = registry_path(self.name)
+        if request.method == "DELETE" and raw.startswith(mount):
+            # npm 6 repeats the registry's path in the tarball DELETE of an unpublish when the
+            # registry URL has a path (ours does); old CI images still carry it.
+            doubled = parse_route(raw[len(mount) - 1 :])
+            if doubled.kind == "tarball_rev":
+                raw = raw[len(mount) - 1 :]
         route = parse_route(raw)
         method = "GET" if request.method == "HEAD" else request.method
         handler = self._routes.get((route.kind, method))
@@ -152,19 +168,12 @@ class NpmRegistry:
         return await self.proxy.packument(package.name, abbreviated=abbreviated, revalidate=revalidate)
 
     def _not_found(self, package: PackageName) -> NotFound:
+        if self.proxy is None and self.mode != "local":
+            return NotFound(
+                f"package {package.name} not found in registry {self.name!r}, which has no upstream registry to"
+                " ask: set upstreams in its [[registries]] entry to proxy one"
+            )
         return NotFound(f"package {package.name} not found in registry {self.name!r}")
-
-    def _respond_document(
-        self, request: web.Request, rendered: Rendered, extra: Mapping[str, str] | None = None
-    ) -> web.Response:
-        headers = {"ETag": rendered.etag, "Cache-Control": "no-cache", "Vary": VARY, **(extra or {})}
-        if documents.etag_matches(request.headers.get("If-None-Match"), rendered.etag):
-            return web.Response(status=304, headers=headers)
-        body = rendered.body
-        if len(body) > 1024 and "gzip" in request.headers.get("Accept-Encoding", "").lower():
-            body = rendered.gzipped()
-            headers["Content-Encoding"] = "gzip"
-        return web.Response(body=body, content_type=rendered.content_type, headers=headers)
 
     # --- reading --------------------------------------------------------------------------------
 
@@ -186,8 +195,8 @@ class NpmRegistry:
                 return web.Response(
                     body=documents.serialize(doc), content_type=content_type, headers={"Cache-Control": "no-store"}
                 )
-            etag = documents.revision_etag(stamp, variant, base)
-            if documents.etag_matches(request.headers.get("If-None-Match"), etag):
+            etag = revision_etag(stamp, variant, base)
+            if etag_matches(request.headers.get("If-None-Match"), etag):
                 return web.Response(status=304, headers={"ETag": etag, "Cache-Control": "no-cache", "Vary": VARY})
             rendered = self.rendered.get((package.name, stamp, variant, base))
             if rendered is None:
@@ -195,11 +204,9 @@ class NpmRegistry:
                 if local is None:
                     raise self._not_found(package)
                 doc = documents.local_packument(local, registry_url(request), abbreviated=abbreviated)
-                rendered = Rendered(
-                    documents.serialize(doc), documents.revision_etag(local.stamp, variant, base), content_type
-                )
+                rendered = Rendered(documents.serialize(doc), revision_etag(local.stamp, variant, base), content_type)
                 self.rendered.put((package.name, local.stamp, variant, base), rendered)
-            return self._respond_document(request, rendered)
+            return respond(request, rendered, {"Vary": VARY})
         upstream = await self._upstream(package, abbreviated=abbreviated)
         if upstream is None:
             raise self._not_found(package)
@@ -208,10 +215,10 @@ class NpmRegistry:
         if rendered is None:
             doc = documents.proxied_packument(upstream.data, package, registry_url(request), abbreviated=abbreviated)
             body = documents.serialize(doc)
-            rendered = Rendered(body, documents.content_etag(body), content_type)
+            rendered = Rendered(body, content_etag(body), content_type)
             self.rendered.put(key, rendered)
         extra = {"Warning": '110 batlehub "served stale: upstream unavailable"'} if upstream.stale else {}
-        return self._respond_document(request, rendered, extra)
+        return respond(request, rendered, {"Vary": VARY, **extra})
 
     async def _full_document(self, request: web.Request, package: PackageName) -> dict[str, Any]:
         if await self.local.stamp(package.name) is not None:
@@ -310,6 +317,8 @@ class NpmRegistry:
         return json_response(tags)
 
     async def search(self, request: web.Request, route: Route) -> web.StreamResponse:
+        """Local packages first (exact name on top), then what the upstream's own search finds,
+        without names that are local here (those are never the upstream's)."""
         require(request, "releases:read")
         text = (request.query.get("text") or request.query.get("q") or "").strip()
         try:
@@ -318,33 +327,68 @@ class NpmRegistry:
         except ValueError:
             raise BadRequest("size and from must be integers") from None
         hits, total = await self.services.packages.search(text, size + offset, 0)
-        objects = [_search_object(h.name, h.extra, h.modified, h.latest or "", h.owners) for h in hits]
-        if self.proxy is not None and len(objects) < offset + size:
-            local_names = {h.name for h in hits}
-            wanted = offset + size - len(objects)
-            for name in await self.proxy.documents.known_names(text, wanted, local_names):
-                objects.append(await self._proxied_search_object(name))
-                total += 1
         lowered = text.lower()
-        objects.sort(key=lambda o: (o["package"]["name"] != lowered, o["package"]["name"]))
+        objects = sorted(
+            (_search_object(h.name, h.extra, h.modified, h.latest or "", h.owners) for h in hits),
+            key=lambda o: (o["package"]["name"] != lowered, o["package"]["name"]),
+        )
+        if self.proxy is not None and len(objects) < offset + size:
+            found, upstream_total = await self._upstream_search(text, offset + size - len(objects))
+            for obj in found:
+                name = obj["package"]["name"]
+                if name in {h.name for h in hits} or await self.local.stamp(name) is not None:
+                    continue
+                objects.append(obj)
+            total += upstream_total
+        objects.sort(key=lambda o: o["package"]["name"] != lowered)  # stable: an exact name first
         page = objects[offset : offset + size]
         return json_response(
             {"objects": page, "total": max(total, len(objects)), "time": documents.iso_time(time.time())}
         )
 
-    async def _proxied_search_object(self, name: str) -> dict[str, Any]:
+    async def _upstream_search(self, text: str, wanted: int) -> tuple[list[dict[str, Any]], int]:
+        """The upstream's own search results; the names seen so far when it cannot answer."""
+        assert self.proxy is not None
+        try:
+            status, _, body = await self.proxy.documents.query(
+                f"-/v1/search?text={quote(text, safe='')}&size={wanted}&from=0"
+            )
+            data = parse_json(body) if status == 200 else None
+        except BatleHubError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("objects"), list):
+            found = [
+                _normalized_hit(o)
+                for o in data["objects"]
+                if isinstance(o, dict)
+                and isinstance(o.get("package"), dict)
+                and isinstance(o["package"].get("name"), str)
+            ]
+            total = data.get("total")
+            return found[:wanted], total if isinstance(total, int) and total >= 0 else len(found)
+        names = await self.proxy.documents.known_names(text, wanted, set())
+        return [await self._known_search_object(name) for name in names], len(names)
+
+    async def _known_search_object(self, name: str) -> dict[str, Any]:
+        """A search hit for an upstream package seen before, from its (cached) full packument."""
         obj = _search_object(name, {}, 0, "", ())
         try:
             assert self.proxy is not None
-            upstream = await asyncio.wait_for(self.proxy.packument(name, abbreviated=True), timeout=5)
-        except Exception:
+            upstream = await asyncio.wait_for(self.proxy.packument(name), timeout=5)
+        except (BatleHubError, TimeoutError):
             return obj
-        if upstream is not None:
-            obj["package"]["version"] = (upstream.data.get("dist-tags") or {}).get("latest", "")
-            obj["package"]["description"] = upstream.data.get("description", "")
-            modified = upstream.data.get("modified")
-            if isinstance(modified, str):
-                obj["package"]["date"] = modified
+        if upstream is None:
+            return obj
+        data = upstream.data
+        package = obj["package"]
+        package["version"] = (data.get("dist-tags") or {}).get("latest", "")
+        package["description"] = data.get("description") or ""
+        modified = (data.get("time") or {}).get("modified") or data.get("modified")
+        if isinstance(modified, str):
+            package["date"] = modified
+        people = [m for m in data.get("maintainers") or [] if isinstance(m, dict) and m.get("name")]
+        package["maintainers"] = [{"username": str(m["name"])} for m in people]
+        package["publisher"] = package["maintainers"][0] if people else {"username": ""}
         return obj
 
     # --- writing --------------------------------------------------------------------------------
@@ -413,6 +457,8 @@ class NpmRegistry:
     async def _update_document(
         self, request: web.Request, package: PackageName, document: Mapping[str, Any]
     ) -> web.StreamResponse:
+        if "users" in document and not {"versions", "dist-tags"} & set(document):
+            raise MethodNotAllowed("stars are not kept by this registry (npm star and unstar change nothing here)")
         if await self.local.stamp(package.name) is None:
             if self.proxy is not None:
                 await self._local_for_write(package)
@@ -506,6 +552,24 @@ def _package(route: Route) -> PackageName:
 
 def _conflict(package: PackageName, version: str) -> BatleHubError:
     return Conflict(f"cannot publish over existing version {version} of {package.name}")
+
+
+def _normalized_hit(hit: dict[str, Any]) -> dict[str, Any]:
+    """An upstream's search hit in the shape npm prints (some registries answer with their own
+    package documents: `dist-tags` instead of `version`, `time` instead of `date`)."""
+    package = hit["package"]
+    shaped = _search_object(package["name"], package, 0, "", ())
+    shaped["package"].update({k: v for k, v in package.items() if k in shaped["package"]})
+    if not isinstance(package.get("version"), str):
+        shaped["package"]["version"] = str((package.get("dist-tags") or {}).get("latest", ""))
+    if not isinstance(package.get("date"), str):
+        modified = (package.get("time") or {}).get("modified") if isinstance(package.get("time"), dict) else None
+        if isinstance(modified, str):
+            shaped["package"]["date"] = modified
+    for key in ("score", "searchScore"):
+        if key in hit:
+            shaped[key] = hit[key]
+    return shaped
 
 
 def _search_object(

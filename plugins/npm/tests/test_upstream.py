@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import io
 import json
+import logging
 import tarfile
 import time
 import uuid
@@ -547,6 +548,22 @@ async def test_failing_upstream_serves_stale_and_backs_off(
     assert len(warnings) == 1 and name in warnings[0].getMessage()
 
 
+async def test_an_outage_logs_a_line_an_interval_not_a_line_a_package(
+    services: RegistryServices,
+    proxies: Callable[..., UpstreamProxy],
+    dead_upstream: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An `npm ci` during an outage asked for hundreds of packages: one warning line each."""
+    proxy = proxies(services, [dead_upstream])
+    caplog.set_level(logging.WARNING, logger="batlehub.upstream")
+    for _ in range(20):
+        with pytest.raises(UpstreamError):
+            await proxy.packument(unique())
+    lines = [r.getMessage() for r in caplog.records if "cannot fetch" in r.getMessage()]
+    assert len(lines) == 1, lines
+
+
 async def test_no_copy_and_upstream_down_is_a_clear_error(
     services: RegistryServices, proxies: Callable[..., UpstreamProxy], dead_upstream: str
 ) -> None:
@@ -558,8 +575,9 @@ async def test_no_copy_and_upstream_down_is_a_clear_error(
 
     assert caught.value.status == 502
     message = caught.value.message
-    assert message == f"package {name} is not cached and the upstream registry is unavailable (connection failed)"
-    assert dead_upstream not in message  # upstream addresses stay in the log
+    # Which of the configured upstreams failed, and how (by its origin: never a path or credentials).
+    origin = dead_upstream.rstrip("/")
+    assert message == f"package {name} is not cached, and its upstream registry failed: {origin} (connection failed)"
 
 
 class BrokenCache(MemoryCache):

@@ -94,7 +94,7 @@ async def test_npm_install_keeps_working_through_an_upstream_outage_and_a_restar
         missing = new_project(tmp_path, "missing", {unique("never-fetched"): "1.0.0"})
         result = await npm(["install", "--fetch-retries=0"], missing, registry, tmp_path)
         assert result.returncode != 0
-        assert "is not cached and the upstream registry is unavailable" in result.stdout + result.stderr
+        assert "is not cached, and its upstream registry failed: http://127.0.0.1:" in result.stdout + result.stderr
     finally:
         verdaccio.start()
 
