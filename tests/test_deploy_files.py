@@ -195,7 +195,12 @@ def test_tini_passes_sigterm_on_and_batlehub_drains(tmp_path: Path) -> None:
     if tini is None:
         pytest.skip("tini is not installed (scripts/test installs it: apt-get install tini)")
     port = free_port()
-    env = serve_env({"BATLEHUB_SERVER__PORT": str(port), "BATLEHUB_SERVER__HOST": "127.0.0.1"})
+    # A registry of its own: no upstream outside this machine.
+    config = tmp_path / "batlehub.toml"
+    config.write_text('[[registries]]\ntype = "npm"\nname = "npm"\nmode = "local"\n')
+    env = serve_env(
+        {"BATLEHUB_SERVER__PORT": str(port), "BATLEHUB_SERVER__HOST": "127.0.0.1", "BATLEHUB_CONFIG": str(config)}
+    )
     log = tmp_path / "hub.log"
     with log.open("wb") as out:
         # The image's ENTRYPOINT and CMD, with this machine's batlehub.
