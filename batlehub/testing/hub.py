@@ -245,12 +245,14 @@ class HubFactory:
         port: int | None = None,
         wait_for: WaitFor = "healthy",
         timeout_secs: float = START_TIMEOUT_SECS,
+        command: Sequence[str] | None = None,
     ) -> Hub:
         """Start `batlehub serve` with `config` (TOML text; None = no --config, the embedded default).
 
         `env` adds environment variables (e.g. `BATLEHUB_...` overrides); the test runner's own
         `BATLEHUB_*` variables are not passed on. `data_dir` lets replicas share a folder; by default
         each hub has its own. `port` picks the port (e.g. when the config must know its own URL).
+        `command` runs batlehub another way (see `Hub`), e.g. inside a sandbox.
         """
         folder = self.base_dir / f"hub{len(self.hubs)}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -276,7 +278,12 @@ class HubFactory:
             if "BATLEHUB_SERVER__PORT" in (env or {}):
                 hub_port = int(process_env["BATLEHUB_SERVER__PORT"])
             hub = Hub(
-                config_path=config_path, data_dir=data, log_path=folder / "hub.log", port=hub_port, env=process_env
+                config_path=config_path,
+                data_dir=data,
+                log_path=folder / "hub.log",
+                port=hub_port,
+                env=process_env,
+                command=command,
             )
             self.hubs.append(hub)
             try:
