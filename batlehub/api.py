@@ -55,7 +55,7 @@ from batlehub.packages import (
 )
 from batlehub.plugins import hookimpl
 from batlehub.registries import RegistryServices
-from batlehub.rendering import Rendered, RenderedCache, content_etag, etag_matches, respond, revision_etag
+from batlehub.rendering import Rendered, RenderedCache, content_etag, etag_matches, gzipped, respond, revision_etag
 from batlehub.requests import (
     Actor,
     actor,
@@ -134,6 +134,7 @@ __all__ = [
     "content_etag",
     "core_settings",
     "etag_matches",
+    "gzipped",
     "hookimpl",
     "identity",
     "json_may_need_repair",

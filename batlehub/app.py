@@ -18,7 +18,7 @@ import pluggy
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from batlehub import admin, appkeys, replicas, sweep
+from batlehub import admin, appkeys, loopwatch, replicas, sweep
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
 from batlehub.config import DEFAULT_RBAC, REGISTRY_CORE_KEYS, RegistrySettings, Settings
@@ -28,6 +28,7 @@ from batlehub.db import create_database
 from batlehub.errors import ConfigError, StartupError
 from batlehub.interfaces import CacheBackendType, RegistryFormatType, StorageBackendType
 from batlehub.middleware import MIDDLEWARES
+from batlehub.offload import Offloader
 from batlehub.plugins import flatten, gather_hook, get_plugin_manager
 from batlehub.registries import RegistryServices
 from batlehub.requests import registry_path
@@ -255,6 +256,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[appkeys.STORAGE] = storage
     app[appkeys.AUTH] = auth
 
+    offload = Offloader()
+    share = 1 / max(1, len(settings.registries))
     registries, services = {}, {}
     for registry_settings in settings.registries:
         format_type = types.registries[registry_settings.type]
@@ -270,6 +273,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
             tokens=auth,
             http=http.session,
             pm=pm,
+            offload=offload,
+            share=share,
         )
         registry = format_type.factory(registry_settings, services[registry_settings.name])
         subapp = registry.make_app()
@@ -279,6 +284,9 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[appkeys.REGISTRIES] = registries
     app[appkeys.REGISTRY_SERVICES] = services
 
+    app.cleanup_ctx.append(_offload_ctx(offload))
+    app[appkeys.LOOP_WATCH] = watch = loopwatch.LoopWatch()
+    app.cleanup_ctx.append(loopwatch.ctx(watch))
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_backend_ctx(appkeys.CACHE, "cache"))
     app.cleanup_ctx.append(_backend_ctx(appkeys.STORAGE, "storage"))
@@ -333,6 +341,14 @@ class _UpstreamClient:
         yield
         if self._session is not None:
             await self._session.close()
+
+
+def _offload_ctx(offload: Offloader) -> Any:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        yield
+        offload.close()
+
+    return ctx
 
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from batlehub.coordination import FailOpenCache
     from batlehub.db import Database
     from batlehub.interfaces import CacheBackend, Registry, StorageBackend
+    from batlehub.loopwatch import LoopWatch
     from batlehub.registries import RegistryServices
     from batlehub.state import HubState
 
@@ -31,6 +32,8 @@ REGISTRY_SERVICES: web.AppKey[dict[str, RegistryServices]] = web.AppKey("registr
 STATE: web.AppKey[HubState] = web.AppKey("state")
 """Process-wide runtime state (shutting down, warnings for health)."""
 ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")
+LOOP_WATCH: web.AppKey[LoopWatch] = web.AppKey("loop_watch")
+"""How long the event loop was kept from serving (for logs and metrics)."""
 
 # Set on sub-applications of registries, so handlers find their own settings.
 REGISTRY_SETTINGS: web.AppKey[RegistrySettings] = web.AppKey("registry_settings")

@@ -118,6 +118,11 @@ class LimitsSettings:
     connection is closed after it)."""
     body_idle_timeout_secs: float = 30.0
     """A request body that sends no bytes for this long is answered 408 and closed."""
+    cache_memory_bytes: int = 96 * 1024 * 1024
+    """Memory each process may give its document caches (rendered responses, upstream bodies),
+    shared among the registries; what does not fit spills to disk."""
+    cache_disk_bytes: int = 1024 * 1024 * 1024
+    """Disk each process may give rendered responses spilled from memory, under the data dir."""
 
 
 @dataclass(frozen=True)
@@ -407,6 +412,8 @@ _LIMITS = {
     "max_document_bytes": _int(1024),
     "header_timeout_secs": _number(0.1),
     "body_idle_timeout_secs": _number(0.1),
+    "cache_memory_bytes": _int(1024 * 1024),
+    "cache_disk_bytes": _int(0),
 }
 _IP_BLOCKING = {
     "enabled": _bool,

@@ -15,9 +15,11 @@ import aiohttp
 
 from batlehub.artifacts import ArtifactStore
 from batlehub.coordination import FailOpenCache
+from batlehub.offload import Offloader
 from batlehub.outbound import UpstreamOrigins
 from batlehub.packages import PackageStore
 from batlehub.plugins import fire_event
+from batlehub.rendering import RenderedCache
 from batlehub.upstream import DocumentFormat, UpstreamDocuments, UpstreamStats
 
 if TYPE_CHECKING:
@@ -42,6 +44,8 @@ class RegistryServices:
       unit of work with permission, ownership, quota, audit and invalidation);
     - `artifacts`: its `ArtifactStore` (content-addressed blobs: keep, fetch, serve);
     - `upstream_documents(...)`: builds the coordinated, cached view of its upstreams' documents;
+    - `rendered_cache()`: pre-rendered documents within the registry's memory share, spilling to disk;
+    - `offload`: runs CPU-heavy work on big documents in a worker process;
     - `cache`: the cache backend, failing open (`FailOpenCache`), for what the format keeps itself;
     - `tokens`: identify a token (`npm login`) or revoke it (`npm logout`);
     - `settings` (the whole configuration, read-only) and `registry` (this registry's entry);
@@ -63,6 +67,8 @@ class RegistryServices:
         tokens: Authenticator,
         http: Callable[[], aiohttp.ClientSession],
         pm: pluggy.PluginManager,
+        offload: Offloader | None = None,
+        share: float = 1.0,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -72,6 +78,9 @@ class RegistryServices:
         self.storage_type = storage_type
         self.tokens = tokens
         self.http = http
+        self.offload = offload or Offloader()
+        """Runs CPU-heavy work on big documents in a worker process (`batlehub.offload`)."""
+        self._share = share
         self.stats = UpstreamStats()
         """What this process asked the upstreams on this registry's behalf."""
         self.origins = UpstreamOrigins()
@@ -130,11 +139,25 @@ class RegistryServices:
             reserved=self.packages.is_reserved,
             stats=self.stats,
             origins=self.origins,
+            offload=self.offload,
+            memo_max_bytes=self._memory_bytes() // 3,
         )
         if guard_publishes and upstreams:
             self.packages.upstream_has = documents.exists
         self._documents.append(documents)
         return documents
+
+    def rendered_cache(self) -> RenderedCache:
+        """A cache for the registry's rendered documents within its share of
+        `limits.cache_memory_bytes`, spilling to `<data dir>/rendered/<registry>/`."""
+        return RenderedCache(
+            max_bytes=self._memory_bytes() * 2 // 3,
+            spill_dir=self.settings.data_dir / "rendered" / self.registry.name,
+            max_spill_bytes=int(self.settings.limits.cache_disk_bytes * self._share),
+        )
+
+    def _memory_bytes(self) -> int:
+        return int(self.settings.limits.cache_memory_bytes * self._share)
 
     async def settle(self) -> None:
         """Wait for the writes made after answering (tests call this before looking)."""

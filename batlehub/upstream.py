@@ -18,8 +18,11 @@ Stored copies use one small format, the "envelope": a JSON header line (upstream
 content id) followed by a newline and the upstream's body bytes exactly as received. The cache
 holds the header alone under a key that is fresh for the TTL (a freshness check reads a few
 hundred bytes, not the whole document); a shared cache also holds the envelope under a second key.
-Each process keeps the hottest documents parsed (keyed by content id), so a cache hit costs one
-small read and no parsing.
+Documents are kept as the bytes the upstream sent, never as parsed objects (a parsed 20 MB
+packument takes ten times that in memory): each process remembers the hottest bodies (keyed by
+content id, bounded by bytes), formats render them once per content id (`batlehub.rendering`), and
+read what they need from them with `extract`, which parses big documents in a worker process
+(`batlehub.offload`) and remembers the small answers.
 """
 
 from __future__ import annotations
@@ -31,19 +34,22 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 from yarl import URL
 
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, under_lease
 from batlehub.errors import NotFound, UpstreamError
+from batlehub.offload import Offloader
 from batlehub.outbound import UpstreamOrigins, failure_reason, origin_of
 
 if TYPE_CHECKING:
     from batlehub.db import Database
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 METADATA_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=5, sock_connect=5)
 FORWARD_TIMEOUT = aiohttp.ClientTimeout(total=60, connect=5, sock_connect=5)
@@ -56,10 +62,12 @@ NOT_FOUND_TTL_SECS = 30.0
 """How long "no upstream has this name" is believed (never longer than the registry's TTL)."""
 COPY_RETENTION_SECS = 7 * 86400.0
 """How long the cache keeps a copy past its freshness (the database keeps it regardless)."""
-MEMO_MAX_BYTES = 16 * 1024 * 1024
-"""Parsed documents kept in memory, counted by their size as received (the Python objects take
-several times that), so hot documents are not parsed again on every request."""
+MEMO_MAX_BYTES = 32 * 1024 * 1024
+"""Bodies of documents kept in memory, so a hot document is not read from the cache or the
+database on every request."""
 MEMO_MAX_ENTRIES = 1024
+EXTRACTS_MAX_ENTRIES = 4096
+"""Answers of `extract` kept per process (small: a version's manifest, the dist-tags)."""
 CACHED_BODY_MAX_BYTES = 8 * 1024 * 1024
 """Bodies larger than this are not put into a shared cache (they would slow it down for everyone);
 replicas read them from the database instead, once per change thanks to the memo."""
@@ -82,8 +90,10 @@ class DocumentFormat:
     `BadRequest` for names that cannot be one path."""
     accept: Mapping[str, str]
     """Variant -> the `Accept` header to ask for it with. The first variant is the default."""
-    parse: Callable[[bytes], dict[str, Any]]
-    """Decode and check a 200 body; raise `ValueError` when it is not a usable document."""
+    check: Callable[[bytes], bytes]
+    """Check a 200 body and return the bytes to keep (repaired if need be, e.g. lone surrogates
+    replaced); raise `ValueError` when it is not a usable document. A pure, module-level function:
+    for big bodies it runs in a worker process."""
     variant_of: Callable[[str, str], str] = _same_variant
     """(requested variant, response content type) -> the variant the upstream actually sent."""
     answers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -100,10 +110,14 @@ class DocumentFormat:
 
 @dataclass(frozen=True)
 class UpstreamDocument:
-    """A document from an upstream registry. `data` may be shared with other callers (it is kept
-    parsed in memory): treat it as read-only."""
+    """A document from an upstream registry, as the bytes the upstream sent (after `check`).
 
-    data: dict[str, Any]
+    `body` is None when the bytes were not at hand (a big document, not kept in memory): what is
+    derived from them is keyed by `content_id`, so they are read (`UpstreamDocuments.read`) only
+    when something must be derived anew."""
+
+    name: str
+    body: bytes | None
     upstream: str
     """Base URL of the upstream it came from (with trailing slash)."""
     fetched_at: float
@@ -112,9 +126,9 @@ class UpstreamDocument:
     """True when served from the last good copy because the upstreams failed."""
     content_id: str = ""
     """Changes exactly when the upstream's bytes change (not on a 304 renewal): a good key for
-    anything derived from `data`, such as pre-serialized responses."""
+    anything derived from the body, such as pre-rendered responses."""
     variant: str = ""
-    """The variant `data` is (may differ from the one asked for, see `DocumentFormat.answers`)."""
+    """The variant the body is (may differ from the one asked for, see `DocumentFormat.answers`)."""
 
 
 @dataclass
@@ -198,9 +212,7 @@ def _open_envelope(raw: bytes) -> tuple[_Copy, bytes] | None:
 @dataclass(frozen=True)
 class _LastGood:
     copy: _Copy
-    data: dict[str, Any]
-    body: bytes | None
-    """None when it was found parsed in memory."""
+    body: bytes
     in_cache: bool
     """False when it came from the database, so a 304 must put the body back into the cache."""
 
@@ -241,6 +253,8 @@ class UpstreamDocuments:
         reserved: Callable[[str], Awaitable[bool]] | None = None,
         stats: UpstreamStats | None = None,
         origins: UpstreamOrigins | None = None,
+        offload: Offloader | None = None,
+        memo_max_bytes: int = MEMO_MAX_BYTES,
     ) -> None:
         self.registry = registry
         self.format_name = format_name
@@ -259,8 +273,11 @@ class UpstreamDocuments:
         self.writes = BackgroundWrites()
         self._flights = SingleFlight()
         self._failed_until: dict[str, float] = {}
-        self._memo: OrderedDict[str, tuple[str, dict[str, Any], int]] = OrderedDict()
+        self._memo: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._memo_bytes = 0
+        self._extracts: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self.memo_max_bytes = memo_max_bytes
+        self.offload = offload or Offloader()
         self._headers: dict[bytes, _Copy] = {}
         self._warn_allowed = LogThrottle()
         # A per-process cache would only hold a second copy of what the memo and the database
@@ -325,7 +342,7 @@ class UpstreamDocuments:
                 last = await self._last_good(name, variant)
                 if last is not None:
                     self.stats.stale_served += 1
-                    return self._document(last.copy, last.data, stale=True)
+                    return self._document(name, last.copy, last.body, stale=True)
         started = time.time()
 
         async def fetch() -> UpstreamDocument | None:
@@ -359,10 +376,26 @@ class UpstreamDocuments:
             copy = self._header(raw) if raw else None
             if copy is None or (since is not None and copy.fetched < since):
                 continue
-            data = await self._data_for(name, v, copy)
-            if data is not None:
-                return self._document(copy, data, stale=False)
+            # The header says the body is stored (`_store` writes it first); it is read only when
+            # needed, so a fresh hit on a big document costs no read of its bytes.
+            memo = self._memo.get(self._body_key(v, name))
+            body = memo[1] if memo is not None and memo[0] == copy.content_id else None
+            return self._document(name, copy, body, stale=False)
         return None
+
+    async def read(self, doc: UpstreamDocument) -> bytes:
+        """The body of `doc` (from memory, the cache or the database). Raises `UpstreamError` when
+        no stored copy is left, which only a flushed cache and a cleared database together cause."""
+        if doc.body is not None:
+            return doc.body
+        copy = _Copy(doc.upstream, doc.variant, doc.content_id, doc.fetched_at)
+        body = await self._body_for(doc.name, doc.variant, copy)
+        if body is None:
+            stored = await self._db_envelope(doc.name, doc.variant)
+            body = stored[1] if stored is not None else None  # a newer copy is as good
+        if body is None:
+            raise UpstreamError(f"the stored copy of package {doc.name} is gone; try again")
+        return body
 
     def _header(self, raw: bytes) -> _Copy | None:
         """`_Copy.from_header`, remembered: a fresh header is read on every request and changes
@@ -376,8 +409,8 @@ class UpstreamDocuments:
                 self._headers[bytes(raw)] = copy
         return copy
 
-    async def _data_for(self, name: str, variant: str, copy: _Copy) -> dict[str, Any] | None:
-        """The parsed body that `copy` describes: from memory, else the cache, else the database."""
+    async def _body_for(self, name: str, variant: str, copy: _Copy) -> bytes | None:
+        """The body that `copy` describes: from memory, else the cache, else the database."""
         body_key = self._body_key(variant, name)
         memo = self._memo.get(body_key)
         if memo is not None and memo[0] == copy.content_id:
@@ -386,7 +419,8 @@ class UpstreamDocuments:
         for source in (self._cache_envelope, self._db_envelope):
             found = await source(name, variant)
             if found is not None and found[0].content_id == copy.content_id:
-                return self._parse_and_remember(body_key, copy.content_id, found[1])
+                self._remember(body_key, copy.content_id, found[1])
+                return found[1]
         return None
 
     async def _cache_envelope(self, name: str, variant: str) -> tuple[_Copy, bytes] | None:
@@ -425,14 +459,6 @@ class UpstreamDocuments:
             found[str(row["variant"])] = (copy, opened[1])
         return found
 
-    def _parse_and_remember(self, body_key: str, content_id: str, body: bytes) -> dict[str, Any] | None:
-        try:
-            data = self.format.parse(body)
-        except ValueError:
-            return None
-        self._remember(body_key, content_id, data, len(body))
-        return data
-
     async def _last_good(self, name: str, variant: str) -> _LastGood | None:
         """The newest stored copy, fresh or not: what revalidation and `serve_stale` start from."""
         variants = self.format.stored_variants(variant)
@@ -451,7 +477,7 @@ class UpstreamDocuments:
             body_key = self._body_key(v, name)
             memo = self._memo.get(body_key)
             if header is not None and memo is not None and memo[0] == header.content_id:
-                return _LastGood(header, memo[1], None, in_cache=True)
+                return _LastGood(header, memo[1], in_cache=True)
             for source, in_cache in ((self._cache_envelope, True), (from_db, False)):
                 found = await source(name, v)
                 if found is None:
@@ -459,14 +485,14 @@ class UpstreamDocuments:
                 copy, body = found
                 if in_cache and header is not None and header.content_id == copy.content_id:
                     copy = header
-                data = self._parse_and_remember(body_key, copy.content_id, body)
-                if data is not None:
-                    return _LastGood(copy, data, body, in_cache)
+                self._remember(body_key, copy.content_id, body)
+                return _LastGood(copy, body, in_cache)
         return None
 
-    def _document(self, copy: _Copy, data: dict[str, Any], *, stale: bool) -> UpstreamDocument:
+    def _document(self, name: str, copy: _Copy, body: bytes | None, *, stale: bool) -> UpstreamDocument:
         return UpstreamDocument(
-            data=data,
+            name=name,
+            body=body,
             upstream=copy.upstream,
             fetched_at=copy.fetched,
             stale=stale,
@@ -519,7 +545,7 @@ class UpstreamDocuments:
                     f" and {others} other stale copies since the last line" if others else "",
                     detail,
                 )
-            return self._document(last.copy, last.data, stale=True)
+            return self._document(name, last.copy, last.body, stale=True)
         others = self._warn_allowed.admit("down")
         if others is not None:
             log.warning(
@@ -569,21 +595,21 @@ class UpstreamDocuments:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _UpstreamFailed(failure_reason(exc), str(exc)) from exc
         try:
-            data = self.format.parse(body)
+            body, content_id = await self.offload.run(len(body), checked_with_id, self.format.check, body)
         except ValueError as exc:
             raise _UpstreamFailed("the answer is not a usable document", str(exc)) from exc
         self.stats.metadata_downloads += 1
         copy = _Copy(
             upstream=upstream,
             variant=got,
-            content_id=hashlib.sha256(body).hexdigest()[:32],
+            content_id=content_id,
             fetched=time.time(),
             etag=etag,
             last_modified=last_modified,
         )
         await self._store(name, copy, body)
-        self._remember(self._body_key(got, name), copy.content_id, data, len(body))
-        return self._document(copy, data, stale=False)
+        self._remember(self._body_key(got, name), copy.content_id, body)
+        return self._document(name, copy, body, stale=False)
 
     async def _read_limited(self, resp: aiohttp.ClientResponse) -> bytes:
         limit = self.max_document_bytes
@@ -597,15 +623,34 @@ class UpstreamDocuments:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _remember(self, body_key: str, content_id: str, data: dict[str, Any], size: int) -> None:
+    def _remember(self, body_key: str, content_id: str, body: bytes) -> None:
         old = self._memo.pop(body_key, None)
         if old is not None:
-            self._memo_bytes -= old[2]
-        self._memo[body_key] = (content_id, data, size)
-        self._memo_bytes += size
-        while self._memo and (self._memo_bytes > MEMO_MAX_BYTES or len(self._memo) > MEMO_MAX_ENTRIES):
-            _, (_, _, dropped) = self._memo.popitem(last=False)
-            self._memo_bytes -= dropped
+            self._memo_bytes -= len(old[1])
+        if len(body) * 4 > self.memo_max_bytes:
+            return  # one huge body must not push out everything else; the cache and database have it
+        self._memo[body_key] = (content_id, body)
+        self._memo_bytes += len(body)
+        while self._memo and (self._memo_bytes > self.memo_max_bytes or len(self._memo) > MEMO_MAX_ENTRIES):
+            _, (_, dropped) = self._memo.popitem(last=False)
+            self._memo_bytes -= len(dropped)
+
+    async def extract(self, doc: UpstreamDocument, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(doc.body, *args)`: what a format reads from a document (a version's manifest, the
+        tags), computed once per content id and remembered; big bodies are parsed in a worker
+        process (`batlehub.offload`), so the event loop never decodes them. `fn` is a pure,
+        module-level function returning small, plain data; treat its answer as read-only."""
+        key = (doc.content_id, fn.__module__, fn.__qualname__, *args)
+        if key in self._extracts:
+            self._extracts.move_to_end(key)
+            found: T = self._extracts[key]
+            return found
+        body = await self.read(doc)
+        result = await self.offload.run(len(body), fn, body, *args)
+        self._extracts[key] = result
+        if len(self._extracts) > EXTRACTS_MAX_ENTRIES:
+            self._extracts.popitem(last=False)
+        return result
 
     async def _store(self, name: str, copy: _Copy, body: bytes) -> None:
         """Keep a new body: in the database (the durable last good copy), the cache body, then
@@ -613,12 +658,14 @@ class UpstreamDocuments:
 
         The database write happens after answering (awaited by `close`) when nobody needs it
         meanwhile: this process has the document in its memo, and other replicas find the body in
-        the shared cache. Only a body too large for the shared cache is written first, because
-        other replicas read it from the database."""
+        the shared cache. A body too large for the shared cache (or, with a per-process cache, for
+        the memo) is written first, because it will be read from the database."""
         envelope = _envelope(copy, body)
         write = self._write_document(name, copy, envelope)
-        if self._cache_bodies and len(envelope) > CACHED_BODY_MAX_BYTES:
-            await write
+        in_shared_cache = self._cache_bodies and len(envelope) <= CACHED_BODY_MAX_BYTES
+        in_memo = len(body) * 4 <= self.memo_max_bytes
+        if not in_shared_cache and (self._cache_bodies or not in_memo):
+            await write  # the database is where this body will be read from
         else:
             self.writes.spawn(write)
         await self._cache_body(name, copy, envelope)
@@ -682,7 +729,7 @@ class UpstreamDocuments:
         except Exception as exc:
             if self._warn_allowed("db-write"):
                 log.warning("cannot renew the upstream copy of %s in the database: %s", name, exc)
-        if not last.in_cache and last.body is not None:
+        if not last.in_cache:
             await self._cache_body(name, copy, _envelope(copy, last.body))
         await self.cache.set(
             self._fresh_key(copy.variant, name),
@@ -690,7 +737,7 @@ class UpstreamDocuments:
             ttl_secs=self.metadata_ttl_secs,
             stale_retention_secs=COPY_RETENTION_SECS,
         )
-        return self._document(copy, last.data, stale=False)
+        return self._document(name, copy, last.body, stale=False)
 
     # --- forwarding -------------------------------------------------------------------------------
 
@@ -736,6 +783,12 @@ class UpstreamDocuments:
             log.warning("registry %s: %s %s failed: %s", self.registry, method, upstream, exc)
             reason = exc.reason if isinstance(exc, _UpstreamFailed) else failure_reason(exc)
             raise UpstreamError(f"the upstream registry {origin_of(upstream)} failed ({reason})") from exc
+
+
+def checked_with_id(check: Callable[[bytes], bytes], body: bytes) -> tuple[bytes, str]:
+    """`check(body)` and the content id of what it kept (both pure: run off the event loop)."""
+    kept = check(body)
+    return kept, hashlib.sha256(kept).hexdigest()[:32]
 
 
 def like_escape(text: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from batlehub.api import Package
+from batlehub.api import Package, content_etag, gzipped, json_may_need_repair, repair_json
 from batlehub_npm.names import PackageName, latest_version
 
 ABBREVIATED_TYPE = "application/vnd.npm.install-v1+json"
@@ -174,3 +174,68 @@ def wants_abbreviated(accept: str | None) -> bool:
         if media.lower() == ABBREVIATED_TYPE:
             return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
     return False
+
+
+# --- upstream packuments as bytes ---------------------------------------------------------------
+# Pure functions of an upstream's packument bytes: core runs them in a worker process for big
+# documents (`UpstreamDocuments.extract`, `RegistryServices.offload`), so the event loop never
+# decodes a 20 MB packument.
+
+
+def check_packument(body: bytes) -> bytes:
+    """The bytes to keep of an upstream's packument, checked to be one; lone surrogates (which
+    no JSON encoder writes back out) become U+FFFD rather than failing every request for it."""
+    try:
+        data = json.loads(body)
+        if not json_may_need_repair(body):
+            _check_shape(data)
+            return body
+        data = repair_json(data)
+    except RecursionError:
+        raise ValueError("the answer is nested too deeply") from None
+    _check_shape(data)
+    return serialize(data)
+
+
+def _check_shape(data: Any) -> None:
+    if not isinstance(data, dict) or not isinstance(data.get("versions", {}), dict):
+        raise ValueError("the answer is not a packument")
+
+
+def render_proxied(body: bytes, name: str, registry_url: str, abbreviated: bool) -> tuple[bytes, bytes | None, str]:
+    """An upstream packument as this hub serves it: its bytes, their gzip form and their ETag."""
+    doc = proxied_packument(json.loads(body), PackageName(name), registry_url, abbreviated=abbreviated)
+    rendered = serialize(doc)
+    return rendered, gzipped(rendered), content_etag(rendered)
+
+
+def proxied_version(body: bytes, name: str, registry_url: str, version_or_tag: str) -> dict[str, Any] | None:
+    """One version's manifest of an upstream packument (a tag resolved), its tarball at this hub."""
+    data = json.loads(body)
+    doc = proxied_packument(data, PackageName(name), registry_url, abbreviated=False)
+    return version_document(doc, version_or_tag)
+
+
+def upstream_dist(body: bytes, version: str) -> dict[str, Any] | None:
+    """The `dist` of `version` as the upstream announced it (its tarball URL and digests)."""
+    manifest = (json.loads(body).get("versions") or {}).get(version)
+    dist = manifest.get("dist") if isinstance(manifest, dict) else None
+    return dict(dist) if isinstance(dist, dict) else None
+
+
+def upstream_tags(body: bytes) -> dict[str, str]:
+    tags = json.loads(body).get("dist-tags")
+    return {k: v for k, v in tags.items() if isinstance(v, str)} if isinstance(tags, dict) else {}
+
+
+def upstream_summary(body: bytes) -> dict[str, Any]:
+    """What a search hit shows of an upstream package: latest version, description, date, people."""
+    data = json.loads(body)
+    time = data.get("time") if isinstance(data.get("time"), dict) else {}
+    people = [str(m["name"]) for m in data.get("maintainers") or [] if isinstance(m, dict) and m.get("name")]
+    return {
+        "version": str((data.get("dist-tags") or {}).get("latest", "")),
+        "description": str(data.get("description") or ""),
+        "date": time.get("modified") or data.get("modified"),
+        "maintainers": people,
+    }

@@ -31,13 +31,11 @@ from batlehub.api import (
     RegistryServices,
     RegistrySettings,
     Rendered,
-    RenderedCache,
     UnprocessableEntity,
     UpstreamDocument,
     actor,
     base_url,
     body_reader,
-    content_etag,
     etag_matches,
     parse_json,
     read_json,
@@ -77,7 +75,7 @@ class NpmRegistry:
         self.mode = self.options.mode
         self.local = LocalPackages(services.packages)
         self.artifacts = services.artifacts
-        self.rendered = RenderedCache()
+        self.rendered = services.rendered_cache()
         self.proxy: UpstreamProxy | None = None
         if self.mode != "local" and self.options.upstreams:
             self.proxy = UpstreamProxy(
@@ -204,38 +202,47 @@ class NpmRegistry:
                 if local is None:
                     raise self._not_found(package)
                 doc = documents.local_packument(local, registry_url(request), abbreviated=abbreviated)
-                rendered = Rendered(documents.serialize(doc), revision_etag(local.stamp, variant, base), content_type)
+                etag = revision_etag(local.stamp, variant, base)
+                rendered = Rendered.of(documents.serialize(doc), etag, content_type)
                 self.rendered.put((package.name, local.stamp, variant, base), rendered)
             return respond(request, rendered, {"Vary": VARY})
         upstream = await self._upstream(package, abbreviated=abbreviated)
         if upstream is None:
             raise self._not_found(package)
         key = (package.name, "upstream", upstream.upstream, upstream.content_id, variant, upstream.variant, base)
-        rendered = self.rendered.get(key)
-        if rendered is None:
-            doc = documents.proxied_packument(upstream.data, package, registry_url(request), abbreviated=abbreviated)
-            body = documents.serialize(doc)
-            rendered = Rendered(body, content_etag(body), content_type)
-            self.rendered.put(key, rendered)
+        url = registry_url(request)
+        proxy = self.proxy
+        assert proxy is not None
+
+        async def render() -> Rendered:
+            # Once per content id and variant, in a worker process for a big document.
+            body = await proxy.documents.read(upstream)
+            out, out_gzip, etag = await self.services.offload.run(
+                len(body), documents.render_proxied, body, package.name, url, abbreviated
+            )
+            return Rendered.of(out, etag, content_type, out_gzip)
+
+        rendered = await self.rendered.get_or_render(key, render)
         extra = {"Warning": '110 batlehub "served stale: upstream unavailable"'} if upstream.stale else {}
         return respond(request, rendered, {"Vary": VARY, **extra})
-
-    async def _full_document(self, request: web.Request, package: PackageName) -> dict[str, Any]:
-        if await self.local.stamp(package.name) is not None:
-            local = await self.local.load(package)
-            if local is not None:
-                return documents.local_packument(local, registry_url(request), abbreviated=False)
-            raise self._not_found(package)
-        upstream = await self._upstream(package, abbreviated=False)
-        if upstream is None:
-            raise self._not_found(package)
-        return documents.proxied_packument(upstream.data, package, registry_url(request), abbreviated=False)
 
     async def get_version(self, request: web.Request, route: Route) -> web.StreamResponse:
         require(request, "releases:read")
         package = _package(route)
         assert route.version is not None
-        manifest = documents.version_document(await self._full_document(request, package), route.version)
+        url = registry_url(request)
+        if await self.local.stamp(package.name) is not None:
+            local = await self.local.load(package)
+            if local is None:
+                raise self._not_found(package)
+            full = documents.local_packument(local, url, abbreviated=False)
+            manifest = documents.version_document(full, route.version)
+        else:
+            upstream = await self._upstream(package, abbreviated=False)
+            if upstream is None or self.proxy is None:
+                raise self._not_found(package)
+            extract = self.proxy.documents.extract
+            manifest = await extract(upstream, documents.proxied_version, package.name, url, route.version)
         if manifest is None:
             raise NotFound(f"version {route.version} of {package.name} not found")
         return json_response(manifest)
@@ -289,13 +296,14 @@ class NpmRegistry:
         upstream = await self._upstream(package, abbreviated=True)
         if upstream is None or self.proxy is None:
             raise self._not_found(package)
-        manifest = (upstream.data.get("versions") or {}).get(version)
-        if manifest is None:  # maybe published upstream since we cached the document
+        dist = await self.proxy.documents.extract(upstream, documents.upstream_dist, version)
+        if dist is None:  # maybe published upstream since we cached the document
             upstream = await self._upstream(package, abbreviated=True, revalidate=True)
-            manifest = ((upstream.data if upstream else {}).get("versions") or {}).get(version)
-        if not isinstance(manifest, Mapping) or not isinstance(manifest.get("dist"), Mapping):
+            if upstream is not None:
+                dist = await self.proxy.documents.extract(upstream, documents.upstream_dist, version)
+        if dist is None:
             raise NotFound(f"{package.name}@{version} not found in registry {self.name!r}")
-        return await self.proxy.tarball(package.name, version, manifest["dist"])
+        return await self.proxy.tarball(package.name, version, dist)
 
     async def get_dist_tags(self, request: web.Request, route: Route) -> web.StreamResponse:
         require(request, "releases:read")
@@ -307,9 +315,9 @@ class NpmRegistry:
             tags = documents.local_packument(local, "", abbreviated=True)["dist-tags"]
         else:
             upstream = await self._upstream(package, abbreviated=True)
-            if upstream is None:
+            if upstream is None or self.proxy is None:
                 raise self._not_found(package)
-            tags = upstream.data.get("dist-tags") or {}
+            tags = await self.proxy.documents.extract(upstream, documents.upstream_tags)
         if route.version is not None:
             if route.version not in tags:
                 raise NotFound(f"{package.name} has no dist-tag {route.version!r}")
@@ -375,20 +383,17 @@ class NpmRegistry:
         try:
             assert self.proxy is not None
             upstream = await asyncio.wait_for(self.proxy.packument(name), timeout=5)
+            if upstream is None:
+                return obj
+            summary = await self.proxy.documents.extract(upstream, documents.upstream_summary)
         except (BatleHubError, TimeoutError):
             return obj
-        if upstream is None:
-            return obj
-        data = upstream.data
         package = obj["package"]
-        package["version"] = (data.get("dist-tags") or {}).get("latest", "")
-        package["description"] = data.get("description") or ""
-        modified = (data.get("time") or {}).get("modified") or data.get("modified")
-        if isinstance(modified, str):
-            package["date"] = modified
-        people = [m for m in data.get("maintainers") or [] if isinstance(m, dict) and m.get("name")]
-        package["maintainers"] = [{"username": str(m["name"])} for m in people]
-        package["publisher"] = package["maintainers"][0] if people else {"username": ""}
+        package.update(version=summary["version"], description=summary["description"])
+        if isinstance(summary["date"], str):
+            package["date"] = summary["date"]
+        package["maintainers"] = [{"username": person} for person in summary["maintainers"]]
+        package["publisher"] = package["maintainers"][0] if package["maintainers"] else {"username": ""}
         return obj
 
     # --- writing --------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ against the digests their metadata announces, forwards audit requests and warms 
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Mapping
@@ -23,9 +22,8 @@ from batlehub.api import (
     RegistryServices,
     UpstreamDocument,
     UpstreamError,
-    json_may_need_repair,
-    repair_json,
 )
+from batlehub_npm.documents import check_packument, upstream_dist, upstream_tags
 from batlehub_npm.integrity import expected_digests
 from batlehub_npm.names import split_spec
 
@@ -52,20 +50,6 @@ def upstream_path(name: str) -> str:
     return quote(name, safe="@")
 
 
-def parse_packument(body: bytes) -> dict[str, Any]:
-    """An upstream's packument, checked to be one; lone surrogates (which no JSON encoder writes
-    back out) become U+FFFD rather than failing every request for the package."""
-    try:
-        data = json.loads(body)
-        if json_may_need_repair(body):
-            data = repair_json(data)
-    except RecursionError:
-        raise ValueError("the answer is nested too deeply") from None
-    if not isinstance(data, dict) or not isinstance(data.get("versions", {}), dict):
-        raise ValueError("the answer is not a packument")
-    return data
-
-
 def _variant_of(requested: str, content_type: str) -> str:
     # An upstream may answer an abbreviated request with the full form: keep what it really is.
     return ABBREVIATED if content_type == ABBREVIATED_TYPE else FULL
@@ -74,7 +58,7 @@ def _variant_of(requested: str, content_type: str) -> str:
 PACKUMENT = DocumentFormat(
     path=upstream_path,
     accept={FULL: "application/json", ABBREVIATED: f"{ABBREVIATED_TYPE}; q=1.0, application/json; q=0.8, */*"},
-    parse=parse_packument,
+    check=check_packument,
     variant_of=_variant_of,
     answers={ABBREVIATED: (ABBREVIATED, FULL)},  # whatever the full form says, the abbreviated one says too
 )
@@ -182,17 +166,13 @@ class UpstreamProxy:
             if doc is None:
                 log.warning("warm-up %d/%d: %s is not on any upstream registry", index, total, name)
                 return
-            tags = doc.data.get("dist-tags") or {}
+            tags = await self.documents.extract(doc, upstream_tags)
             version = tags.get(wanted or "latest", wanted)
-            manifest = (doc.data.get("versions") or {}).get(version) if isinstance(version, str) else None
-            if (
-                not isinstance(version, str)
-                or not isinstance(manifest, dict)
-                or not isinstance(manifest.get("dist"), dict)
-            ):
+            dist = await self.documents.extract(doc, upstream_dist, version) if isinstance(version, str) else None
+            if not isinstance(version, str) or dist is None:
                 log.warning("warm-up %d/%d: %s has no version %s upstream", index, total, name, wanted or "latest")
                 return
-            await self.tarball(name, version, manifest["dist"])
+            await self.tarball(name, version, dist)
             ttl = WARMED_PINNED_SECS if wanted and wanted not in tags else WARMED_LATEST_SECS
             await self.cache.set(marker, version.encode(), ttl_secs=ttl)
             log.info("warm-up %d/%d: %s@%s", index, total, name, version)
@@ -200,4 +180,4 @@ class UpstreamProxy:
             await self.cache.release_lease(lease, owner)
 
 
-__all__ = ["ABBREVIATED", "FULL", "PACKUMENT", "UpstreamProxy", "parse_packument", "upstream_path"]
+__all__ = ["ABBREVIATED", "FULL", "PACKUMENT", "UpstreamProxy", "upstream_path"]

@@ -111,10 +111,10 @@ def test_accept_header_picks_the_abbreviated_form() -> None:
 def test_rendered_cache_is_bounded_and_forgets_packages() -> None:
     cache = RenderedCache(max_bytes=1000)
     for i in range(20):
-        cache.put((f"p{i}", "1", "full"), Rendered(b"x" * 100, f'"{i}"', "application/json"))
+        cache.put((f"p{i}", "1", "full"), Rendered.of(b"x" * 100, f'"{i}"', "application/json"))
     assert cache.get(("p0", "1", "full")) is None
     assert cache.get(("p19", "1", "full")) is not None
     cache.drop_package("p19")
     assert cache.get(("p19", "1", "full")) is None
-    item = Rendered(b'{"a":1}' * 100, '"e"', "application/json")
-    assert gzip.decompress(item.gzipped()) == item.body
+    item = Rendered.of(b'{"a":1}' * 300, '"e"', "application/json")
+    assert item.gzip_body is not None and gzip.decompress(item.gzip_body) == item.body
