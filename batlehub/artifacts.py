@@ -384,11 +384,13 @@ class ArtifactStore:
 
 
 async def is_referenced(db: Connection, key: str) -> bool:
-    """Whether a database row names the blob (a file, a version, or a recorded artifact)."""
+    """Whether a database row names the blob (a file, a version, a recorded artifact, or a big
+    upstream document)."""
     row = await db.fetchrow(
         "SELECT 1 AS hit FROM artifacts WHERE storage_key = $1"
         " UNION ALL SELECT 1 AS hit FROM files WHERE artifact_key = $1"
-        " UNION ALL SELECT 1 AS hit FROM versions WHERE artifact_key = $1 LIMIT 1",
+        " UNION ALL SELECT 1 AS hit FROM versions WHERE artifact_key = $1"
+        " UNION ALL SELECT 1 AS hit FROM upstream_documents WHERE body_key = $1 LIMIT 1",
         key,
     )
     return row is not None

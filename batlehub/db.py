@@ -246,6 +246,33 @@ MIGRATIONS: list[tuple[int, str, list[Any]]] = [
             "ALTER TABLE dist_tags ADD COLUMN created DOUBLE PRECISION NOT NULL DEFAULT 0",
         ],
     ),
+    (
+        5,
+        "big upstream documents in storage; what retention needs to evict proxied content",
+        [
+            # A big body lives in storage under `body_key` (the row's `body` then holds the header).
+            "ALTER TABLE upstream_documents ADD COLUMN body_key TEXT",
+            "ALTER TABLE upstream_documents ADD COLUMN size BIGINT NOT NULL DEFAULT 0",
+            "ALTER TABLE upstream_documents ADD COLUMN last_used DOUBLE PRECISION NOT NULL DEFAULT 0",
+            "UPDATE upstream_documents SET size = LENGTH(body), last_used = fetched",
+            "CREATE INDEX upstream_documents_body_key ON upstream_documents (body_key)",
+            "CREATE INDEX upstream_documents_used ON upstream_documents (registry, last_used)",
+            # A registry's claim on an artifact it fetched from its upstream: what it may evict.
+            # Blobs are shared by content, so a blob goes only when no claim and no local file
+            # (`files`, `versions`) names it any more.
+            """CREATE TABLE cached_artifacts (
+                registry TEXT NOT NULL,
+                storage_key TEXT NOT NULL,
+                url TEXT NOT NULL,
+                what TEXT NOT NULL,
+                size BIGINT NOT NULL,
+                fetched DOUBLE PRECISION NOT NULL,
+                last_used DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (registry, storage_key))""",
+            "CREATE INDEX cached_artifacts_used ON cached_artifacts (registry, last_used)",
+            "CREATE INDEX cached_artifacts_key ON cached_artifacts (storage_key)",
+        ],
+    ),
 ]
 
 

@@ -141,6 +141,7 @@ class RegistryServices:
             origins=self.origins,
             offload=self.offload,
             memo_max_bytes=self._memory_bytes() // 3,
+            storage=self.artifacts.storage,
         )
         if guard_publishes and upstreams:
             self.packages.upstream_has = documents.exists

@@ -7,7 +7,8 @@ them once they are older than a grace period, so that a publish still in flight 
 
 Only content-addressed blobs are considered: keys of the form `<format>/blobs/...` (e.g.
 `npm/blobs/sha512/ab/ab12...`, see `batlehub.artifacts.blob_key`). A blob is referenced when a
-`files.artifact_key`, a `versions.artifact_key` or an `artifacts.storage_key` names it. One
+`files.artifact_key`, a `versions.artifact_key`, an `artifacts.storage_key` or an
+`upstream_documents.body_key` (a big upstream document) names it. One
 replica sweeps at a time, under a lease in the cache backend.
 """
 
@@ -51,6 +52,7 @@ async def sweep_orphans(db: Database, storage: StorageBackend, *, grace_secs: fl
         "SELECT artifact_key AS key FROM versions WHERE artifact_key IS NOT NULL"
         " UNION SELECT artifact_key AS key FROM files"
         " UNION SELECT storage_key AS key FROM artifacts"
+        " UNION SELECT body_key AS key FROM upstream_documents WHERE body_key IS NOT NULL"
     )
     referenced = {row["key"] for row in rows}
     result = SweepResult()

@@ -8,8 +8,11 @@ are addressed and checked (`DocumentFormat`).
   taken watches the cache for the result instead of asking the upstream too.
 - An expired copy is revalidated with `If-None-Match` / `If-Modified-Since`; a 304 renews it
   without downloading the body again.
-- Every good copy is kept twice: in the cache backend (shared and fast) and in the database table
-  `upstream_documents` (durable), so `serve_stale` still works after a restart or a cache flush.
+- Every good copy is kept twice: in the cache backend (shared and fast) and durably, so
+  `serve_stale` still works after a restart or a cache flush: in the database table
+  `upstream_documents`, whose row holds the body itself up to `STORED_BODY_MIN_BYTES` and names a
+  content-addressed blob in the storage backend beyond (a 20 MB write would hold SQLite's one
+  connection, and everyone waiting for it, for a long moment, and bloat the database).
 - A name every upstream answers 404 for is remembered as absent for a short while
   (`NOT_FOUND_TTL_SECS`), so a typo in a lockfile does not cost an upstream request per client.
 - A name reserved for local use (`PackageStore.is_reserved`) is never asked for at all.
@@ -32,7 +35,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -46,6 +49,7 @@ from batlehub.outbound import UpstreamOrigins, failure_reason, origin_of
 
 if TYPE_CHECKING:
     from batlehub.db import Database
+    from batlehub.interfaces import StorageBackend
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,9 @@ CACHED_BODY_MAX_BYTES = 8 * 1024 * 1024
 """Bodies larger than this are not put into a shared cache (they would slow it down for everyone);
 replicas read them from the database instead, once per change thanks to the memo."""
 CHUNK_SIZE = 64 * 1024
+STORAGE_CHUNK_SIZE = 1024 * 1024
+STORED_BODY_MIN_BYTES = 1024 * 1024
+"""Bodies from this size on are kept in the storage backend, the database row naming them."""
 
 
 # --- what a format tells core ---------------------------------------------------------------------
@@ -209,10 +216,26 @@ def _open_envelope(raw: bytes) -> tuple[_Copy, bytes] | None:
     return None if copy is None else (copy, body)
 
 
+def body_blob_key(format_name: str, sha256_hex: str) -> str:
+    """Where a big upstream body is stored: content-addressed like artifacts (`<format>/blobs/`),
+    so the orphan sweep collects it once no `upstream_documents` row names it."""
+    return f"{format_name}/blobs/sha256/{sha256_hex[:2]}/{sha256_hex}"
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A stored copy: its body at hand, or the storage key it is kept under (read when needed)."""
+
+    copy: _Copy
+    body: bytes | None
+    blob: str | None = None
+
+
 @dataclass(frozen=True)
 class _LastGood:
     copy: _Copy
-    body: bytes
+    body: bytes | None
+    """None for a body kept in storage (read only when something needs it)."""
     in_cache: bool
     """False when it came from the database, so a 304 must put the body back into the cache."""
 
@@ -255,6 +278,7 @@ class UpstreamDocuments:
         origins: UpstreamOrigins | None = None,
         offload: Offloader | None = None,
         memo_max_bytes: int = MEMO_MAX_BYTES,
+        storage: StorageBackend | None = None,
     ) -> None:
         self.registry = registry
         self.format_name = format_name
@@ -278,6 +302,8 @@ class UpstreamDocuments:
         self._extracts: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self.memo_max_bytes = memo_max_bytes
         self.offload = offload or Offloader()
+        self.storage = storage
+        """Where big bodies are kept (`STORED_BODY_MIN_BYTES`); without one, all go to the database."""
         self._headers: dict[bytes, _Copy] = {}
         self._warn_allowed = LogThrottle()
         # A per-process cache would only hold a second copy of what the memo and the database
@@ -392,7 +418,7 @@ class UpstreamDocuments:
         body = await self._body_for(doc.name, doc.variant, copy)
         if body is None:
             stored = await self._db_envelope(doc.name, doc.variant)
-            body = stored[1] if stored is not None else None  # a newer copy is as good
+            body = await self._body_of(stored) if stored is not None else None  # a newer copy is as good
         if body is None:
             raise UpstreamError(f"the stored copy of package {doc.name} is gone; try again")
         return body
@@ -418,26 +444,43 @@ class UpstreamDocuments:
             return memo[1]
         for source in (self._cache_envelope, self._db_envelope):
             found = await source(name, variant)
-            if found is not None and found[0].content_id == copy.content_id:
-                self._remember(body_key, copy.content_id, found[1])
-                return found[1]
+            if found is not None and found.copy.content_id == copy.content_id:
+                body = await self._body_of(found)
+                if body is not None:
+                    self._remember(body_key, copy.content_id, body)
+                return body
         return None
 
-    async def _cache_envelope(self, name: str, variant: str) -> tuple[_Copy, bytes] | None:
+    async def _body_of(self, stored: _Stored) -> bytes | None:
+        """The body of a stored copy, read from storage if it is kept there (None if it is gone)."""
+        if stored.body is not None or stored.blob is None or self.storage is None:
+            return stored.body
+        try:
+            return b"".join([chunk async for chunk in self.storage.get(stored.blob)])
+        except NotFound:
+            return None
+        except Exception as exc:
+            if self._warn_allowed("storage-read"):
+                log.warning("cannot read a stored upstream document from storage: %s", exc)
+            return None
+
+    async def _cache_envelope(self, name: str, variant: str) -> _Stored | None:
         if not self._cache_bodies:
             return None
         raw = await self.cache.get(self._body_key(variant, name), stale=True)
-        return _open_envelope(raw) if raw else None
+        opened = _open_envelope(raw) if raw else None
+        return _Stored(*opened) if opened is not None else None
 
-    async def _db_envelope(self, name: str, variant: str) -> tuple[_Copy, bytes] | None:
+    async def _db_envelope(self, name: str, variant: str) -> _Stored | None:
         return (await self._db_envelopes(name, (variant,))).get(variant)
 
-    async def _db_envelopes(self, name: str, variants: tuple[str, ...]) -> dict[str, tuple[_Copy, bytes]]:
-        """The stored copies of `name` in the given variants, by variant (one statement)."""
+    async def _db_envelopes(self, name: str, variants: tuple[str, ...]) -> dict[str, _Stored]:
+        """The stored copies of `name` in the given variants, by variant (one statement; bodies
+        kept in storage are not read yet)."""
         marks = ", ".join(f"${i}" for i in range(3, 3 + len(variants)))
         try:
             rows = await self.db.fetch(
-                "SELECT variant, body, etag, last_modified, fetched FROM upstream_documents"
+                "SELECT variant, body, body_key, etag, last_modified, fetched FROM upstream_documents"
                 f" WHERE registry = $1 AND name = $2 AND variant IN ({marks})",
                 self.registry,
                 name,
@@ -456,15 +499,16 @@ class UpstreamDocuments:
             copy = replace(
                 opened[0], fetched=float(row["fetched"]), etag=row["etag"], last_modified=row["last_modified"]
             )
-            found[str(row["variant"])] = (copy, opened[1])
+            blob = row["body_key"]
+            found[str(row["variant"])] = _Stored(copy, None if blob else opened[1], blob)
         return found
 
     async def _last_good(self, name: str, variant: str) -> _LastGood | None:
         """The newest stored copy, fresh or not: what revalidation and `serve_stale` start from."""
         variants = self.format.stored_variants(variant)
-        stored: dict[str, tuple[_Copy, bytes]] | None = None
+        stored: dict[str, _Stored] | None = None
 
-        async def from_db(name: str, v: str) -> tuple[_Copy, bytes] | None:
+        async def from_db(name: str, v: str) -> _Stored | None:
             nonlocal stored
             if stored is None:  # every variant in one statement: a cold miss asks for two
                 stored = await self._db_envelopes(name, variants)
@@ -482,10 +526,11 @@ class UpstreamDocuments:
                 found = await source(name, v)
                 if found is None:
                     continue
-                copy, body = found
+                copy, body = found.copy, found.body
                 if in_cache and header is not None and header.content_id == copy.content_id:
                     copy = header
-                self._remember(body_key, copy.content_id, body)
+                if body is not None:
+                    self._remember(body_key, copy.content_id, body)
                 return _LastGood(copy, body, in_cache)
         return None
 
@@ -595,19 +640,19 @@ class UpstreamDocuments:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _UpstreamFailed(failure_reason(exc), str(exc)) from exc
         try:
-            body, content_id = await self.offload.run(len(body), checked_with_id, self.format.check, body)
+            body, digest = await self.offload.run(len(body), checked_with_id, self.format.check, body)
         except ValueError as exc:
             raise _UpstreamFailed("the answer is not a usable document", str(exc)) from exc
         self.stats.metadata_downloads += 1
         copy = _Copy(
             upstream=upstream,
             variant=got,
-            content_id=content_id,
+            content_id=digest[:32],
             fetched=time.time(),
             etag=etag,
             last_modified=last_modified,
         )
-        await self._store(name, copy, body)
+        await self._store(name, copy, body, digest)
         self._remember(self._body_key(got, name), copy.content_id, body)
         return self._document(name, copy, body, stale=False)
 
@@ -652,16 +697,24 @@ class UpstreamDocuments:
             self._extracts.popitem(last=False)
         return result
 
-    async def _store(self, name: str, copy: _Copy, body: bytes) -> None:
-        """Keep a new body: in the database (the durable last good copy), the cache body, then
-        the fresh header that tells waiting replicas it is there.
+    async def _store(self, name: str, copy: _Copy, body: bytes, digest: str) -> None:
+        """Keep a new body: durably (the last good copy), in the cache, then the fresh header that
+        tells waiting replicas it is there.
 
-        The database write happens after answering (awaited by `close`) when nobody needs it
-        meanwhile: this process has the document in its memo, and other replicas find the body in
-        the shared cache. A body too large for the shared cache (or, with a per-process cache, for
-        the memo) is written first, because it will be read from the database."""
+        A big body goes to storage first, then the row naming it. Otherwise the database write
+        happens after answering (awaited by `close`) when nobody needs it meanwhile: this process
+        has the document in its memo, and other replicas find the body in the shared cache. A body
+        too large for the shared cache (or, with a per-process cache, for the memo) is written
+        first, because it will be read from the database."""
         envelope = _envelope(copy, body)
-        write = self._write_document(name, copy, envelope)
+        if self.storage is not None and len(body) >= STORED_BODY_MIN_BYTES:
+            blob = await self._put_body(body, digest)
+            if blob is not None:
+                await self._write_document(name, copy, _envelope(copy, b""), blob=blob, size=len(body))
+                await self._cache_body(name, copy, envelope)
+                await self._publish_fresh(name, copy)
+                return
+        write = self._write_document(name, copy, envelope, size=len(body))
         in_shared_cache = self._cache_bodies and len(envelope) <= CACHED_BODY_MAX_BYTES
         in_memo = len(body) * 4 <= self.memo_max_bytes
         if not in_shared_cache and (self._cache_bodies or not in_memo):
@@ -669,6 +722,28 @@ class UpstreamDocuments:
         else:
             self.writes.spawn(write)
         await self._cache_body(name, copy, envelope)
+        await self._publish_fresh(name, copy)
+
+    async def _put_body(self, body: bytes, digest: str) -> str | None:
+        """Keep a big body in storage under its content key; None (the database keeps it then)
+        when storage fails."""
+        assert self.storage is not None
+        key = body_blob_key(self.format_name, digest)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            view = memoryview(body)
+            for start in range(0, len(body), STORAGE_CHUNK_SIZE):
+                yield bytes(view[start : start + STORAGE_CHUNK_SIZE])
+
+        try:
+            await self.storage.put(key, chunks(), expected={"sha256": digest})
+        except Exception as exc:
+            if self._warn_allowed("storage-write"):
+                log.warning("cannot keep a big upstream document in storage (the database keeps it): %s", exc)
+            return None
+        return key
+
+    async def _publish_fresh(self, name: str, copy: _Copy) -> None:
         await self.cache.invalidate(self._absent_key(name))
         await self.cache.set(
             self._fresh_key(copy.variant, name),
@@ -677,19 +752,25 @@ class UpstreamDocuments:
             stale_retention_secs=COPY_RETENTION_SECS,
         )
 
-    async def _write_document(self, name: str, copy: _Copy, envelope: bytes) -> None:
+    async def _write_document(
+        self, name: str, copy: _Copy, envelope: bytes, *, size: int, blob: str | None = None
+    ) -> None:
         try:
             # Never replace a newer copy (writes that finish out of order on a pool).
             await self.db.execute(
-                "INSERT INTO upstream_documents (registry, name, variant, body, etag, last_modified, fetched)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+                "INSERT INTO upstream_documents"
+                " (registry, name, variant, body, body_key, size, etag, last_modified, fetched, last_used)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
                 " ON CONFLICT (registry, name, variant) DO UPDATE SET body = excluded.body,"
-                " etag = excluded.etag, last_modified = excluded.last_modified, fetched = excluded.fetched"
+                " body_key = excluded.body_key, size = excluded.size, etag = excluded.etag,"
+                " last_modified = excluded.last_modified, fetched = excluded.fetched, last_used = excluded.last_used"
                 " WHERE upstream_documents.fetched <= excluded.fetched",
                 self.registry,
                 name,
                 copy.variant,
                 envelope,
+                blob,
+                size,
                 copy.etag,
                 copy.last_modified,
                 copy.fetched,
@@ -717,7 +798,7 @@ class UpstreamDocuments:
         )
         try:
             await self.db.execute(
-                "UPDATE upstream_documents SET fetched = $1, etag = $2, last_modified = $3"
+                "UPDATE upstream_documents SET fetched = $1, etag = $2, last_modified = $3, last_used = $1"
                 " WHERE registry = $4 AND name = $5 AND variant = $6",
                 copy.fetched,
                 copy.etag,
@@ -729,7 +810,7 @@ class UpstreamDocuments:
         except Exception as exc:
             if self._warn_allowed("db-write"):
                 log.warning("cannot renew the upstream copy of %s in the database: %s", name, exc)
-        if not last.in_cache:
+        if not last.in_cache and last.body is not None:
             await self._cache_body(name, copy, _envelope(copy, last.body))
         await self.cache.set(
             self._fresh_key(copy.variant, name),
@@ -786,9 +867,9 @@ class UpstreamDocuments:
 
 
 def checked_with_id(check: Callable[[bytes], bytes], body: bytes) -> tuple[bytes, str]:
-    """`check(body)` and the content id of what it kept (both pure: run off the event loop)."""
+    """`check(body)` and the sha256 (hex) of what it kept (both pure: run off the event loop)."""
     kept = check(body)
-    return kept, hashlib.sha256(kept).hexdigest()[:32]
+    return kept, hashlib.sha256(kept).hexdigest()
 
 
 def like_escape(text: str) -> str:

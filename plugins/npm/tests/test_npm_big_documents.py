@@ -19,10 +19,10 @@ import pytest
 from batlehub.testing.hub import Hub, HubFactory
 
 BIG_VERSIONS = 2000
-STALL_BUDGET_MS = 200.0
+STALL_BUDGET_MS = 50.0
 """Decoding and rendering the big document on the event loop stalls everyone for about 400 ms on a
-2-core machine (and more for bigger documents); off it, the probe's p99 stays near 70 ms, which is
-the CPU contention of eight downloads on two cores, not the hub's event loop."""
+2-core machine (and more for bigger documents); off it, the probe's p99 delay is about 35-45 ms
+here, mostly CPU contention of ten processes on two cores, not the hub's event loop."""
 
 UPSTREAM = """
 import sys
@@ -136,8 +136,10 @@ async def big_download(hub: Hub, accept: str) -> int:
     return int(out or 0)
 
 
-@pytest.mark.slow
-async def test_eight_clients_of_a_20mb_document_do_not_stall_anyone_else(hub: HubFactory, upstream: str) -> None:
+async def stall(hub: HubFactory, upstream: str) -> float:
+    """On a fresh hub: p99 delay (ms) of the probe over its baseline while 8 clients fetch the big
+    document cold (one upstream fetch, one decode and one render per variant for all eight at once)
+    and then 8 more fetch it warm (the rendered bytes, from memory or spilled to disk)."""
     config = f'[[registries]]\ntype = "npm"\nname = "npm"\nmode = "proxy"\nupstreams = ["{upstream}"]\n'
     server: Hub = await hub(config)
     probe = await python(PROBE, server.url)
@@ -145,13 +147,12 @@ async def test_eight_clients_of_a_20mb_document_do_not_stall_anyone_else(hub: Hu
     assert await asyncio.wait_for(probe.stdout.readline(), 30) == b"ready\n"
 
     accepts = ["application/vnd.npm.install-v1+json; q=1.0, application/json; q=0.8, */*", "application/json"]
-    # Cold: one upstream fetch, one decode and one render per variant for all eight at once. Warm: the
-    # rendered bytes, from memory or spilled to disk.
     statuses = []
     for _ in ("cold", "warm"):
         statuses += await asyncio.gather(*(big_download(server, accepts[i % 2]) for i in range(8)))
     out, _ = await asyncio.wait_for(probe.communicate(b""), 60)
     result = json.loads(out)
+    await server.stop()
 
     assert statuses == [200] * 16
     during, baseline = result["during"], result["baseline"]
@@ -162,4 +163,15 @@ async def test_eight_clients_of_a_20mb_document_do_not_stall_anyone_else(hub: Hu
         f" baseline median {statistics.median(baseline):.1f} ms; delay {delay:.1f} ms;"
         f" slowest {[round(x) for x in sorted(during)[-5:]]}"
     )
-    assert delay <= STALL_BUDGET_MS, (delay, sorted(during)[-10:])
+    return delay
+
+
+@pytest.mark.slow
+async def test_eight_clients_of_a_20mb_document_do_not_stall_anyone_else(hub: HubFactory, upstream: str) -> None:
+    # A second measurement on a fresh hub only when the first is over budget: a hub that does the
+    # work on its event loop is over it every time (about 400 ms), while a shared 2-core CI machine
+    # can be busy elsewhere for one run.
+    delays = [await stall(hub, upstream)]
+    if delays[0] > STALL_BUDGET_MS:
+        delays.append(await stall(hub, upstream))
+    assert min(delays) <= STALL_BUDGET_MS, delays

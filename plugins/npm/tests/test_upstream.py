@@ -37,7 +37,9 @@ from batlehub.db import PostgresDatabase, SqliteDatabase
 from batlehub.errors import IntegrityError, UpstreamError
 from batlehub.interfaces import CacheBackend
 from batlehub.registries import RegistryServices
+from batlehub.sweep import sweep_orphans
 from batlehub.testing.registries import registry_services
+from batlehub.upstream import STORED_BODY_MIN_BYTES
 
 REGISTRY = RegistrySettings(type="npm", name="npm", rbac={}, rate_limit=None, quota=None, options={})
 
@@ -553,6 +555,48 @@ async def test_failing_upstream_serves_stale_and_backs_off(
     assert proxy.stats.stale_served == 5
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "stale copy" in r.getMessage()]
     assert len(warnings) == 1 and name in warnings[0].getMessage()
+
+
+async def test_a_big_document_is_kept_in_storage_not_the_database(
+    db: Any,
+    storage: FilesystemStorage,
+    make_services: Callable[..., RegistryServices],
+    proxies: Callable[..., UpstreamProxy],
+    local_upstream: LocalUpstream,
+) -> None:
+    """A multi-MB body in the database bloats it and holds SQLite's one connection while it is
+    written: it goes to storage, the row names it, and every path that reads it back still works."""
+    name = unique()
+    versions = {f"1.0.{i}": {"name": name, "version": f"1.0.{i}", "description": "d" * 2000} for i in range(800)}
+    local_upstream.packuments[name] = {"name": name, "dist-tags": {"latest": "1.0.799"}, "versions": versions}
+    proxy = proxies(make_services(MemoryCache()), [local_upstream.url], ttl=0.1)
+    good = await proxy.packument(name)
+    assert good is not None and len(good.body or b"") > STORED_BODY_MIN_BYTES
+    await proxy.settle()
+
+    row = await db.fetchrow("SELECT body, body_key, size FROM upstream_documents WHERE name = $1", name)
+    assert row["body_key"] and row["size"] == len(good.body or b"")
+    assert len(row["body"]) < 1000  # the header only
+    assert await storage.stat(row["body_key"]) is not None
+    assert (await sweep_orphans(db, storage, grace_secs=0)).deleted == []
+
+    # A restarted hub, upstream failing: the stale copy is read back from storage.
+    local_upstream.status = 503
+    restarted = proxies(make_services(MemoryCache()), [local_upstream.url], ttl=0.1)
+    stale = await restarted.packument(name)
+    assert stale is not None and stale.stale
+    assert await restarted.documents.read(stale) == good.body
+
+    # New content upstream: the row names a new blob, and the old one is left to the sweep.
+    local_upstream.status = None
+    versions["1.0.800"] = {"name": name, "version": "1.0.800", "description": "new"}
+    await asyncio.sleep(0.15)
+    newer = await proxy.packument(name)
+    assert newer is not None and b"1.0.800" in await proxy.documents.read(newer)
+    await proxy.settle()
+    assert (await sweep_orphans(db, storage, grace_secs=0)).deleted == [row["body_key"]]
+    renewed = await restarted.packument(name, revalidate=True)
+    assert renewed is not None and b"1.0.800" in await restarted.documents.read(renewed)
 
 
 async def test_an_outage_logs_a_line_an_interval_not_a_line_a_package(
