@@ -48,10 +48,12 @@ from batlehub.packages import (
     FileRecord,
     NewFile,
     Package,
+    PackageRows,
     PackageStore,
     PackageSummary,
     PackageWrite,
     VersionRecord,
+    package_of,
 )
 from batlehub.plugins import hookimpl
 from batlehub.registries import RegistryServices
@@ -101,6 +103,7 @@ __all__ = [
     "NewFile",
     "NotFound",
     "Package",
+    "PackageRows",
     "PackageStore",
     "PackageSummary",
     "PackageWrite",
@@ -138,6 +141,7 @@ __all__ = [
     "hookimpl",
     "identity",
     "json_may_need_repair",
+    "package_of",
     "parse_json",
     "points_at_this_hub",
     "read_body",

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from batlehub import audit
@@ -41,10 +41,12 @@ __all__ = [
     "FileRecord",
     "NewFile",
     "Package",
+    "PackageRows",
     "PackageStore",
     "PackageSummary",
     "PackageWrite",
     "VersionRecord",
+    "package_of",
     "revision_stamp",
 ]
 
@@ -131,7 +133,14 @@ class PackageStore:
     # --- reading ------------------------------------------------------------------------------
 
     async def load(self, name: str) -> Package | None:
-        """Everything about a package, read from one snapshot; None when it is not published here."""
+        """Everything about a package, read from one snapshot; None when it is not published here.
+        For a package whose documents may be big, `load_rows` and `package_of` in a worker."""
+        rows = await self.load_rows(name)
+        return package_of(rows) if rows is not None else None
+
+    async def load_rows(self, name: str) -> PackageRows | None:
+        """What `load` reads, still as the database's plain values (manifests as JSON text): cheap
+        to hand to a worker process (`batlehub.offload`), where `package_of` decodes it."""
         async with self.db.snapshot() as conn:
             row = await conn.fetchrow(
                 "SELECT revision, created, modified, extra FROM packages WHERE registry = $1 AND name = $2",
@@ -160,28 +169,13 @@ class PackageStore:
                 self.name,
                 name,
             )
-        by_version: dict[str, list[FileRecord]] = {}
-        for f in files:
-            by_version.setdefault(f["version"], []).append(_file(f))
-        return Package(
+        return PackageRows(
             name=name,
-            revision=int(row["revision"]),
-            created=float(row["created"]),
-            modified=float(row["modified"]),
-            extra=json.loads(row["extra"] or "{}"),
-            versions=tuple(
-                VersionRecord(
-                    version=v["version"],
-                    manifest=json.loads(v["manifest"]),
-                    created=float(v["created"]),
-                    publisher=v["publisher"],
-                    size=int(v["size"] or 0),
-                    files=tuple(by_version.get(v["version"], ())),
-                )
-                for v in versions
-            ),
-            tags={t["tag"]: t["version"] for t in tags},
-            owners=tuple(o["user_id"] for o in owners),
+            package=dict(row),
+            versions=[dict(v) for v in versions],
+            files=[dict(f) for f in files],
+            tags=[(t["tag"], t["version"]) for t in tags],
+            owners=[o["user_id"] for o in owners],
         )
 
     async def file(self, name: str, *, version: str | None = None, filename: str | None = None) -> FileRecord | None:
@@ -368,6 +362,55 @@ class PackageStore:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PackageRows:
+    """A package as the database holds it (see `PackageStore.load_rows`)."""
+
+    name: str
+    package: dict[str, Any]
+    versions: list[dict[str, Any]]
+    files: list[dict[str, Any]]
+    tags: list[tuple[str, str]]
+    owners: list[str]
+
+    @property
+    def stamp(self) -> str:
+        return revision_stamp(float(self.package["created"]), int(self.package["revision"]))
+
+    @property
+    def size(self) -> int:
+        """About how many bytes of JSON decoding `package_of` does (decides where it runs)."""
+        return len(self.package["extra"] or "") + sum(len(v["manifest"]) for v in self.versions)
+
+
+def package_of(rows: PackageRows) -> Package:
+    """The `Package` the rows describe (pure: runs in a worker process for a big package)."""
+    by_version: dict[str, list[FileRecord]] = {}
+    for f in rows.files:
+        by_version.setdefault(f["version"], []).append(_file(f))
+    row = rows.package
+    return Package(
+        name=rows.name,
+        revision=int(row["revision"]),
+        created=float(row["created"]),
+        modified=float(row["modified"]),
+        extra=json.loads(row["extra"] or "{}"),
+        versions=tuple(
+            VersionRecord(
+                version=v["version"],
+                manifest=json.loads(v["manifest"]),
+                created=float(v["created"]),
+                publisher=v["publisher"],
+                size=int(v["size"] or 0),
+                files=tuple(by_version.get(v["version"], ())),
+            )
+            for v in rows.versions
+        ),
+        tags=dict(rows.tags),
+        owners=tuple(rows.owners),
+    )
 
 
 def _file(row: Mapping[str, Any]) -> FileRecord:

@@ -253,3 +253,26 @@ def test_migrate_with_an_unusable_data_dir_exits_1_with_one_line(tmp_path: Path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("batlehub: cannot open the SQLite database at ")
+
+
+async def test_upstream_documents_stored_before_migration_5_get_their_size_and_last_use(
+    database: Database,
+) -> None:
+    """Retention sizes and orders copies fetched before it existed by what the rows already say."""
+    from batlehub.db import _apply_migrations
+
+    saved = list(MIGRATIONS)
+    MIGRATIONS[:] = [m for m in saved if m[0] < 5]
+    try:
+        await database.migrate()
+    finally:
+        MIGRATIONS[:] = saved
+    await database.execute(
+        "INSERT INTO upstream_documents (registry, name, variant, body, fetched) VALUES ('r', 'p', 'full', $1, 123.5)",
+        b"h\n" + b"x" * 5000,
+    )
+    async with database.transaction() as conn:
+        assert await _apply_migrations(conn, database.dialect, None) == [m[0] for m in MIGRATIONS if m[0] >= 5]
+    row = await database.fetchrow("SELECT size, last_used, body_key FROM upstream_documents")
+    assert row is not None
+    assert (row["size"], row["last_used"], row["body_key"]) == (5002, 123.5, None)

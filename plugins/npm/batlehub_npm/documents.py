@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from batlehub.api import Package, content_etag, gzipped, json_may_need_repair, repair_json
+from batlehub.api import Package, PackageRows, content_etag, gzipped, json_may_need_repair, package_of, repair_json
 from batlehub_npm.names import PackageName, latest_version
 
 ABBREVIATED_TYPE = "application/vnd.npm.install-v1+json"
@@ -200,6 +200,13 @@ def check_packument(body: bytes) -> bytes:
 def _check_shape(data: Any) -> None:
     if not isinstance(data, dict) or not isinstance(data.get("versions", {}), dict):
         raise ValueError("the answer is not a packument")
+
+
+def render_local(rows: PackageRows, registry_url: str, abbreviated: bool) -> tuple[bytes, bytes | None]:
+    """A local packument as this hub serves it: its bytes and their gzip form (pure: a worker
+    process renders a big one)."""
+    rendered = serialize(local_packument(package_of(rows), registry_url, abbreviated=abbreviated))
+    return rendered, gzipped(rendered)
 
 
 def render_proxied(body: bytes, name: str, registry_url: str, abbreviated: bool) -> tuple[bytes, bytes | None, str]:

@@ -186,25 +186,19 @@ class NpmRegistry:
         stamp = await self.local.stamp(package.name)
         if stamp is not None:
             if write:  # the CLI is about to edit: straight from the database
-                local = await self.local.load(package)
-                if local is None:
-                    raise self._not_found(package)
-                doc = documents.local_packument(local, registry_url(request), abbreviated=False)
-                return web.Response(
-                    body=documents.serialize(doc), content_type=content_type, headers={"Cache-Control": "no-store"}
-                )
+                body, _, _ = await self._render_local(package, registry_url(request), abbreviated=False)
+                return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-store"})
             etag = revision_etag(stamp, variant, base)
             if etag_matches(request.headers.get("If-None-Match"), etag):
                 return web.Response(status=304, headers={"ETag": etag, "Cache-Control": "no-cache", "Vary": VARY})
-            rendered = self.rendered.get((package.name, stamp, variant, base))
-            if rendered is None:
-                local = await self.local.load(package)
-                if local is None:
-                    raise self._not_found(package)
-                doc = documents.local_packument(local, registry_url(request), abbreviated=abbreviated)
-                etag = revision_etag(local.stamp, variant, base)
-                rendered = Rendered.of(documents.serialize(doc), etag, content_type)
-                self.rendered.put((package.name, local.stamp, variant, base), rendered)
+            url = registry_url(request)
+
+            async def render_local() -> Rendered:
+                body, body_gzip, rendered_stamp = await self._render_local(package, url, abbreviated=abbreviated)
+                return Rendered.of(body, revision_etag(rendered_stamp, variant, base), content_type, body_gzip)
+
+            # Keyed by the stamp read above; bytes of a write since then carry their own ETag.
+            rendered = await self.rendered.get_or_render((package.name, stamp, variant, base), render_local)
             return respond(request, rendered, {"Vary": VARY})
         upstream = await self._upstream(package, abbreviated=abbreviated)
         if upstream is None:
@@ -225,6 +219,16 @@ class NpmRegistry:
         rendered = await self.rendered.get_or_render(key, render)
         extra = {"Warning": '110 batlehub "served stale: upstream unavailable"'} if upstream.stale else {}
         return respond(request, rendered, {"Vary": VARY, **extra})
+
+    async def _render_local(
+        self, package: PackageName, url: str, *, abbreviated: bool
+    ) -> tuple[bytes, bytes | None, str]:
+        """A local packument's bytes, their gzip form and the revision they are of."""
+        rows = await self.local.store.load_rows(package.name)
+        if rows is None:
+            raise self._not_found(package)
+        body, body_gzip = await self.services.offload.run(rows.size, documents.render_local, rows, url, abbreviated)
+        return body, body_gzip, rows.stamp
 
     async def get_version(self, request: web.Request, route: Route) -> web.StreamResponse:
         require(request, "releases:read")
