@@ -4,6 +4,7 @@ ownership has its own module (`batlehub.ownership`)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -18,14 +19,15 @@ from aiohttp import web
 
 from batlehub import __version__, appkeys, audit, ownership, quota
 from batlehub.auth import Identity, has_permission
-from batlehub.config import valid_user_id
+from batlehub.config import RegistrySettings, RetentionSettings, valid_user_id
 from batlehub.coordination import LogThrottle
-from batlehub.errors import BadRequest, NotFound
+from batlehub.errors import BadRequest, Conflict, NotFound
 from batlehub.guide import registry_guides
 from batlehub.interfaces import Banner, IpBlock
 from batlehub.net import canonical_ip, is_trusted
 from batlehub.plugins import describe_plugins
-from batlehub.requests import base_url, identity, read_json, registry_url, require_admin
+from batlehub.requests import base_url, identity, read_json, registry_url, require_admin, rfc3339
+from batlehub.retention import Retention
 
 log = logging.getLogger("batlehub.server")
 _health_warnings = LogThrottle()
@@ -54,6 +56,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/admin/quota/{registry}/{user_id}", get_quota)
     app.router.add_get("/api/v1/admin/audit-log", get_audit_log)
     ownership.add_routes(app)
+    app.router.add_get("/api/v1/admin/registries/{registry}/retention", get_retention)
+    app.router.add_post("/api/v1/admin/registries/{registry}/retention/run", run_retention)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -263,11 +267,6 @@ def _token_json(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def rfc3339(epoch: float) -> str:
-    moment = datetime.fromtimestamp(epoch, UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
 async def delete_token(request: web.Request) -> web.Response:
     admin = require_admin(request)
     token_id = request.match_info["id"]
@@ -299,6 +298,69 @@ async def get_quota(request: web.Request) -> web.Response:
             "enforcement": limits.enforcement if limits else None,
         }
     )
+
+
+# --- retention ---------------------------------------------------------------------------------------
+
+
+def _retention(request: web.Request) -> tuple[RegistrySettings, Retention]:
+    require_admin(request)
+    name = request.match_info["registry"]
+    services = request.app[appkeys.REGISTRY_SERVICES].get(name)
+    if services is None:
+        raise NotFound(f"no registry named {name!r}")
+    return services.registry, services.retention
+
+
+async def get_retention(request: web.Request) -> web.Response:
+    """The registry's retention settings, how much proxied content it holds, and the last run."""
+    registry, retention = _retention(request)
+    settings = registry.retention
+    return _json(
+        {
+            "registry": registry.name,
+            "settings": dataclasses.asdict(settings) if settings else None,
+            "usage": await retention.usage(),
+            "last_run": await retention.stored_report(),
+        }
+    )
+
+
+async def run_retention(request: web.Request) -> web.Response:
+    """Run retention now: `{"dry_run": true}` lists what would go; a dry run may also preview other
+    limits (`max_bytes`, `max_idle_days`) than the configured ones. 409 while another replica runs it."""
+    registry, retention = _retention(request)
+    data = await read_object(request)
+    unknown = set(data) - {"dry_run", "max_bytes", "max_idle_days"}
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}; expected dry_run, max_bytes, max_idle_days")
+    dry_run = data.get("dry_run", registry.retention.dry_run if registry.retention else False)
+    if not isinstance(dry_run, bool):
+        raise BadRequest("dry_run: expected true or false")
+    preview = None
+    if "max_bytes" in data or "max_idle_days" in data:
+        if not dry_run:
+            raise BadRequest("max_bytes and max_idle_days preview other limits: only with dry_run true")
+        base = registry.retention or RetentionSettings()
+        max_bytes, max_idle_days = data.get("max_bytes", base.max_bytes), data.get("max_idle_days", base.max_idle_days)
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise BadRequest("max_bytes: expected a whole number of bytes, 0 or more")
+        if (
+            isinstance(max_idle_days, bool)
+            or not isinstance(max_idle_days, int | float)
+            or not 0 <= max_idle_days < 1e6
+        ):
+            raise BadRequest("max_idle_days: expected a number of days, 0 or more")
+        preview = RetentionSettings(max_bytes=max_bytes, max_idle_days=float(max_idle_days), dry_run=True)
+    elif registry.retention is None and not dry_run:
+        raise BadRequest(
+            f"registry {registry.name!r} has no [registries.retention] settings; add max_bytes or"
+            " max_idle_days to its entry, or preview limits with a dry run"
+        )
+    report = await retention.run(dry_run=dry_run, settings=preview)
+    if report is None:
+        raise Conflict("retention is running on another replica; its report appears here when it is done")
+    return _json(report.to_json())
 
 
 def _query_number(request: web.Request, name: str, default: float | None) -> float | None:

@@ -18,7 +18,7 @@ import pluggy
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from batlehub import admin, appkeys, loopwatch, replicas, sweep
+from batlehub import admin, appkeys, loopwatch, replicas, retention, sweep
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
 from batlehub.config import DEFAULT_RBAC, REGISTRY_CORE_KEYS, RegistrySettings, Settings
@@ -296,6 +296,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app.cleanup_ctx.append(_hooks_ctx)
     app.cleanup_ctx.append(replicas.heartbeat_ctx(cache_type, storage_type))
     app.cleanup_ctx.append(sweep.sweep_ctx)
+    app.cleanup_ctx.append(retention.retention_ctx)
     _check_replica_safety(app, cache_type, storage_type)
 
     admin.add_routes(app)

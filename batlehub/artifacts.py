@@ -40,6 +40,7 @@ from batlehub.upstream import UpstreamStats
 
 if TYPE_CHECKING:
     from batlehub.db import Connection, Database
+    from batlehub.retention import UseLog
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ DISCARD_GRACE_SECS = 120.0
 an identical publish in flight (a client's retry) commits its rows within this."""
 STORED_MEMO_ENTRIES = 100_000
 """Keys a process remembers as stored, so a download asks neither the database nor storage."""
+STORED_MEMO_SECS = 10.0
+"""How long a key is remembered as stored without looking again: retention deletes a blob only
+after every process has forgotten it (`batlehub.retention`)."""
 CHUNK_SIZE = 64 * 1024
 _HEX = re.compile(r"^[0-9a-f]+$")
 VERIFIABLE = ("sha512", "sha256", "sha1")
@@ -135,6 +139,7 @@ class ArtifactStore:
         max_size: int,
         stats: UpstreamStats | None = None,
         origins: UpstreamOrigins | None = None,
+        uses: UseLog | None = None,
     ) -> None:
         self.format_name = format_name
         self.registry = registry
@@ -154,7 +159,9 @@ class ArtifactStore:
         # With local files, `local_path(key) is None` means "not stored": no round trip needed.
         self._local_files = "local_path" in storage_type.capabilities
         self._flights = SingleFlight()
-        self._stored: set[str] = set()
+        self._stored: dict[str, float] = {}
+        self.uses = uses
+        """Where served upstream artifacts are noted, for retention's least-recently-used order."""
         self._warn_allowed = LogThrottle()
 
     def key_for(self, digests: Mapping[str, str]) -> str:
@@ -250,7 +257,10 @@ class ArtifactStore:
         if "sha512" not in expected and "sha1" not in expected:
             raise IntegrityError(f"cannot verify {what}: its upstream metadata has no sha512 or sha1 digest")
         key = self.key_for(expected)
-        if key in self._stored:
+        if self.uses is not None:
+            self.uses.artifact(key, url, what)
+        stored_at = self._stored.get(key)
+        if stored_at is not None and time.monotonic() - stored_at < STORED_MEMO_SECS:
             return key
         if await self.ready(key):
             self.remember(key)
@@ -281,12 +291,12 @@ class ArtifactStore:
     def remember(self, key: str) -> None:
         if len(self._stored) >= STORED_MEMO_ENTRIES:
             self._stored.clear()
-        self._stored.add(key)
+        self._stored[key] = time.monotonic()
 
     def forget(self, key: str) -> None:
         """The blob under `key` turned out to be missing (the sweep deletes blobs whose rows are
-        gone): the next `fetch` checks again and downloads it anew."""
-        self._stored.discard(key)
+        gone) or was evicted: the next `fetch` checks again and downloads it anew."""
+        self._stored.pop(key, None)
 
     async def ready(self, key: str) -> bool:
         """Stored and recorded. With local files the file is looked at first (one `lstat`, no
@@ -336,13 +346,15 @@ class ArtifactStore:
         # The row is written after answering (awaited by `close`): until the sweep's grace period
         # has passed, a fresh blob is safe without it, and this process remembers the key as
         # stored. If the write fails, the sweep may collect the blob later; it is fetched again.
-        self.writes.spawn(self._record(blob))
+        self.writes.spawn(self._record(blob, url, what))
         log.info("registry %s: stored %s (%d bytes) from %s", self.registry, what, blob.size, url)
         return key
 
-    async def _record(self, blob: StoredBlob) -> None:
+    async def _record(self, blob: StoredBlob, url: str, what: str) -> None:
         try:
-            await record_artifact(self.db, blob)
+            async with self.db.transaction() as conn:
+                await record_artifact(conn, blob)
+                await record_claim(conn, self.registry, blob.key, url, what, blob.size)
         except Exception as exc:
             self.forget(blob.key)
             if self._warn_allowed("db-write"):
@@ -407,4 +419,21 @@ async def record_artifact(conn: Connection, blob: StoredBlob) -> None:
         blob.sha1,
         blob.sha256,
         time.time(),
+    )
+
+
+async def record_claim(conn: Connection, registry: str, key: str, url: str, what: str, size: int) -> None:
+    """A registry's claim on an artifact it fetched from `url` upstream: what its retention may
+    evict (`batlehub.retention`); `what` names it for people (`name@version`)."""
+    now = time.time()
+    await conn.execute(
+        "INSERT INTO cached_artifacts (registry, storage_key, url, what, size, fetched, last_used)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $6)"
+        " ON CONFLICT (registry, storage_key) DO UPDATE SET last_used = excluded.last_used, url = excluded.url",
+        registry,
+        key,
+        url,
+        what,
+        size,
+        now,
     )

@@ -32,7 +32,7 @@ DEFAULT_RBAC: dict[str, tuple[str, ...]] = {
 _NOT_SETTINGS = {"CONFIG", "DISABLE_PLUGIN_AUTOLOAD", "DATA_DIR", "LOAD_DOTENV", "TEST_SERVICES", "LOG_LEVEL"}
 _NOT_SETTINGS_PREFIX = "TEST_"
 # Keys of a `[[registries]]` entry that core owns; the rest belong to the registry format.
-REGISTRY_CORE_KEYS = frozenset({"type", "name", "rbac", "rate_limit", "quota"})
+REGISTRY_CORE_KEYS = frozenset({"type", "name", "rbac", "rate_limit", "quota", "retention"})
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -87,6 +87,18 @@ class QuotaSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """`[registries.retention]`: how much proxied content a registry keeps (see `batlehub.retention`)."""
+
+    max_bytes: int = 0
+    """Evict the least recently used cached upstream content above this many bytes; 0 = no cap."""
+    max_idle_days: float = 0.0
+    """Evict cached upstream content unused for this long; 0 = no idle limit."""
+    dry_run: bool = False
+    """Only report (log and admin API) what would be evicted."""
+
+
+@dataclass(frozen=True)
 class RegistrySettings:
     type: str
     name: str
@@ -97,6 +109,8 @@ class RegistrySettings:
     """Every other key of the entry: as read until the format's `config_model` validated them
     (`batlehub.app.validate_config`), then that model's instance. `create_app` puts the validated
     entry in the app's settings, so a running registry only ever sees the model."""
+    retention: RetentionSettings | None = None
+    """None: proxied content is kept for ever."""
 
     def validated_options(self, model: builtins.type[_M]) -> _M:  # `type` is a field here
         """`options` as the format's validated `config_model`, typed for the format's code."""
@@ -430,6 +444,11 @@ _QUOTA = {
     "max_versions_per_user": _int(0),
     "enforcement": _str(("block", "warn")),
 }
+_RETENTION = {
+    "max_bytes": _int(0),
+    "max_idle_days": _number(0),
+    "dry_run": _bool,
+}
 _TOP_LEVEL = {"server", "database", "cache", "storage", "auth", "registries", "limits", "ip_blocking", "otel", "sweep"}
 
 
@@ -587,8 +606,11 @@ def _registries(raw: Mapping[str, Any], problems: _Problems) -> tuple[RegistrySe
         quota = None
         if "quota" in entry:
             quota = QuotaSettings(**_section(entry, "quota", _QUOTA, problems, prefix=f"{path}."))
+        retention = None
+        if "retention" in entry:
+            retention = RetentionSettings(**_section(entry, "retention", _RETENTION, problems, prefix=f"{path}."))
         options = {k: v for k, v in entry.items() if k not in REGISTRY_CORE_KEYS}
-        out.append(RegistrySettings(rtype, name, rbac, rate_limit, quota, options))
+        out.append(RegistrySettings(rtype, name, rbac, rate_limit, quota, options, retention))
     return tuple(out)
 
 

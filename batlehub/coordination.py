@@ -225,3 +225,9 @@ class BackgroundWrites:
     async def settle(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def cancel(self) -> None:
+        """Stop what is still running (for work that may be dropped, e.g. delayed deletions)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await self.settle()

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from batlehub.artifacts import ArtifactStore
+from batlehub.config import RetentionSettings
 from batlehub.coordination import FailOpenCache
 from batlehub.offload import Offloader
 from batlehub.outbound import UpstreamOrigins
 from batlehub.packages import PackageStore
 from batlehub.plugins import fire_event
 from batlehub.rendering import RenderedCache
+from batlehub.retention import Retention, UseLog
 from batlehub.upstream import DocumentFormat, UpstreamDocuments, UpstreamStats
 
 if TYPE_CHECKING:
@@ -94,6 +96,8 @@ class RegistryServices:
             fire=partial(fire_event, pm),
             scope_of=format_type.scope_of,
         )
+        self.uses = UseLog(db, registry.name)
+        """What was served from proxied content, for retention's least-recently-used order."""
         self.artifacts = ArtifactStore(
             format_name=format_type.name,
             registry=registry.name,
@@ -106,8 +110,21 @@ class RegistryServices:
             max_size=settings.limits.max_artifact_size_bytes,
             stats=self.stats,
             origins=self.origins,
+            uses=self.uses,
         )
         self._documents: list[UpstreamDocuments] = []
+        self.retention = Retention(
+            registry=registry.name,
+            settings=registry.retention or RetentionSettings(),
+            db=db,
+            storage=storage,
+            cache=cache,
+            documents=lambda: self._documents,
+            origins=self.origins,
+            http=http,
+            forget_artifact=self.artifacts.forget,
+        )
+        """Evicts proxied content per `[registries.retention]` (run on a schedule only when set)."""
 
     def upstream_documents(
         self,
@@ -142,6 +159,7 @@ class RegistryServices:
             offload=self.offload,
             memo_max_bytes=self._memory_bytes() // 3,
             storage=self.artifacts.storage,
+            uses=self.uses,
         )
         if guard_publishes and upstreams:
             self.packages.upstream_has = documents.exists
@@ -167,6 +185,7 @@ class RegistryServices:
         await self.artifacts.settle()
 
     async def close(self) -> None:
+        await self.retention.close()
         for documents in self._documents:
             await documents.close()
         await self.artifacts.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -179,3 +180,9 @@ def parse_json(raw: bytes | str) -> Any:
     """Strict JSON (`batlehub.jsondoc.loads`): no NaN or Infinity, no lone surrogates, no
     absurd nesting; anything else is a 400."""
     return jsondoc.loads(raw)
+
+
+def rfc3339(epoch: float) -> str:
+    """A time as the admin API answers it: RFC 3339, UTC, milliseconds (`2026-12-02T16:25:21.250Z`)."""
+    moment = datetime.fromtimestamp(epoch, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -50,6 +50,7 @@ from batlehub.outbound import UpstreamOrigins, failure_reason, origin_of
 if TYPE_CHECKING:
     from batlehub.db import Database
     from batlehub.interfaces import StorageBackend
+    from batlehub.retention import UseLog
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,7 @@ class UpstreamDocuments:
         offload: Offloader | None = None,
         memo_max_bytes: int = MEMO_MAX_BYTES,
         storage: StorageBackend | None = None,
+        uses: UseLog | None = None,
     ) -> None:
         self.registry = registry
         self.format_name = format_name
@@ -303,6 +305,8 @@ class UpstreamDocuments:
         self.memo_max_bytes = memo_max_bytes
         self.offload = offload or Offloader()
         self.storage = storage
+        self.uses = uses
+        """Where served documents are noted, for retention's least-recently-used order."""
         """Where big bodies are kept (`STORED_BODY_MIN_BYTES`); without one, all go to the database."""
         self._headers: dict[bytes, _Copy] = {}
         self._warn_allowed = LogThrottle()
@@ -349,7 +353,12 @@ class UpstreamDocuments:
         upstream (conditionally). Raises `UpstreamError` when the upstreams fail and no copy may
         be served.
         """
-        variant = variant or self.format.default_variant
+        doc = await self._get(name, variant or self.format.default_variant, revalidate)
+        if doc is not None and self.uses is not None:
+            self.uses.document(name, doc.variant)
+        return doc
+
+    async def _get(self, name: str, variant: str, revalidate: bool) -> UpstreamDocument | None:
         if variant not in self.format.accept:
             raise ValueError(f"unknown document variant {variant!r}")
         self.format.path(name)  # refuse odd names before they reach a cache key or a URL
@@ -381,6 +390,35 @@ class UpstreamDocuments:
             )
 
         return await self._flights.run(f"{variant}:{name}", fetch)
+
+    async def forget(self, name: str, variant: str, *, used_before: float) -> str | bool | None:
+        """Drop the stored copy of `name` in `variant` (retention evicts it), unless it was used
+        or fetched since `used_before`: then False. Returns the storage key of its body, for the
+        caller to delete once no process can be reading it, or None."""
+        async with self.db.transaction() as conn:
+            row = await conn.fetchrow(
+                "SELECT body_key FROM upstream_documents"
+                " WHERE registry = $1 AND name = $2 AND variant = $3 AND last_used <= $4",
+                self.registry,
+                name,
+                variant,
+                used_before,
+            )
+            if row is None:
+                return False
+            await conn.execute(
+                "DELETE FROM upstream_documents WHERE registry = $1 AND name = $2 AND variant = $3",
+                self.registry,
+                name,
+                variant,
+            )
+        await self.cache.invalidate(self._fresh_key(variant, name))
+        await self.cache.invalidate(self._body_key(variant, name))
+        dropped = self._memo.pop(self._body_key(variant, name), None)
+        if dropped is not None:
+            self._memo_bytes -= len(dropped[1])
+        body_key: str | None = row["body_key"]
+        return body_key
 
     async def known_names(self, text: str, limit: int, exclude: set[str]) -> list[str]:
         """Names of cached upstream documents containing `text` (case-insensitive), for search."""
