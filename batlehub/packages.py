@@ -252,14 +252,27 @@ class PackageStore:
         if create and await self.stamp(name) is None:
             await self._check_new_name(name)
         unit: PackageWrite | None = None
+        refused: Forbidden | None = None
         try:
             async with self.db.transaction() as conn:
                 unit = PackageWrite(self, conn, name, actor)
-                await unit.begin(create)
+                try:
+                    await unit.begin(create)
+                except Forbidden as exc:
+                    refused = exc
+                    raise
                 yield unit
                 await unit.finish()
         finally:
             await self.sync_stamp(name)
+            if refused is not None:
+                # After the rollback, and naming the package: a format whose writes do not name
+                # the package in their URL (an upload form) would otherwise leave an entry that
+                # says only who was refused, not what they tried to change.
+                try:
+                    await self._audit(self.db, actor, "write", name, {"reason": refused.message}, result="denied")
+                except Exception:
+                    log.warning("could not write a refused write of %s to the audit log", name, exc_info=True)
         await unit.announce()
 
     async def _check_new_name(self, name: str) -> None:
@@ -349,7 +362,9 @@ class PackageStore:
             await replace_owners(conn, "scope_owners", "scope", self.name, scope, users, actor.user_id)
             await self._audit(conn, actor, "scope.owners.set", scope, {"owners": list(users)})
 
-    async def _audit(self, conn: Connection, actor: Actor, action: str, target: str, detail: Any) -> None:
+    async def _audit(
+        self, conn: Connection, actor: Actor, action: str, target: str, detail: Any, result: str = "ok"
+    ) -> None:
         await audit.record(
             conn,
             f"{self.format_name}.{action}",
@@ -357,6 +372,7 @@ class PackageStore:
             user_id=actor.user_id,
             target=target,
             client_ip=actor.client_ip,
+            result=result,
             detail=detail,
         )
 
