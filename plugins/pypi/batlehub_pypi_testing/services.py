@@ -53,7 +53,8 @@ class PypiServer(_ChildService):
         self.port = free_port()
         self.log = root / "pypiserver.log"
         argv = [sys.executable, "-m", "pypiserver", "run", "-i", LOOPBACK, "-p", str(self.port)]
-        argv += ["-a", ".", "-P", ".", "--hash-algo", "sha256", "-v", str(self.packages)]
+        # Without --disable-fallback an unknown name redirects to a public index: tests stay local.
+        argv += ["-a", ".", "-P", ".", "--hash-algo", "sha256", "--disable-fallback", "-v", str(self.packages)]
         self.process = ManagedProcess(argv, self.log, env=client_env(root), cwd=root)
 
     @property
