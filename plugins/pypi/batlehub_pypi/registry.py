@@ -46,6 +46,8 @@ from batlehub_pypi.upload import check_upload, read_form
 from batlehub_pypi.upstream import UpstreamIndex
 
 VARY = "Accept, Accept-Encoding"
+FILE_KEY_MEMO_ENTRIES = 100_000
+"""(project, revision stamp, file name) -> storage key entries a process remembers (~200 bytes each)."""
 PROJECT_LIST_LIMIT = 100_000
 METADATA_TYPE = "text/plain; charset=utf-8"
 STALE_WARNING = '110 batlehub "served stale: upstream unavailable"'
@@ -62,6 +64,7 @@ class PypiRegistry:
         self.local = LocalProjects(services.packages)
         self.artifacts = services.artifacts
         self.rendered = RenderedCache()
+        self._file_keys: dict[tuple[str, str, str], str] = {}
         self.upstream: UpstreamIndex | None = None
         if self.mode != "local" and self.options.upstreams:
             self.upstream = UpstreamIndex(
@@ -196,13 +199,23 @@ class PypiRegistry:
         dist_name = filename[: -len(METADATA_SUFFIX)] if metadata else filename
         parse_filename(dist_name)  # refuses odd names before they reach a lookup
         content_type = METADATA_TYPE if metadata else "application/octet-stream"
-        if await self.local.stamp(project) is not None:
-            key = await self.local.file_key(project, filename)
+        stamp = await self.local.stamp(project)
+        if stamp is not None:
+            # The stamp changes with every write on any replica, so a remembered key is as good
+            # as a query (an install asks for every file once per client, and for its .metadata).
+            memo = (project, stamp, filename)
+            key = self._file_keys.get(memo)
             if key is None:
-                raise NotFound(f"file {filename} of {project} not found")
+                key = await self.local.file_key(project, filename)
+                if key is None:
+                    raise NotFound(f"file {filename} of {project} not found")
+                if len(self._file_keys) >= FILE_KEY_MEMO_ENTRIES:
+                    self._file_keys.clear()
+                self._file_keys[memo] = key
             try:
                 return await self.artifacts.response(request, key, filename, content_type)
             except BlobMissing:
+                self._file_keys.pop(memo, None)
                 raise NotFound(f"file {filename} is missing from storage") from None
         if self.upstream is None:
             raise self._not_found(project)
