@@ -18,6 +18,7 @@ from batlehub.config import parse_settings
 
 ALICE = "api-alice-token-0123456789"
 BOB = "api-bob-token-0123456789"
+ADMIN = "api-admin-token-0123456789"
 JSON_TYPE = "application/vnd.pypi.simple.v1+json"
 
 
@@ -31,6 +32,7 @@ async def client(aiohttp_client: Any, tmp_path: Path) -> TestClient:
                 "tokens": [
                     {"value": ALICE, "role": "user", "user_id": "alice"},
                     {"value": BOB, "role": "user", "user_id": "bob"},
+                    {"value": ADMIN, "role": "admin", "user_id": "admin"},
                 ],
             }
         ],
@@ -168,8 +170,14 @@ async def test_yank_unyank_and_delete(client: TestClient) -> None:
     async with client.get("/registries/py/pypi/yanky/json") as response:
         assert (await response.json())["info"]["version"] == "2.0"
 
+    usage = "/api/v1/admin/quota/py/alice"
+    async with client.get(usage, headers=basic(ADMIN)) as response:
+        before = (await response.json())["used_bytes"]
     async with client.delete("/registries/py/files/yanky/yanky-2.0-py3-none-any.whl", headers=basic(ALICE)) as response:
         assert response.status == 200
+    async with client.get(usage, headers=basic(ADMIN)) as response:
+        after = await response.json()
+    assert 0 < after["used_bytes"] < before and after["used_versions"] == 2  # the bytes go back, the release stays
     async with client.get("/registries/py/files/yanky/yanky-2.0-py3-none-any.whl.metadata") as response:
         assert response.status == 404  # its core metadata went with it
     async with client.delete("/registries/py/pypi/yanky/1.0/", headers=basic(ALICE)) as response:
