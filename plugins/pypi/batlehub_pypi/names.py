@@ -78,10 +78,17 @@ class DistFile:
     """The wheel's Python tag (`py3`, `cp311.cp312`), `source` for an sdist."""
 
 
-def parse_filename(filename: str) -> DistFile:
-    """A wheel or sdist file name, parsed; `BadRequest` for any other file or a malformed name."""
+def check_safe_filename(filename: str) -> str:
+    """A file name that can be one path segment and a storage lookup: what downloads accept, so
+    an upstream's older formats (`.tar.bz2` sdists, eggs) still pass through a proxy."""
     if len(filename) > MAX_FILENAME_LENGTH or not _SAFE_FILENAME.match(filename) or ".." in filename:
         raise BadRequest(f"invalid distribution file name {filename[:MAX_FILENAME_LENGTH]!r}")
+    return filename
+
+
+def parse_filename(filename: str) -> DistFile:
+    """A wheel or sdist file name, parsed; `BadRequest` for any other file or a malformed name."""
+    check_safe_filename(filename)
     try:
         if filename.endswith(".whl"):
             name, version, _, tags = parse_wheel_filename(filename)

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 from batlehub.api import BadRequest, Package, UpstreamDocument, VersionRecord
 from batlehub_pypi.local import is_metadata_file
-from batlehub_pypi.names import is_prerelease, parse_filename, version_key
+from batlehub_pypi.names import check_safe_filename, is_prerelease, parse_filename, version_key
 from batlehub_pypi.simple import page_versions, sorted_versions
 
 
@@ -88,6 +88,10 @@ def proxied_page(doc: UpstreamDocument, project: str, registry_url: str) -> dict
     when the upstream announces its digest (the hub verifies it before serving it)."""
     files = []
     for raw in doc.data.get("files") or ():
+        try:
+            check_safe_filename(raw["filename"])
+        except BadRequest:
+            continue  # no hub URL can name it
         item = {k: v for k, v in raw.items() if k != "core-metadata"}
         item["url"] = file_url(registry_url, project, raw["filename"])
         if _verifiable(raw.get("core-metadata")):

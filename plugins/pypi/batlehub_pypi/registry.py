@@ -39,7 +39,7 @@ from batlehub.api import (
 )
 from batlehub_pypi import pages, simple
 from batlehub_pypi.local import METADATA_SUFFIX, LocalProjects, Upload, file_exists
-from batlehub_pypi.names import normalize_name, normalize_version, parse_filename
+from batlehub_pypi.names import check_safe_filename, normalize_name, normalize_version, parse_filename
 from batlehub_pypi.options import PypiOptions
 from batlehub_pypi.pages import Rendered, RenderedCache
 from batlehub_pypi.upload import check_upload, read_form
@@ -112,7 +112,8 @@ class PypiRegistry:
     def _respond(
         self, request: web.Request, rendered: Rendered, extra: Mapping[str, str] | None = None
     ) -> web.Response:
-        headers = {"ETag": rendered.etag, "Cache-Control": "max-age=60, must-revalidate", "Vary": VARY, **(extra or {})}
+        # Revalidated every time (a 304 is cheap): an upload must show on the next install.
+        headers = {"ETag": rendered.etag, "Cache-Control": "no-cache", "Vary": VARY, **(extra or {})}
         if _etag_matches(request.headers.get("If-None-Match"), rendered.etag):
             return web.Response(status=304, headers=headers)
         body = rendered.body
@@ -197,7 +198,7 @@ class PypiRegistry:
         # Core metadata is what resolvers read in place of the file: reading it is reading releases.
         require(request, "releases:read" if metadata else "source:read")
         dist_name = filename[: -len(METADATA_SUFFIX)] if metadata else filename
-        parse_filename(dist_name)  # refuses odd names before they reach a lookup
+        check_safe_filename(dist_name)  # refuses odd names before they reach a lookup
         content_type = METADATA_TYPE if metadata else "application/octet-stream"
         stamp = await self.local.stamp(project)
         if stamp is not None:

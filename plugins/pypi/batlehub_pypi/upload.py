@@ -309,6 +309,8 @@ async def check_upload(form: UploadForm) -> CheckedUpload:
     filetype = form.one("filetype")
     if filetype and filetype != dist.packagetype:
         raise BadRequest(f"filetype {filetype!r} does not match the file {dist.filename} ({dist.packagetype})")
+    if form.spooled.size == 0:
+        raise BadRequest(f"{dist.filename} is empty")
     check_digests(form)
     metadata = validated(form_metadata(form), "metadata")
     core_metadata: bytes | None = None
