@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from batlehub import audit
 from batlehub.auth import check_permission
-from batlehub.coordination import FailOpenCache
+from batlehub.coordination import FailOpenCache, SingleFlight
 from batlehub.errors import Forbidden, UpstreamError
 from batlehub.package_model import FileRecord, NewFile, Package, PackageSummary, VersionRecord, revision_stamp
 from batlehub.package_write import TAG_ORDER, PackageWrite, owners_of, replace_owners, scope_owners_of
@@ -87,6 +87,7 @@ class PackageStore:
         """Set by core when the registry has upstreams (mode hybrid): asked before a new name is
         published here."""
         self._reserved: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
+        self._reserved_flight = SingleFlight()
 
     @property
     def name(self) -> str:
@@ -299,13 +300,19 @@ class PackageStore:
         """Whether `name`, or its scope, is reserved for local use (never asked of upstreams)."""
         loaded_at, names = self._reserved
         if time.monotonic() - loaded_at > RESERVED_REFRESH_SECS:
-            rows = await self.db.fetch("SELECT name FROM reserved_names WHERE registry = $1", self.name)
-            names = frozenset(r["name"] for r in rows)
-            self._reserved = (time.monotonic(), names)
+            # One query for every request that finds the list expired: under load, each of them
+            # asking the database at once queued them all behind one another (hundreds of ms).
+            names = await self._reserved_flight.run("reserved", self._load_reserved)
         if not names:
             return False
         scope = self.scope_of(name)
         return name in names or (scope is not None and scope in names)
+
+    async def _load_reserved(self) -> frozenset[str]:
+        rows = await self.db.fetch("SELECT name FROM reserved_names WHERE registry = $1", self.name)
+        names = frozenset(r["name"] for r in rows)
+        self._reserved = (time.monotonic(), names)
+        return names
 
     async def reserved(self) -> list[dict[str, Any]]:
         return await self.db.fetch(
