@@ -36,7 +36,7 @@ from benchkit.load import cpu_seconds, run_wrk
 from benchkit.servers import ADMIN_TOKEN, REPO, BenchHub, HubRegistry, http_get, program_version, require_program
 
 try:
-    from batlehub_pypi_testing.clients import client_env, ok, pip_install, twine_upload
+    from batlehub_pypi_testing.clients import client_env, ok, pip_install, twine_upload, uv_pip_install
     from batlehub_pypi_testing.packages import write_wheel
 
     from batlehub.testing.services import LOOPBACK, ManagedProcess, free_port, wait_until
@@ -188,6 +188,20 @@ def pip_tree(index_url: str, scratch: Path) -> tuple[float, float]:
     return elapsed, client_cpu
 
 
+def uv_tree(index_url: str, scratch: Path) -> float:
+    """Wall seconds of `uv pip install` of the tree, no cache: uv's own overhead is small, so
+    this shows more of the servers' part than pip does."""
+    target = Path(tempfile.mkdtemp(dir=scratch))
+    started = time.perf_counter()
+    ok(uv_pip_install(index_url, [tree_name(0)], target, client_env(scratch), "--no-cache"))
+    elapsed = time.perf_counter() - started
+    installed = len(list(target.glob("*.dist-info")))
+    if installed != TREE_SIZE:
+        raise BenchError(f"uv installed {installed} packages from {index_url}, expected {TREE_SIZE}")
+    shutil.rmtree(target, ignore_errors=True)
+    return elapsed
+
+
 def markdown(results: dict[str, Any]) -> list[str]:
     servers = results["servers"]
     lines = [
@@ -212,6 +226,15 @@ def markdown(results: dict[str, Any]) -> list[str]:
         runs = zip(times, results["pip_client_cpu_s"][server], results["pip_server_cpu_s"][server], strict=True)
         cells = ", ".join(f"{t:.2f} ({c:.2f}/{s:.2f})" for t, c, s in runs)
         lines.append(f"| {server} | {cells} | {min(times):.2f} |")
+    lines += [
+        "",
+        "**uv pip install of the same tree**, no cache (not a target): wall seconds",
+        "",
+        "| index | runs | best |",
+        "|---|---|---|",
+    ]
+    for server, times in results.get("uv", {}).items():
+        lines.append(f"| {server} | {', '.join(f'{t:.2f}' for t in times)} | {min(times):.2f} |")
     lines += ["", "**Targets**", "", "| target | value | need | result |", "|---|---|---|---|"]
     for target in results["targets"]:
         lines.append(
@@ -344,6 +367,12 @@ def main() -> int:
                     f" (CPU-s: pip {client_cpu:.2f}, server {pip_cpu[server][-1]:.2f})"
                 )
 
+        uv_times: dict[str, list[float]] = {server: [] for server in indexes}
+        for round_ in range(repeats):
+            for server, url in indexes.items():
+                uv_times[server].append(round(uv_tree(url, scratch), 3))
+                say(f"uv install round {round_ + 1} {server:9s} {uv_times[server][-1]:.2f} s")
+
         results: dict[str, Any] = {
             "servers": list(pages),
             "concurrency": concurrency,
@@ -351,6 +380,7 @@ def main() -> int:
             "pip": pip_times,
             "pip_server_cpu_s": pip_cpu,
             "pip_client_cpu_s": pip_client_cpu,
+            "uv": uv_times,
             "meta": {
                 "cpus": os.cpu_count(),
                 "loadavg": os.getloadavg(),
