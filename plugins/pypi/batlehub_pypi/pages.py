@@ -2,23 +2,19 @@
 
 Either source becomes the one page shape of `simple.py`, with every file URL pointing at this hub
 (`<registry>/files/<project>/<filename>`), so clients never talk to an upstream directly. The
-JSON API (`/pypi/<project>/json`) is derived from the same data. Rendered bytes are kept in a small
-per-process LRU (`RenderedCache`), keyed by everything they depend on (the package's revision
-stamp or the upstream copy's content id, the content type, the base URL).
+JSON API (`/pypi/<project>/json`) is derived from the same data. The registry keeps the rendered
+bytes in core's `RenderedCache`, keyed by everything they depend on (the package's revision stamp
+or the upstream copy's content id, the content type, the base URL).
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from batlehub.api import BadRequest, Package, UpstreamDocument, VersionRecord
+from batlehub.api import BadRequest, Package, VersionRecord
 from batlehub_pypi.local import is_metadata_file
 from batlehub_pypi.names import check_safe_filename, is_prerelease, parse_filename, version_key
 from batlehub_pypi.simple import page_versions, sorted_versions
@@ -83,11 +79,11 @@ def _verifiable(hashes: Any) -> bool:
     return isinstance(hashes, Mapping) and any(k in hashes for k in ("sha256", "sha512", "sha1"))
 
 
-def proxied_page(doc: UpstreamDocument, project: str, registry_url: str) -> dict[str, Any]:
-    """An upstream page with every URL pointing at this hub. A `.metadata` file is offered only
-    when the upstream announces its digest (the hub verifies it before serving it)."""
+def proxied_page(data: Mapping[str, Any], project: str, registry_url: str) -> dict[str, Any]:
+    """An upstream page (parsed) with every URL pointing at this hub. A `.metadata` file is
+    offered only when the upstream announces its digest (the hub verifies it before serving it)."""
     files = []
-    for raw in doc.data.get("files") or ():
+    for raw in data.get("files") or ():
         try:
             check_safe_filename(raw["filename"])
         except BadRequest:
@@ -97,9 +93,9 @@ def proxied_page(doc: UpstreamDocument, project: str, registry_url: str) -> dict
         if _verifiable(raw.get("core-metadata")):
             item["core-metadata"] = raw["core-metadata"]
         files.append(item)
-    versions = doc.data.get("versions")
+    versions = data.get("versions")
     return {
-        "name": doc.data.get("name") or project,
+        "name": data.get("name") or project,
         "versions": list(versions) if isinstance(versions, list) else page_versions(files),
         "files": files,
     }
@@ -234,9 +230,9 @@ def local_json(package: Package, registry_url: str, version: str | None = None) 
 
 
 def proxied_json(
-    doc: UpstreamDocument, project: str, registry_url: str, version: str | None = None
+    data: Mapping[str, Any], project: str, registry_url: str, version: str | None = None
 ) -> dict[str, Any] | None:
-    page = proxied_page(doc, project, registry_url)
+    page = proxied_page(data, project, registry_url)
     releases: dict[str, list[dict[str, Any]]] = {v: [] for v in page["versions"]}
     for item in page["files"]:
         try:
@@ -252,63 +248,3 @@ def proxied_json(
         serial=0,
         version=version,
     )
-
-
-# --- rendered bytes -------------------------------------------------------------------------------
-
-
-@dataclass
-class Rendered:
-    """Serialized bytes and their ETag; the gzip form is made once, on first demand."""
-
-    body: bytes
-    content_type: str
-    etag: str = ""
-    _gzipped: bytes | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        if not self.etag:
-            self.etag = '"' + hashlib.sha256(self.body).hexdigest()[:32] + '"'
-
-    def gzipped(self) -> bytes:
-        if self._gzipped is None:
-            self._gzipped = gzip.compress(self.body, compresslevel=6, mtime=0)
-        return self._gzipped
-
-    @property
-    def size(self) -> int:
-        return len(self.body) + len(self._gzipped or b"")
-
-
-class RenderedCache:
-    """Per-process LRU of rendered documents, bounded by bytes. Keys start with the project name
-    and hold everything the bytes depend on; callers check the shared revision stamp first, so an
-    entry never outlives a write made on another replica."""
-
-    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[Any, ...], Rendered] = OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: tuple[Any, ...]) -> Rendered | None:
-        item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
-
-    def put(self, key: tuple[Any, ...], item: Rendered) -> Rendered:
-        if item.size * 4 > self.max_bytes:
-            return item  # one huge page must not flush everything else
-        old = self._items.pop(key, None)
-        if old is not None:
-            self._bytes -= old.size
-        self._items[key] = item
-        self._bytes += item.size
-        while self._bytes > self.max_bytes and self._items:
-            _, evicted = self._items.popitem(last=False)
-            self._bytes -= evicted.size
-        return item
-
-    def drop_project(self, project: str) -> None:
-        for key in [k for k in self._items if k[0] == project]:
-            self._bytes -= self._items.pop(key).size

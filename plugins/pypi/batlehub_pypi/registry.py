@@ -30,18 +30,22 @@ from batlehub.api import (
     Package,
     RegistryServices,
     RegistrySettings,
+    Rendered,
     UpstreamDocument,
     actor,
     base_url,
+    content_etag,
+    etag_matches,
     read_json,
     registry_url,
     require,
+    respond,
+    revision_etag,
 )
 from batlehub_pypi import pages, simple
 from batlehub_pypi.local import METADATA_SUFFIX, LocalProjects, Upload, file_exists
 from batlehub_pypi.names import check_safe_filename, normalize_name, normalize_version, parse_filename
 from batlehub_pypi.options import PypiOptions
-from batlehub_pypi.pages import Rendered, RenderedCache
 from batlehub_pypi.upload import check_upload, read_form
 from batlehub_pypi.upstream import UpstreamIndex
 
@@ -63,7 +67,7 @@ class PypiRegistry:
         self.mode = self.options.mode
         self.local = LocalProjects(services.packages)
         self.artifacts = services.artifacts
-        self.rendered = RenderedCache()
+        self.rendered = services.rendered_cache()
         self._file_keys: dict[tuple[str, str, str], str] = {}
         self.upstream: UpstreamIndex | None = None
         if self.mode != "local" and self.options.upstreams:
@@ -111,18 +115,8 @@ class PypiRegistry:
 
     def _respond(
         self, request: web.Request, rendered: Rendered, extra: Mapping[str, str] | None = None
-    ) -> web.Response:
-        # Revalidated every time (a 304 is cheap): an upload must show on the next install.
-        headers = {"ETag": rendered.etag, "Cache-Control": "no-cache", "Vary": VARY, **(extra or {})}
-        if _etag_matches(request.headers.get("If-None-Match"), rendered.etag):
-            return web.Response(status=304, headers=headers)
-        body = rendered.body
-        if len(body) > 1024 and "gzip" in request.headers.get("Accept-Encoding", "").lower():
-            body = rendered.gzipped()
-            headers["Content-Encoding"] = "gzip"
-        response = web.Response(body=body, headers=headers)
-        response.headers["Content-Type"] = rendered.content_type
-        return response
+    ) -> web.StreamResponse:
+        return respond(request, rendered, {"Vary": VARY, **(extra or {})})
 
     def _content_type(self, request: web.Request) -> str:
         chosen = simple.negotiate(request.headers.get("Accept"), request.query.get("format"))
@@ -156,7 +150,7 @@ class PypiRegistry:
         if self.upstream is not None:
             names.update(await self.upstream.documents.known_names("", PROJECT_LIST_LIMIT, names))
         body = simple.render_project_list(names, content_type, registry_url(request) + "/simple/")
-        return self._respond(request, Rendered(body, content_type))
+        return self._respond(request, Rendered.of(body, content_etag(body), content_type))
 
     async def project_page(self, request: web.Request) -> web.StreamResponse:
         require(request, "releases:read")
@@ -169,24 +163,32 @@ class PypiRegistry:
         base = base_url(request)
         stamp = await self.local.stamp(project)
         if stamp is not None:
-            key: tuple[Any, ...] = (project, stamp, content_type, base)
-            rendered = self.rendered.get(key)
+            etag = revision_etag(stamp, content_type, base)
+            if etag_matches(request.headers.get("If-None-Match"), etag):  # no database read
+                return web.Response(status=304, headers={"ETag": etag, "Cache-Control": "no-cache", "Vary": VARY})
+            rendered = self.rendered.get((project, stamp, content_type, base))
             if rendered is None:
                 package = await self.local.load(project)
                 if package is None:
                     raise self._not_found(project)
-                page = pages.local_page(package, registry_url(request))
-                key = (project, package.stamp, content_type, base)
-                rendered = self.rendered.put(key, Rendered(simple.render(page, content_type), content_type))
+                body = simple.render(pages.local_page(package, registry_url(request)), content_type)
+                rendered = Rendered.of(body, revision_etag(package.stamp, content_type, base), content_type)
+                self.rendered.put((project, package.stamp, content_type, base), rendered)
             return self._respond(request, rendered)
         doc = await self._upstream_page(project)
-        if doc is None:
+        if doc is None or self.upstream is None:
             raise self._not_found(project)
+        upstream = self.upstream
+        url = registry_url(request)
+
+        async def render() -> Rendered:
+            # Once per upstream content, form and base URL, however many clients ask meanwhile.
+            page = pages.proxied_page(await upstream.data(doc), project, url)
+            body = simple.render(page, content_type)
+            return Rendered.of(body, content_etag(body), content_type)
+
         key = (project, "upstream", doc.upstream, doc.content_id, content_type, base)
-        rendered = self.rendered.get(key)
-        if rendered is None:
-            page = pages.proxied_page(doc, project, registry_url(request))
-            rendered = self.rendered.put(key, Rendered(simple.render(page, content_type), content_type))
+        rendered = await self.rendered.get_or_render(key, render)
         return self._respond(request, rendered, {"Warning": STALE_WARNING} if doc.stale else None)
 
     # --- files ----------------------------------------------------------------------------------
@@ -245,13 +247,13 @@ class PypiRegistry:
             doc = pages.local_json(package, url, version)
         else:
             upstream = await self._upstream_page(project)
-            if upstream is None:
+            if upstream is None or self.upstream is None:
                 raise self._not_found(project)
-            doc = pages.proxied_json(upstream, project, url, version)
+            doc = pages.proxied_json(await self.upstream.data(upstream), project, url, version)
         if doc is None:
             raise NotFound(f"release {version} of {project} not found")
         body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-        return self._respond(request, Rendered(body, "application/json"))
+        return self._respond(request, Rendered.of(body, content_etag(body), "application/json"))
 
     async def project_json(self, request: web.Request) -> web.StreamResponse:
         return await self._json(request, None)
@@ -318,7 +320,7 @@ class PypiRegistry:
             raise
         finally:
             form.discard()
-        self.rendered.drop_project(checked.project)
+        self.rendered.drop_package(checked.project)
         return web.Response(status=200, text="OK", headers={"X-Quota-Warning": warning} if warning else None)
 
     async def _release_write(self, request: web.Request, permission: str) -> tuple[str, str]:
@@ -334,19 +336,19 @@ class PypiRegistry:
         if not isinstance(reason, str):
             raise BadRequest('the body is optional JSON {"reason": "why"}')
         await self.local.set_yanked(project, version, reason, actor(request))
-        self.rendered.drop_project(project)
+        self.rendered.drop_package(project)
         return web.json_response({"ok": True, "project": project, "version": version, "yanked": True})
 
     async def unyank(self, request: web.Request) -> web.StreamResponse:
         project, version = await self._release_write(request, "releases:publish")
         await self.local.set_yanked(project, version, None, actor(request))
-        self.rendered.drop_project(project)
+        self.rendered.drop_package(project)
         return web.json_response({"ok": True, "project": project, "version": version, "yanked": False})
 
     async def delete_release(self, request: web.Request) -> web.StreamResponse:
         project, version = await self._release_write(request, "releases:delete")
         await self.local.remove_release(project, version, actor(request))
-        self.rendered.drop_project(project)
+        self.rendered.drop_package(project)
         return web.json_response({"ok": True, "project": project, "version": version})
 
     async def delete_file(self, request: web.Request) -> web.StreamResponse:
@@ -356,7 +358,7 @@ class PypiRegistry:
         parse_filename(filename)
         await self._local_for_write(project)
         await self.local.remove_file(project, filename, actor(request))
-        self.rendered.drop_project(project)
+        self.rendered.drop_package(project)
         return web.json_response({"ok": True, "project": project, "filename": filename})
 
 
@@ -366,15 +368,6 @@ class _NotAcceptable(BadRequest):
 
 def _query(request: web.Request) -> str:
     return f"?{request.query_string}" if request.query_string else ""
-
-
-def _etag_matches(if_none_match: str | None, etag: str) -> bool:
-    if not if_none_match:
-        return False
-    if if_none_match.strip() == "*":
-        return True
-    candidates = [c.strip() for c in if_none_match.split(",")]
-    return etag in candidates or f"W/{etag}" in candidates
 
 
 async def _once(data: bytes) -> Any:

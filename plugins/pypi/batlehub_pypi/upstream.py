@@ -34,7 +34,13 @@ def page_path(name: str) -> str:
     return normalize_name(name) + "/"
 
 
-PROJECT_PAGE = DocumentFormat(path=page_path, accept={PAGE: UPSTREAM_ACCEPT}, parse=parse_project_page)
+def check_project_page(body: bytes) -> bytes:
+    """Core's check of an upstream answer: a project page in either form, kept as it came."""
+    parse_project_page(body)
+    return body
+
+
+PROJECT_PAGE = DocumentFormat(path=page_path, accept={PAGE: UPSTREAM_ACCEPT}, check=check_project_page)
 
 
 class UpstreamIndex:
@@ -65,12 +71,16 @@ class UpstreamIndex:
         """The upstream page of `project` (None when no upstream has it, or it is reserved)."""
         return await self.documents.get(project, PAGE, revalidate=revalidate)
 
+    async def data(self, doc: UpstreamDocument) -> dict[str, Any]:
+        """The page parsed (once per content, shared: read-only)."""
+        return await self.documents.extract(doc, parse_project_page)
+
     async def _find(self, project: str, filename: str) -> tuple[UpstreamDocument, Mapping[str, Any]]:
         doc = await self.page(project)
-        found = find_file(doc, filename) if doc is not None else None
+        found = find_file(await self.data(doc), filename) if doc is not None else None
         if found is None and doc is not None and not doc.stale:
             doc = await self.page(project, revalidate=True)  # maybe uploaded upstream since
-            found = find_file(doc, filename) if doc is not None else None
+            found = find_file(await self.data(doc), filename) if doc is not None else None
         if doc is None or found is None:
             raise NotFound(f"file {filename} of {project} not found")
         return doc, found
@@ -83,7 +93,7 @@ class UpstreamIndex:
             raise IntegrityError(
                 f"cannot verify {filename}: the upstream index announces no sha256 for it, so it is not served"
             )
-        return await self.artifacts.fetch(file_url(doc, project, item), expected, what=f"the file {filename}")
+        return await self.artifacts.fetch(file_url(doc.upstream, project, item), expected, what=f"the file {filename}")
 
     async def metadata_key(self, project: str, filename: str) -> str:
         """The storage key of the verified upstream `.metadata` file of `filename`."""
@@ -92,7 +102,7 @@ class UpstreamIndex:
         expected = {k: v for k, v in hashes.items() if k in VERIFIED_DIGESTS} if isinstance(hashes, Mapping) else {}
         if not expected:
             raise NotFound(f"the upstream index has no verifiable core metadata file for {filename}")
-        url = file_url(doc, project, item) + ".metadata"
+        url = file_url(doc.upstream, project, item) + ".metadata"
         return await self.artifacts.fetch(url, expected, what=f"the core metadata of {filename}")
 
     async def settle(self) -> None:
@@ -100,15 +110,15 @@ class UpstreamIndex:
         await self.artifacts.settle()
 
 
-def find_file(doc: UpstreamDocument, filename: str) -> Mapping[str, Any] | None:
-    for item in doc.data.get("files") or ():
+def find_file(data: Mapping[str, Any], filename: str) -> Mapping[str, Any] | None:
+    for item in data.get("files") or ():
         if item.get("filename") == filename:
             return item
     return None
 
 
-def file_url(doc: UpstreamDocument, project: str, item: Mapping[str, Any]) -> str:
-    """The absolute URL of a file link, resolved against the page it was on (links may be
-    relative, as pypiserver's and many static indexes' are)."""
-    page = URL(doc.upstream + page_path(project), encoded=True)
+def file_url(upstream: str, project: str, item: Mapping[str, Any]) -> str:
+    """The absolute URL of a file link, resolved against the page it was on under the `upstream`
+    index URL (links may be relative, as pypiserver's and devpi's are)."""
+    page = URL(upstream + page_path(project), encoded=True)
     return str(page.join(URL(str(item["url"]))))

@@ -8,8 +8,6 @@ from batlehub_pypi.pages import proxied_page
 from batlehub_pypi.simple import HTML_V1, JSON_V1, TEXT_HTML, negotiate, parse_project_page
 from batlehub_pypi.upstream import file_url
 
-from batlehub.api import UpstreamDocument
-
 SHA = "ab" * 32
 
 
@@ -32,10 +30,10 @@ def test_an_html_page_with_relative_links_attributes_and_entities() -> None:
     assert wheel["core-metadata"] == {"sha256": SHA} and wheel["yanked"] is True
     assert old["hashes"] == {} and old["core-metadata"] is True and old["yanked"] == "bad release"
 
-    doc = UpstreamDocument(data=page, upstream="http://up.test:8/simple/", fetched_at=0, stale=False)
-    assert file_url(doc, "demo", sdist) == "http://up.test:8/packages/demo-1.0.tar.gz"
-    assert file_url(doc, "demo", wheel) == "http://up.test:8/files/demo-1.0-py3-none-any.whl"
-    assert file_url(doc, "demo", old) == "http://up.test:8/simple/demo/demo-0.9.zip"
+    upstream = "http://up.test:8/simple/"
+    assert file_url(upstream, "demo", sdist) == "http://up.test:8/packages/demo-1.0.tar.gz"
+    assert file_url(upstream, "demo", wheel) == "http://up.test:8/files/demo-1.0-py3-none-any.whl"
+    assert file_url(upstream, "demo", old) == "http://up.test:8/simple/demo/demo-0.9.zip"
 
 
 def test_a_json_page_keeps_pep_700_fields_and_drops_malformed_entries() -> None:
@@ -71,8 +69,7 @@ def test_a_proxied_page_offers_only_what_the_hub_can_verify_and_name() -> None:
             {"filename": "../../etc/passwd", "url": "d", "hashes": {}},
         ],
     }
-    doc = UpstreamDocument(data=data, upstream="http://up.test/simple/", fetched_at=0, stale=False)
-    page = proxied_page(doc, "demo", "http://hub.test/registries/py")
+    page = proxied_page(data, "demo", "http://hub.test/registries/py")
     assert [f["filename"] for f in page["files"]] == [
         "demo-1.0-py3-none-any.whl",
         "demo-1.1-py3-none-any.whl",
