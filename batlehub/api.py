@@ -7,7 +7,8 @@ docs/plugins/registry-formats.md; what is not here may change without notice.
 - Registering: `hookimpl`, `RegistryFormatType`, the `Registry` protocol, and for the format's
   `config_model`: `ConfigModel` (its base), `ConfigList` (a TOML array), `core_settings`.
 - Per registry (`RegistryServices`, handed to the format's factory): the package store, the
-  artifact store, upstream documents, the fail-open cache, tokens.
+  artifact store, upstream documents, where downloads may come from (`UpstreamOrigins`), the
+  fail-open cache, tokens.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
   `registry_url`, bounded body readers.
 - Domain errors: raise them; core turns them into JSON errors with the right status.
@@ -44,6 +45,7 @@ from batlehub.jsondoc import MAX_DEPTH as MAX_JSON_DEPTH
 from batlehub.jsondoc import check as check_json
 from batlehub.jsondoc import may_need_repair as json_may_need_repair
 from batlehub.jsondoc import repair as repair_json
+from batlehub.outbound import UpstreamOrigins
 from batlehub.packages import (
     FileRecord,
     NewFile,
@@ -126,6 +128,7 @@ __all__ = [
     "UpstreamDocument",
     "UpstreamDocuments",
     "UpstreamError",
+    "UpstreamOrigins",
     "UpstreamStats",
     "VersionRecord",
     "actor",

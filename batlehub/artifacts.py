@@ -1,7 +1,8 @@
 """Artifacts: the files of package versions, stored once per content in the storage backend.
 
 An artifact's key is derived from its digest (`blob_key`): `<format>/blobs/sha512/<2>/<hex>`
-(sha1 only for old upstream metadata that gives nothing better). This module is the one owner of
+(sha1 for old upstream metadata that gives nothing better, sha256 for upstreams that announce
+only that, such as Python package indexes). This module is the one owner of
 that rule; the orphan sweep relies on it (a key under `<format>/blobs/` that no row references is
 garbage once it is older than the grace period).
 
@@ -66,21 +67,20 @@ class BlobMissing(Exception):
     """A blob that should be stored is not (any more)."""
 
 
-def blob_key(format_name: str, sha512_hex: str | None = None, sha1_hex: str | None = None) -> str:
+def blob_key(
+    format_name: str, sha512_hex: str | None = None, sha1_hex: str | None = None, *, sha256_hex: str | None = None
+) -> str:
     """The storage key of an artifact: content-addressed, so equal bytes are stored once whether
-    they were published here or fetched from an upstream. sha512 when known, sha1 for old metadata.
-    Raises `ValueError` for a digest that is not one."""
-    if sha512_hex:
-        digest = sha512_hex.lower()
-        if len(digest) != 128 or not _HEX.match(digest):
-            raise ValueError(f"not a sha512 hex digest: {sha512_hex!r}")
-        return f"{format_name}/blobs/sha512/{digest[:2]}/{digest}"
-    if sha1_hex:
-        digest = sha1_hex.lower()
-        if len(digest) != 40 or not _HEX.match(digest):
-            raise ValueError(f"not a sha1 hex digest: {sha1_hex!r}")
-        return f"{format_name}/blobs/sha1/{digest[:2]}/{digest}"
-    raise ValueError("a blob key needs a sha512 or a sha1 digest")
+    they were published here or fetched from an upstream. sha512 when known, else sha1 (old npm
+    metadata), else sha256 (what Python package indexes announce). The order keeps every key
+    that was derived before sha256 keys existed. Raises `ValueError` for a digest that is not one."""
+    for algorithm, value, length in (("sha512", sha512_hex, 128), ("sha1", sha1_hex, 40), ("sha256", sha256_hex, 64)):
+        if value:
+            digest = value.lower()
+            if len(digest) != length or not _HEX.match(digest):
+                raise ValueError(f"not a {algorithm} hex digest: {value!r}")
+            return f"{format_name}/blobs/{algorithm}/{digest[:2]}/{digest}"
+    raise ValueError("a blob key needs a sha512, sha1 or sha256 digest")
 
 
 def is_blob_key(key: str) -> bool:
@@ -165,7 +165,7 @@ class ArtifactStore:
         self._warn_allowed = LogThrottle()
 
     def key_for(self, digests: Mapping[str, str]) -> str:
-        return blob_key(self.format_name, digests.get("sha512"), digests.get("sha1"))
+        return blob_key(self.format_name, digests.get("sha512"), digests.get("sha1"), sha256_hex=digests.get("sha256"))
 
     async def close(self) -> None:
         await self._flights.cancel_all()
@@ -252,10 +252,10 @@ class ArtifactStore:
         (once for all callers and replicas). `what` names it in messages (`name@version`).
 
         Raises `IntegrityError` (nothing stored) when the bytes do not match `expected`, or when
-        `expected` has no sha512 or sha1 to check against."""
+        `expected` has no sha512, sha256 or sha1 to check against."""
         expected = check_digests(expected)
-        if "sha512" not in expected and "sha1" not in expected:
-            raise IntegrityError(f"cannot verify {what}: its upstream metadata has no sha512 or sha1 digest")
+        if not expected:
+            raise IntegrityError(f"cannot verify {what}: its upstream metadata has no sha512, sha256 or sha1 digest")
         key = self.key_for(expected)
         if self.uses is not None:
             self.uses.artifact(key, url, what)

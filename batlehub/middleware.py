@@ -58,9 +58,21 @@ _BLOCKED = web.RequestKey("blocked", bool)
 _NOT_A_VIOLATION = web.RequestKey("not_a_violation", bool)
 
 
+REASON_MAX_CHARS = 300
+
+
+def reason_phrase(message: str) -> str | None:
+    """`message` as an HTTP reason phrase (one line of printable ASCII), or None for the standard
+    one. Clients that print only the status line (twine, pip) then show what went wrong, as they
+    do with PyPI, which answers the same way."""
+    text = "".join(c if " " <= c <= "~" else " " for c in message).strip()[:REASON_MAX_CHARS]
+    return text or None
+
+
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
+        reason=reason_phrase(message),
         body=json.dumps({"error": message}).encode(),
         content_type="application/json",
         headers=headers,

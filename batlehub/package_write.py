@@ -17,7 +17,7 @@ from batlehub import jsondoc, quota
 from batlehub.artifacts import record_artifact
 from batlehub.config import valid_user_id
 from batlehub.errors import AlreadyExists, BadRequest, Conflict, Forbidden, NotFound
-from batlehub.package_model import NewFile, VersionRecord
+from batlehub.package_model import FileRecord, NewFile, VersionRecord
 
 TAG_ORDER = " ORDER BY created, CASE WHEN tag = 'latest' THEN 0 ELSE 1 END, tag"
 """Tags in the order they were created (clients print them so), `latest` first among equals."""
@@ -313,6 +313,70 @@ class PackageWrite:
             ):
                 await self.conn.execute("DELETE FROM artifacts WHERE storage_key = $1", key)
         self.removed.append(version)
+        return True
+
+    async def files(self, version: str | None = None) -> list[FileRecord]:
+        """The package's files (of `version` only, when given), oldest first."""
+        sql = "SELECT version, filename, artifact_key, size, created, meta FROM files WHERE registry = $1 AND name = $2"
+        args: list[Any] = [self._reg, self.name]
+        if version is not None:
+            sql += " AND version = $3"
+            args.append(version)
+        rows = await self.conn.fetch(sql + " ORDER BY created, filename", *args)
+        return [
+            FileRecord(
+                r["filename"], r["artifact_key"], int(r["size"]), float(r["created"]), json.loads(r["meta"] or "{}")
+            )
+            for r in rows
+        ]
+
+    async def remove_file(self, filename: str) -> bool:
+        """Remove one file of a version (formats whose versions have several files, such as a
+        Python release's wheels and sdist); the version stays, even without files. Its bytes are
+        given back to the publisher's quota; the blob stays until the sweep finds it unreferenced.
+        False when there is no such file."""
+        row = await self.conn.fetchrow(
+            "SELECT version, artifact_key, size FROM files WHERE registry = $1 AND name = $2 AND filename = $3",
+            self._reg,
+            self.name,
+            filename,
+        )
+        if row is None:
+            return False
+        version, key, size = row["version"], row["artifact_key"], int(row["size"])
+        await self.conn.execute(
+            "DELETE FROM files WHERE registry = $1 AND name = $2 AND filename = $3", self._reg, self.name, filename
+        )
+        owner = await self.conn.fetchrow(
+            "SELECT publisher, artifact_key FROM versions WHERE registry = $1 AND name = $2 AND version = $3",
+            self._reg,
+            self.name,
+            version,
+        )
+        if owner is not None:
+            first = await self.conn.fetchval(
+                "SELECT artifact_key FROM files WHERE registry = $1 AND name = $2 AND version = $3"
+                " ORDER BY created, filename LIMIT 1",
+                self._reg,
+                self.name,
+                version,
+            )
+            await self.conn.execute(
+                "UPDATE versions SET size = CASE WHEN size > $4 THEN size - $4 ELSE 0 END, artifact_key = $5"
+                " WHERE registry = $1 AND name = $2 AND version = $3",
+                self._reg,
+                self.name,
+                version,
+                size,
+                first,
+            )
+            await quota.release(self.conn, self._reg, owner["publisher"], size, versions=0)
+        if not await self.conn.fetchval(
+            "SELECT 1 FROM files WHERE artifact_key = $1 UNION ALL"
+            " SELECT 1 FROM versions WHERE artifact_key = $1 LIMIT 1",
+            key,
+        ):
+            await self.conn.execute("DELETE FROM artifacts WHERE storage_key = $1", key)
         return True
 
     async def delete(self) -> list[str]:

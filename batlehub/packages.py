@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from batlehub import audit
 from batlehub.auth import check_permission
-from batlehub.coordination import FailOpenCache
+from batlehub.coordination import FailOpenCache, SingleFlight
 from batlehub.errors import Forbidden, UpstreamError
 from batlehub.package_model import FileRecord, NewFile, Package, PackageSummary, VersionRecord, revision_stamp
 from batlehub.package_write import TAG_ORDER, PackageWrite, owners_of, replace_owners, scope_owners_of
@@ -87,6 +87,7 @@ class PackageStore:
         """Set by core when the registry has upstreams (mode hybrid): asked before a new name is
         published here."""
         self._reserved: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
+        self._reserved_flight = SingleFlight()
 
     @property
     def name(self) -> str:
@@ -252,14 +253,27 @@ class PackageStore:
         if create and await self.stamp(name) is None:
             await self._check_new_name(name)
         unit: PackageWrite | None = None
+        refused: Forbidden | None = None
         try:
             async with self.db.transaction() as conn:
                 unit = PackageWrite(self, conn, name, actor)
-                await unit.begin(create)
+                try:
+                    await unit.begin(create)
+                except Forbidden as exc:
+                    refused = exc
+                    raise
                 yield unit
                 await unit.finish()
         finally:
             await self.sync_stamp(name)
+            if refused is not None:
+                # After the rollback, and naming the package: a format whose writes do not name
+                # the package in their URL (an upload form) would otherwise leave an entry that
+                # says only who was refused, not what they tried to change.
+                try:
+                    await self._audit(self.db, actor, "write", name, {"reason": refused.message}, result="denied")
+                except Exception:
+                    log.warning("could not write a refused write of %s to the audit log", name, exc_info=True)
         await unit.announce()
 
     async def _check_new_name(self, name: str) -> None:
@@ -286,13 +300,19 @@ class PackageStore:
         """Whether `name`, or its scope, is reserved for local use (never asked of upstreams)."""
         loaded_at, names = self._reserved
         if time.monotonic() - loaded_at > RESERVED_REFRESH_SECS:
-            rows = await self.db.fetch("SELECT name FROM reserved_names WHERE registry = $1", self.name)
-            names = frozenset(r["name"] for r in rows)
-            self._reserved = (time.monotonic(), names)
+            # One query for every request that finds the list expired: under load, each of them
+            # asking the database at once queued them all behind one another (hundreds of ms).
+            names = await self._reserved_flight.run("reserved", self._load_reserved)
         if not names:
             return False
         scope = self.scope_of(name)
         return name in names or (scope is not None and scope in names)
+
+    async def _load_reserved(self) -> frozenset[str]:
+        rows = await self.db.fetch("SELECT name FROM reserved_names WHERE registry = $1", self.name)
+        names = frozenset(r["name"] for r in rows)
+        self._reserved = (time.monotonic(), names)
+        return names
 
     async def reserved(self) -> list[dict[str, Any]]:
         return await self.db.fetch(
@@ -349,7 +369,9 @@ class PackageStore:
             await replace_owners(conn, "scope_owners", "scope", self.name, scope, users, actor.user_id)
             await self._audit(conn, actor, "scope.owners.set", scope, {"owners": list(users)})
 
-    async def _audit(self, conn: Connection, actor: Actor, action: str, target: str, detail: Any) -> None:
+    async def _audit(
+        self, conn: Connection, actor: Actor, action: str, target: str, detail: Any, result: str = "ok"
+    ) -> None:
         await audit.record(
             conn,
             f"{self.format_name}.{action}",
@@ -357,6 +379,7 @@ class PackageStore:
             user_id=actor.user_id,
             target=target,
             client_ip=actor.client_ip,
+            result=result,
             detail=detail,
         )
 

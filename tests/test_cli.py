@@ -3,6 +3,7 @@ migrate, plugins, and serve with the embedded default and a graceful SIGTERM."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -45,6 +46,7 @@ def env(tmp_path: Path) -> dict[str, str]:
             "XDG_DATA_HOME": str(tmp_path / "xdg"),
             # What the embedded default would proxy: nothing outside this machine in a test.
             "NPM_CONFIG_REGISTRY": "http://127.0.0.1:9/",
+            "PIP_INDEX_URL": "http://127.0.0.1:9/simple/",
         }
     )
 
@@ -284,13 +286,16 @@ def test_serve_embedded_default(tmp_path: Path, env: dict[str, str], servers: li
     assert (data / "batlehub.db").is_file()
     status, body = get(server, "/api/v1/registries")
     assert status == 200
-    assert [(r["name"], r["type"], r["mode"]) for r in body["registries"]] == [("npm", "npm", "hybrid")]
+    assert ("npm", "npm", "hybrid") in [(r["name"], r["type"], r["mode"]) for r in body["registries"]]
     # The log is the guide: where the registry is, what it proxies, what to paste, the admin token.
     logs = server.logs()
     assert "registry npm: proxying http://127.0.0.1:9/, the registry your npm client uses" in logs
     assert f"registry=http://127.0.0.1:{port}/registries/npm/" in logs
     assert f"//127.0.0.1:{port}/registries/npm/:_authToken=" in logs
     assert f"admin token: in {token_file}" in logs
+    if importlib.util.find_spec("batlehub_pypi") is not None:  # each installed format offers its own
+        assert "registry pypi: proxying http://127.0.0.1:9/simple/, the index your pip uses" in logs
+        assert f"index-url = http://127.0.0.1:{port}/registries/pypi/simple/" in logs
     assert get(server, "/api/v1/admin/tokens", {"Authorization": f"Bearer {token}"})[0] == 200
 
     server.process.proc.send_signal(signal.SIGTERM)

@@ -4,6 +4,7 @@ and validation messages that name the key and list every problem at once."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,11 @@ def problems_of(raw: dict, **kw: object) -> list[str]:
 # --- embedded default ------------------------------------------------------------------------------
 
 
-def test_embedded_default_is_one_hybrid_npm_registry_with_anonymous_read(
+def test_embedded_default_is_one_hybrid_registry_per_format_with_anonymous_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("NPM_CONFIG_REGISTRY", "http://127.0.0.1:9/")  # where the user's npm points
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")  # and the user's pip
     loaded = load_settings(None)
     assert loaded.default_registries and loaded.registries == ()
     settings = with_default_registries(loaded, installed_types(get_plugin_manager()))
@@ -54,7 +56,13 @@ def test_embedded_default_is_one_hybrid_npm_registry_with_anonymous_read(
     assert settings.cache["type"] == "memory"
     assert settings.storage["type"] == "filesystem"
     assert settings.auth == ()
-    assert [(r.type, r.name) for r in settings.registries] == [("npm", "npm")]
+    pypi_installed = importlib.util.find_spec("batlehub_pypi") is not None
+    assert [(r.type, r.name) for r in settings.registries] == [("npm", "npm")] + (
+        [("pypi", "pypi")] if pypi_installed else []
+    )
+    if pypi_installed:
+        pypi = settings.registry("pypi")
+        assert pypi is not None and pypi.options == {"mode": "hybrid", "upstreams": ["http://127.0.0.1:9/simple/"]}
     npm = settings.registry("npm")
     assert npm is not None
     assert npm.options["mode"] == "hybrid"

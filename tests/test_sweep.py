@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from batlehub.artifacts import blob_key
 from batlehub.builtin.storage_filesystem import FilesystemStorage
 from batlehub.db import SqliteDatabase
 from batlehub.sweep import is_blob_key, sweep_orphans
@@ -79,6 +80,16 @@ async def test_sweep_deletes_only_old_unreferenced_blobs(db: SqliteDatabase, sto
 
 def test_only_format_blob_keys_are_swept() -> None:
     assert is_blob_key("npm/blobs/sha512/ab/abcdef")
+    assert is_blob_key(blob_key("pypi", sha256_hex="ab" * 32))
     assert not is_blob_key("npm/packuments/x")
     assert not is_blob_key("blobs/x")
     assert not is_blob_key(".batlehub-probe/x")
+
+
+def test_blob_keys_prefer_the_digests_they_always_did() -> None:
+    sha512, sha1, sha256 = "a" * 128, "b" * 40, "c" * 64
+    assert blob_key("npm", sha512, sha1, sha256_hex=sha256) == f"npm/blobs/sha512/aa/{sha512}"
+    assert blob_key("npm", None, sha1, sha256_hex=sha256) == f"npm/blobs/sha1/bb/{sha1}"
+    assert blob_key("pypi", sha256_hex=sha256.upper()) == f"pypi/blobs/sha256/cc/{sha256}"
+    with pytest.raises(ValueError):
+        blob_key("pypi", sha256_hex="c" * 63)

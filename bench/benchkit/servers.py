@@ -208,6 +208,7 @@ class HubRegistry:
     name: str
     mode: str
     upstreams: tuple[str, ...] = ()
+    type: str = "npm"
 
 
 class BenchHub:
@@ -267,7 +268,8 @@ class BenchHub:
             'user_id = "bench"',
         ]
         for registry in registries:
-            lines += ["", "[[registries]]", 'type = "npm"', f'name = "{registry.name}"', f'mode = "{registry.mode}"']
+            lines += ["", "[[registries]]", f'type = "{registry.type}"', f'name = "{registry.name}"']
+            lines.append(f'mode = "{registry.mode}"')
             if registry.upstreams:
                 lines.append(f"upstreams = {json.dumps(list(registry.upstreams))}")
         return "\n".join(lines) + "\n"

@@ -1,0 +1,378 @@
+"""One PyPI registry under `/registries/{name}/`: routing, the index documents and the three modes.
+
+- `proxy`: read-only cache of the upstream indexes; uploads are refused.
+- `local`: only projects uploaded here; unknown names are 404.
+- `hybrid`: a project that exists locally is served from local data only (never merged with the
+  upstream's files, so nobody can slip a file in from outside); other names are proxied.
+
+Routes (relative to the mount point): `simple/` and `simple/<project>/` (PEP 503 HTML or PEP 691
+JSON by `Accept`), `files/<project>/<filename>` (and `<filename>.metadata`, PEP 658),
+`pypi/<project>/json` and `pypi/<project>/<version>/json`, the upload API at `/` and `legacy/`,
+and the maintenance calls: `POST pypi/<project>/<version>/yank` and `.../unyank`, `DELETE
+pypi/<project>/<version>/` and `DELETE files/<project>/<filename>`. Permissions are checked here
+for a fast refusal and again by core on every write, with ownership.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from batlehub.api import (
+    BadRequest,
+    BlobMissing,
+    MethodNotAllowed,
+    NotFound,
+    Package,
+    RegistryServices,
+    RegistrySettings,
+    Rendered,
+    UpstreamDocument,
+    actor,
+    base_url,
+    content_etag,
+    etag_matches,
+    read_json,
+    registry_url,
+    require,
+    respond,
+    revision_etag,
+)
+from batlehub_pypi import pages, simple
+from batlehub_pypi.local import METADATA_SUFFIX, LocalProjects, Upload, file_exists
+from batlehub_pypi.names import check_safe_filename, normalize_name, normalize_version, parse_filename
+from batlehub_pypi.options import PypiOptions
+from batlehub_pypi.upload import check_upload, read_form
+from batlehub_pypi.upstream import UpstreamIndex
+
+VARY = "Accept, Accept-Encoding"
+FILE_KEY_MEMO_ENTRIES = 100_000
+"""(project, revision stamp, file name) -> storage key entries a process remembers (~200 bytes each)."""
+PROJECT_LIST_LIMIT = 100_000
+METADATA_TYPE = "text/plain; charset=utf-8"
+STALE_WARNING = '110 batlehub "served stale: upstream unavailable"'
+
+
+class PypiRegistry:
+    """A configured PyPI registry (implements `batlehub.api.Registry`)."""
+
+    def __init__(self, settings: RegistrySettings, services: RegistryServices) -> None:
+        self.name = settings.name
+        self.services = services
+        self.options = settings.validated_options(PypiOptions)
+        self.mode = self.options.mode
+        self.local = LocalProjects(services.packages)
+        self.artifacts = services.artifacts
+        self.rendered = services.rendered_cache()
+        self._file_keys: dict[tuple[str, str, str], str] = {}
+        self.upstream: UpstreamIndex | None = None
+        if self.mode != "local" and self.options.upstreams:
+            self.upstream = UpstreamIndex(
+                services,
+                upstreams=list(self.options.upstreams),
+                files_hosts=list(self.options.files_hosts),
+                metadata_ttl_secs=self.options.cache.metadata_ttl_secs,
+                serve_stale=self.options.cache.serve_stale,
+                guard_publishes=self.mode == "hybrid",
+            )
+
+    # --- Registry protocol ----------------------------------------------------------------------
+
+    def make_app(self) -> web.Application:
+        app = web.Application()
+        r = app.router
+        r.add_post("/", self.upload)
+        r.add_post("/legacy/", self.upload)
+        r.add_post("/legacy", self.upload)
+        r.add_get("/simple/", self.project_list)
+        r.add_get("/simple", self.redirect_to_slash)
+        r.add_get("/simple/{project}/", self.project_page)
+        r.add_get("/simple/{project}", self.redirect_to_slash)
+        r.add_get("/files/{project}/{filename}", self.download)
+        r.add_delete("/files/{project}/{filename}", self.delete_file)
+        r.add_get("/pypi/{project}/json", self.project_json)
+        r.add_get("/pypi/{project}/{version}/json", self.release_json)
+        r.add_post("/pypi/{project}/{version}/yank", self.yank)
+        r.add_post("/pypi/{project}/{version}/unyank", self.unyank)
+        r.add_delete("/pypi/{project}/{version}/", self.delete_release)
+        r.add_delete("/pypi/{project}/{version}", self.delete_release)
+        return app
+
+    async def startup(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _not_found(self, project: str) -> NotFound:
+        return NotFound(f"project {project} not found in registry {self.name!r}")
+
+    def _respond(
+        self, request: web.Request, rendered: Rendered, extra: Mapping[str, str] | None = None
+    ) -> web.StreamResponse:
+        return respond(request, rendered, {"Vary": VARY, **(extra or {})})
+
+    def _content_type(self, request: web.Request) -> str:
+        chosen = simple.negotiate(request.headers.get("Accept"), request.query.get("format"))
+        if chosen is None:
+            raise _NotAcceptable(
+                f"this index serves {simple.JSON_V1}, {simple.HTML_V1} and {simple.TEXT_HTML}",
+            )
+        return chosen
+
+    async def _upstream_page(self, project: str) -> UpstreamDocument | None:
+        if self.upstream is None:
+            return None
+        return await self.upstream.page(project)
+
+    async def _local_package(self, project: str) -> Package | None:
+        """The local project, or None when it is not published here (one cache read then)."""
+        if await self.local.stamp(project) is None:
+            return None
+        return await self.local.load(project)
+
+    # --- the simple index -----------------------------------------------------------------------
+
+    async def redirect_to_slash(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMovedPermanently(location=request.rel_url.path + "/" + _query(request))
+
+    async def project_list(self, request: web.Request) -> web.StreamResponse:
+        require(request, "releases:read")
+        content_type = self._content_type(request)
+        hits, _ = await self.services.packages.search("", PROJECT_LIST_LIMIT, 0)
+        names = {h.name for h in hits}
+        if self.upstream is not None:
+            names.update(await self.upstream.documents.known_names("", PROJECT_LIST_LIMIT, names))
+        body = simple.render_project_list(names, content_type, registry_url(request) + "/simple/")
+        return self._respond(request, Rendered.of(body, content_etag(body), content_type))
+
+    async def project_page(self, request: web.Request) -> web.StreamResponse:
+        require(request, "releases:read")
+        raw = request.match_info["project"]
+        project = normalize_name(raw)
+        if raw != project:  # PEP 503: one URL per project
+            location = registry_url(request) + f"/simple/{project}/" + _query(request)
+            raise web.HTTPMovedPermanently(location=location)
+        content_type = self._content_type(request)
+        base = base_url(request)
+        stamp = await self.local.stamp(project)
+        if stamp is not None:
+            etag = revision_etag(stamp, content_type, base)
+            if etag_matches(request.headers.get("If-None-Match"), etag):  # no database read
+                return web.Response(status=304, headers={"ETag": etag, "Cache-Control": "no-cache", "Vary": VARY})
+            rendered = self.rendered.get((project, stamp, content_type, base))
+            if rendered is None:
+                package = await self.local.load(project)
+                if package is None:
+                    raise self._not_found(project)
+                body = simple.render(pages.local_page(package, registry_url(request)), content_type)
+                rendered = Rendered.of(body, revision_etag(package.stamp, content_type, base), content_type)
+                self.rendered.put((project, package.stamp, content_type, base), rendered)
+            return self._respond(request, rendered)
+        doc = await self._upstream_page(project)
+        if doc is None or self.upstream is None:
+            raise self._not_found(project)
+        upstream = self.upstream
+        url = registry_url(request)
+
+        async def render() -> Rendered:
+            # Once per upstream content, form and base URL, however many clients ask meanwhile.
+            page = pages.proxied_page(await upstream.data(doc), project, url)
+            body = simple.render(page, content_type)
+            return Rendered.of(body, content_etag(body), content_type)
+
+        key = (project, "upstream", doc.upstream, doc.content_id, content_type, base)
+        rendered = await self.rendered.get_or_render(key, render)
+        return self._respond(request, rendered, {"Warning": STALE_WARNING} if doc.stale else None)
+
+    # --- files ----------------------------------------------------------------------------------
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        project = normalize_name(request.match_info["project"])
+        filename = request.match_info["filename"]
+        metadata = filename.endswith(METADATA_SUFFIX)
+        # Core metadata is what resolvers read in place of the file: reading it is reading releases.
+        require(request, "releases:read" if metadata else "source:read")
+        dist_name = filename[: -len(METADATA_SUFFIX)] if metadata else filename
+        check_safe_filename(dist_name)  # refuses odd names before they reach a lookup
+        content_type = METADATA_TYPE if metadata else "application/octet-stream"
+        stamp = await self.local.stamp(project)
+        if stamp is not None:
+            # The stamp changes with every write on any replica, so a remembered key is as good
+            # as a query (an install asks for every file once per client, and for its .metadata).
+            memo = (project, stamp, filename)
+            key = self._file_keys.get(memo)
+            if key is None:
+                key = await self.local.file_key(project, filename)
+                if key is None:
+                    raise NotFound(f"file {filename} of {project} not found")
+                if len(self._file_keys) >= FILE_KEY_MEMO_ENTRIES:
+                    self._file_keys.clear()
+                self._file_keys[memo] = key
+            try:
+                return await self.artifacts.response(request, key, filename, content_type)
+            except BlobMissing:
+                self._file_keys.pop(memo, None)
+                raise NotFound(f"file {filename} is missing from storage") from None
+        if self.upstream is None:
+            raise self._not_found(project)
+        for attempt in (1, 2):
+            if metadata:
+                key = await self.upstream.metadata_key(project, dist_name)
+            else:
+                key = await self.upstream.file_key(project, filename)
+            try:
+                return await self.artifacts.response(request, key, filename, content_type)
+            except BlobMissing:
+                # Remembered as stored, but the sweep (or an operator) removed it since: fetch again.
+                self.artifacts.forget(key)
+                if attempt == 2:
+                    raise NotFound(f"file {filename} is missing from storage") from None
+        raise AssertionError("unreachable")
+
+    # --- JSON API -------------------------------------------------------------------------------
+
+    async def _json(self, request: web.Request, version: str | None) -> web.StreamResponse:
+        require(request, "releases:read")
+        project = normalize_name(request.match_info["project"])
+        package = await self._local_package(project)
+        url = registry_url(request)
+        if package is not None:
+            doc = pages.local_json(package, url, version)
+        else:
+            upstream = await self._upstream_page(project)
+            if upstream is None or self.upstream is None:
+                raise self._not_found(project)
+            doc = pages.proxied_json(await self.upstream.data(upstream), project, url, version)
+        if doc is None:
+            raise NotFound(f"release {version} of {project} not found")
+        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        return self._respond(request, Rendered.of(body, content_etag(body), "application/json"))
+
+    async def project_json(self, request: web.Request) -> web.StreamResponse:
+        return await self._json(request, None)
+
+    async def release_json(self, request: web.Request) -> web.StreamResponse:
+        return await self._json(request, normalize_version(request.match_info["version"]))
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def _refuse_writes_in_proxy_mode(self) -> None:
+        if self.mode == "proxy":
+            raise MethodNotAllowed(
+                f"registry {self.name!r} is a read-only proxy of its upstream indexes;"
+                " upload to a registry in local or hybrid mode"
+            )
+
+    async def _local_for_write(self, project: str) -> None:
+        self._refuse_writes_in_proxy_mode()
+        if await self.local.stamp(project) is None:
+            if self.upstream is not None:
+                raise MethodNotAllowed(
+                    f"project {project} comes from an upstream index; only projects uploaded to"
+                    f" registry {self.name!r} can be changed here"
+                )
+            raise self._not_found(project)
+
+    async def upload(self, request: web.Request) -> web.StreamResponse:
+        """The legacy upload API (twine, uv publish). Answers 200 with an empty body, as PyPI does."""
+        require(request, "releases:publish")
+        self._refuse_writes_in_proxy_mode()
+        limits = self.services.settings.limits
+        form = await read_form(
+            request,
+            self.artifacts,
+            max_fields_bytes=limits.max_document_bytes,
+            idle_secs=limits.body_idle_timeout_secs,
+        )
+        stored = []
+        try:
+            checked = await check_upload(form)
+            if await self.local.has_file(checked.project, form.filename):
+                raise file_exists(form.filename)
+            assert form.spooled is not None
+            blob = await self.artifacts.put_spooled(form.spooled, {"sha256": checked.file_meta["sha256"]})
+            stored.append(blob)
+            core = None
+            if checked.core_metadata is not None:
+                core = await self.artifacts.put(_once(checked.core_metadata), _digests(checked.core_metadata))
+                stored.append(core)
+            upload = Upload(
+                project=checked.project,
+                display_name=checked.display_name,
+                version=checked.version,
+                metadata=checked.metadata,
+                filename=form.filename,
+                blob=blob,
+                file_meta=checked.file_meta,
+                core_metadata=core,
+            )
+            warning = await self.local.upload(upload, actor(request))
+        except BaseException:
+            for blob in stored:
+                self.artifacts.discard(blob)
+            raise
+        finally:
+            form.discard()
+        self.rendered.drop_package(checked.project)
+        return web.Response(status=200, text="OK", headers={"X-Quota-Warning": warning} if warning else None)
+
+    async def _release_write(self, request: web.Request, permission: str) -> tuple[str, str]:
+        require(request, permission)
+        project = normalize_name(request.match_info["project"])
+        await self._local_for_write(project)
+        return project, normalize_version(request.match_info["version"])
+
+    async def yank(self, request: web.Request) -> web.StreamResponse:
+        project, version = await self._release_write(request, "releases:publish")
+        body = await read_json(request, default={})
+        reason = body.get("reason", "") if isinstance(body, dict) else None
+        if not isinstance(reason, str):
+            raise BadRequest('the body is optional JSON {"reason": "why"}')
+        await self.local.set_yanked(project, version, reason, actor(request))
+        self.rendered.drop_package(project)
+        return web.json_response({"ok": True, "project": project, "version": version, "yanked": True})
+
+    async def unyank(self, request: web.Request) -> web.StreamResponse:
+        project, version = await self._release_write(request, "releases:publish")
+        await self.local.set_yanked(project, version, None, actor(request))
+        self.rendered.drop_package(project)
+        return web.json_response({"ok": True, "project": project, "version": version, "yanked": False})
+
+    async def delete_release(self, request: web.Request) -> web.StreamResponse:
+        project, version = await self._release_write(request, "releases:delete")
+        await self.local.remove_release(project, version, actor(request))
+        self.rendered.drop_package(project)
+        return web.json_response({"ok": True, "project": project, "version": version})
+
+    async def delete_file(self, request: web.Request) -> web.StreamResponse:
+        require(request, "releases:delete")
+        project = normalize_name(request.match_info["project"])
+        filename = request.match_info["filename"]
+        parse_filename(filename)
+        await self._local_for_write(project)
+        await self.local.remove_file(project, filename, actor(request))
+        self.rendered.drop_package(project)
+        return web.json_response({"ok": True, "project": project, "filename": filename})
+
+
+class _NotAcceptable(BadRequest):
+    status = 406
+
+
+def _query(request: web.Request) -> str:
+    return f"?{request.query_string}" if request.query_string else ""
+
+
+async def _once(data: bytes) -> Any:
+    yield data
+
+
+def _digests(data: bytes) -> dict[str, str]:
+    return {"sha512": hashlib.sha512(data).hexdigest()}

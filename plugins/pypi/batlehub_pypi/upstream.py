@@ -1,0 +1,124 @@
+"""Proxying upstream Python package indexes: the PyPI side of core's upstream machinery.
+
+Core (`UpstreamDocuments`, `ArtifactStore.fetch`) asks the upstreams as rarely as possible, once
+for every replica, and keeps answering from the last good copy when they are down. This module
+says what a project page is (PEP 691 JSON or PEP 503 HTML, whichever the upstream serves), and
+finds a file's upstream URL and announced digests in it, so every file (and every `.metadata`
+file) is verified against the page before it is stored or served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from yarl import URL
+
+from batlehub.api import (
+    DocumentFormat,
+    IntegrityError,
+    NotFound,
+    RegistryServices,
+    UpstreamDocument,
+)
+from batlehub_pypi.names import normalize_name
+from batlehub_pypi.simple import UPSTREAM_ACCEPT, parse_project_page
+
+PAGE = "page"
+VERIFIED_DIGESTS = ("sha256", "sha512", "sha1")
+"""What `ArtifactStore.fetch` can check. An md5 alone proves nothing against a hostile upstream."""
+
+
+def page_path(name: str) -> str:
+    """A project's page under an upstream simple-index URL (PEP 503: normalized, trailing slash)."""
+    return normalize_name(name) + "/"
+
+
+def check_project_page(body: bytes) -> bytes:
+    """Core's check of an upstream answer: a project page in either form, kept as it came."""
+    parse_project_page(body)
+    return body
+
+
+PROJECT_PAGE = DocumentFormat(path=page_path, accept={PAGE: UPSTREAM_ACCEPT}, check=check_project_page)
+
+
+class UpstreamIndex:
+    """Everything one PyPI registry fetches from its upstream indexes."""
+
+    def __init__(
+        self,
+        services: RegistryServices,
+        *,
+        upstreams: list[str],
+        files_hosts: list[str],
+        metadata_ttl_secs: float,
+        serve_stale: bool,
+        guard_publishes: bool,
+    ) -> None:
+        self.documents = services.upstream_documents(
+            PROJECT_PAGE,
+            upstreams=upstreams,
+            metadata_ttl_secs=metadata_ttl_secs,
+            serve_stale=serve_stale,
+            guard_publishes=guard_publishes,
+        )
+        # Indexes often serve files from a host of their own: the operator names those hosts.
+        services.origins.add(files_hosts)
+        self.artifacts = services.artifacts
+
+    async def page(self, project: str, *, revalidate: bool = False) -> UpstreamDocument | None:
+        """The upstream page of `project` (None when no upstream has it, or it is reserved)."""
+        return await self.documents.get(project, PAGE, revalidate=revalidate)
+
+    async def data(self, doc: UpstreamDocument) -> dict[str, Any]:
+        """The page parsed (once per content, shared: read-only)."""
+        return await self.documents.extract(doc, parse_project_page)
+
+    async def _find(self, project: str, filename: str) -> tuple[UpstreamDocument, Mapping[str, Any]]:
+        doc = await self.page(project)
+        found = find_file(await self.data(doc), filename) if doc is not None else None
+        if found is None and doc is not None and not doc.stale:
+            doc = await self.page(project, revalidate=True)  # maybe uploaded upstream since
+            found = find_file(await self.data(doc), filename) if doc is not None else None
+        if doc is None or found is None:
+            raise NotFound(f"file {filename} of {project} not found")
+        return doc, found
+
+    async def file_key(self, project: str, filename: str) -> str:
+        """The storage key of the verified upstream file, downloading it first if need be."""
+        doc, item = await self._find(project, filename)
+        expected = {k: v for k, v in (item.get("hashes") or {}).items() if k in VERIFIED_DIGESTS}
+        if not expected:
+            raise IntegrityError(
+                f"cannot verify {filename}: the upstream index announces no sha256 for it, so it is not served"
+            )
+        return await self.artifacts.fetch(file_url(doc.upstream, project, item), expected, what=f"the file {filename}")
+
+    async def metadata_key(self, project: str, filename: str) -> str:
+        """The storage key of the verified upstream `.metadata` file of `filename`."""
+        doc, item = await self._find(project, filename)
+        hashes = item.get("core-metadata")
+        expected = {k: v for k, v in hashes.items() if k in VERIFIED_DIGESTS} if isinstance(hashes, Mapping) else {}
+        if not expected:
+            raise NotFound(f"the upstream index has no verifiable core metadata file for {filename}")
+        url = file_url(doc.upstream, project, item) + ".metadata"
+        return await self.artifacts.fetch(url, expected, what=f"the core metadata of {filename}")
+
+    async def settle(self) -> None:
+        await self.documents.settle()
+        await self.artifacts.settle()
+
+
+def find_file(data: Mapping[str, Any], filename: str) -> Mapping[str, Any] | None:
+    for item in data.get("files") or ():
+        if item.get("filename") == filename:
+            return item
+    return None
+
+
+def file_url(upstream: str, project: str, item: Mapping[str, Any]) -> str:
+    """The absolute URL of a file link, resolved against the page it was on under the `upstream`
+    index URL (links may be relative, as pypiserver's and devpi's are)."""
+    page = URL(upstream + page_path(project), encoded=True)
+    return str(page.join(URL(str(item["url"]))))
