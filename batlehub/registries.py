@@ -20,7 +20,7 @@ from batlehub.outbound import UpstreamOrigins
 from batlehub.packages import PackageStore
 from batlehub.plugins import fire_event
 from batlehub.rendering import RenderedCache
-from batlehub.upstream import DocumentFormat, UpstreamDocuments, UpstreamStats
+from batlehub.upstream import DocumentFormat, KnownPackage, UpstreamDocuments, UpstreamStats, known_packages
 
 if TYPE_CHECKING:
     import pluggy
@@ -159,6 +159,13 @@ class RegistryServices:
 
     def _memory_bytes(self) -> int:
         return int(self.settings.limits.cache_memory_bytes * self._share)
+
+    async def proxied_packages(self, text: str = "") -> list[KnownPackage]:
+        """The names this registry holds upstream documents of (by name), for listings; `text`
+        filters on the name and the summary's description."""
+        if not self._documents:
+            return []
+        return await known_packages(self._db, self.registry.name, text)
 
     async def settle(self) -> None:
         """Wait for the writes made after answering (tests call this before looking)."""
