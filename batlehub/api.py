@@ -11,6 +11,8 @@ docs/plugins/registry-formats.md; what is not here may change without notice.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
   `registry_url`, bounded body readers.
 - Domain errors: raise them; core turns them into JSON errors with the right status.
+- The web UI: `PackagePage` (with `VersionInfo`, `FileInfo`, `Dependency`), what a format's
+  `package_page` hook returns; `DocumentSummary`, what its `DocumentFormat.summarize` returns.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from batlehub.jsondoc import MAX_DEPTH as MAX_JSON_DEPTH
 from batlehub.jsondoc import check as check_json
 from batlehub.jsondoc import may_need_repair as json_may_need_repair
 from batlehub.jsondoc import repair as repair_json
+from batlehub.package_page import Dependency, FileInfo, PackagePage, VersionInfo
 from batlehub.packages import (
     FileRecord,
     NewFile,
@@ -74,7 +77,7 @@ from batlehub.requests import (
     registry_url,
     require,
 )
-from batlehub.upstream import DocumentFormat, UpstreamDocument, UpstreamDocuments, UpstreamStats
+from batlehub.upstream import DocumentFormat, DocumentSummary, UpstreamDocument, UpstreamDocuments, UpstreamStats
 
 __all__ = [
     "ANONYMOUS",
@@ -91,8 +94,11 @@ __all__ = [
     "ConfigModel",
     "Conflict",
     "DefaultRegistry",
+    "Dependency",
     "DocumentFormat",
+    "DocumentSummary",
     "FailOpenCache",
+    "FileInfo",
     "FileRecord",
     "Forbidden",
     "Identity",
@@ -103,6 +109,7 @@ __all__ = [
     "NewFile",
     "NotFound",
     "Package",
+    "PackagePage",
     "PackageRows",
     "PackageStore",
     "PackageSummary",
@@ -127,6 +134,7 @@ __all__ = [
     "UpstreamDocuments",
     "UpstreamError",
     "UpstreamStats",
+    "VersionInfo",
     "VersionRecord",
     "actor",
     "base_url",
