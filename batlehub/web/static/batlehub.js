@@ -14,18 +14,21 @@ document.addEventListener("DOMContentLoaded", () => {
     button.setAttribute("aria-label", "Copy: " + block.textContent.trim().slice(0, 80));
     button.addEventListener("click", async () => {
       const text = block.textContent.trim();
-      try {
-        await navigator.clipboard.writeText(text);
-      } catch {
-        // No clipboard access (an insecure origin): select the text for the user to copy.
+      const written = navigator.clipboard
+        ? navigator.clipboard.writeText(text).then(() => true, () => false)
+        : Promise.resolve(false);
+      // A browser that neither writes nor refuses (no focus, no permission) must not leave the
+      // button hanging: after a second the text is selected for the user to copy.
+      const copied = await Promise.race([written, new Promise((done) => setTimeout(() => done(false), 1000))]);
+      if (!copied) {
         const range = document.createRange();
         range.selectNodeContents(block);
         const selection = window.getSelection();
         selection.removeAllRanges();
         selection.addRange(range);
       }
-      button.textContent = "Copied";
-      setTimeout(() => { button.textContent = "Copy"; }, 1500);
+      button.textContent = copied ? "Copied" : "Selected: press Ctrl+C";
+      setTimeout(() => { button.textContent = "Copy"; }, 2000);
     });
     wrap.appendChild(button);
   }
