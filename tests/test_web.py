@@ -18,6 +18,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
+from batlehub import appkeys
 from batlehub.app import create_app
 from batlehub.config import parse_settings
 
@@ -443,3 +444,45 @@ async def test_a_static_dir_still_replaces_the_built_in_ui(aiohttp_client: Any, 
     raw = settings_raw(server={"static_dir": str(static)})
     client = await aiohttp_client(create_app(parse_settings(raw, data_dir=tmp_path / "data")))
     assert await (await client.get("/")).text() == "<html>custom ui</html>"
+
+
+# --- speed -----------------------------------------------------------------------------------------
+
+LIST_BUDGET_SECS = 0.200
+
+
+async def test_the_list_of_a_thousand_packages_renders_within_200_ms(client: TestClient) -> None:
+    """Server time (the access log's), median of five, for the default page and for all 1,000 on
+    one page; each package has a 2 kB README in its metadata, as real ones do."""
+    db = client.app[appkeys.DATABASE]
+    readme = "Lorem ipsum dolor sit amet. " * 75
+    async with db.transaction() as conn:
+        for i in range(1000):
+            name = f"pkg-{i:04d}"
+            extra = json.dumps({"description": f"package number {i}", "keywords": ["bench"], "readme": readme})
+            await conn.execute(
+                "INSERT INTO packages (registry, name, revision, created, modified, extra)"
+                " VALUES ('npm', $1, 1, 0, 0, $2)",
+                name,
+                extra,
+            )
+            await conn.execute(
+                "INSERT INTO dist_tags (registry, name, tag, version) VALUES ('npm', $1, 'latest', '1.0.0')", name
+            )
+    timings: list[float] = []
+    real_write = client.app[appkeys.ACCESS_LOG].write
+
+    def record(method: str, path: str, status: int, millis: float, *rest: Any) -> None:
+        timings.append(millis / 1000)
+        real_write(method, path, status, millis, *rest)
+
+    client.app[appkeys.ACCESS_LOG].write = record  # type: ignore[method-assign]
+    medians = {}
+    for path, shown in (("/", "1\N{EN DASH}50 shown"), ("/?limit=1000", "1000 packages"), ("/?q=number+99", "11")):
+        timings.clear()
+        for _ in range(5):
+            response = await client.get(path)
+            assert response.status == 200 and shown in text_of(await response.text())
+        medians[path] = sorted(timings)[2]
+    print("server time, median of 5:", {path: f"{secs * 1000:.1f} ms" for path, secs in medians.items()})
+    assert all(secs < LIST_BUDGET_SECS for secs in medians.values()), medians
