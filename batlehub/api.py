@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from batlehub.artifacts import VERIFIABLE, ArtifactStore, BlobMissing, SpooledBlob, blob_key
 from batlehub.auth import ANONYMOUS, Identity
+from batlehub.cli_login import CliLogins
 from batlehub.config import RegistrySettings, Settings
 from batlehub.configmodel import ConfigList, ConfigModel, core_settings
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight
@@ -90,6 +91,7 @@ __all__ = [
     "BadRequest",
     "BatleHubError",
     "BlobMissing",
+    "CliLogins",
     "ConfigList",
     "ConfigModel",
     "Conflict",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from batlehub.artifacts import ArtifactStore
+from batlehub.cli_login import CliLogins
 from batlehub.coordination import FailOpenCache
 from batlehub.offload import Offloader
 from batlehub.outbound import UpstreamOrigins
@@ -48,6 +49,7 @@ class RegistryServices:
     - `offload`: runs CPU-heavy work on big documents in a worker process;
     - `cache`: the cache backend, failing open (`FailOpenCache`), for what the format keeps itself;
     - `tokens`: identify a token (`npm login`) or revoke it (`npm logout`);
+    - `cli_logins`: sign a command-line client in through the browser (`npm login --auth-type=web`);
     - `settings` (the whole configuration, read-only) and `registry` (this registry's entry);
     - `cache_type`, `storage_type`: the descriptors of the configured backends (e.g. whether the
       cache is shared by replicas).
@@ -77,6 +79,7 @@ class RegistryServices:
         self.cache_type = cache_type
         self.storage_type = storage_type
         self.tokens = tokens
+        self.cli_logins = CliLogins(self.cache)
         self.http = http
         self.offload = offload or Offloader()
         """Runs CPU-heavy work on big documents in a worker process (`batlehub.offload`)."""

@@ -7,6 +7,7 @@ package, nothing loaded from elsewhere and no build step.
 - `/packages/{registry}/{name}`: a package's page, from its format's `package_page` hook.
 - `/login`, `/logout`: sign in with a token (a session cookie, see `sessions`).
 - `/account/tokens`: a signed-in user's own tokens: create, revoke.
+- `/login/cli/{id}`: approve a command-line client's sign-in (`npm login`, see `batlehub.cli_login`).
 - `/admin/...`: health, banner, IP blocks, tokens, quota usage, audit log, plugins.
 
 Reading works without JavaScript and without signing in (as far as each registry's RBAC lets
@@ -68,6 +69,8 @@ def add_routes(app: web.Application) -> None:
         ("GET", "/account/tokens", pages.my_tokens),
         ("POST", "/account/tokens", pages.create_my_token),
         ("POST", "/account/tokens/{id}/revoke", pages.revoke_my_token),
+        ("GET", "/login/cli/{id}", pages.cli_login_form),
+        ("POST", "/login/cli/{id}", pages.cli_login_answer),
         ("GET", "/admin", admin_pages.overview),
         ("GET", "/admin/banner", admin_pages.banner_form),
         ("POST", "/admin/banner", admin_pages.set_banner),

@@ -1,5 +1,6 @@
 """The web UI's pages for everyone: the package list and search, a package's page, the registries
-and how to use them, signing in and out, and a signed-in user's own tokens."""
+and how to use them, signing in and out, a signed-in user's own tokens, and approving a
+command-line client's sign-in (`npm login`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from batlehub import admin, appkeys
 from batlehub.auth import has_permission
+from batlehub.cli_login import CliLogins
 from batlehub.errors import BadRequest, NotFound, Unauthorized
 from batlehub.guide import registry_guides
 from batlehub.package_page import README_MARKUPS, PackagePage
@@ -225,3 +227,37 @@ async def _form(request: web.Request) -> dict[str, str]:
     fields = {k: v for k, v in form.items() if isinstance(v, str)}
     await sessions.check_csrf(request, fields)
     return fields
+
+
+# --- command-line clients signing in through the browser --------------------------------------------
+
+CLI_TOKEN_DAYS = 90
+
+
+async def cli_login_form(request: web.Request) -> web.Response:
+    await signed_in(request)
+    pending = await CliLogins(request.app[appkeys.FAIL_OPEN_CACHE]).pending(request.match_info["id"])
+    if pending is None:
+        raise NotFound("This sign-in request has expired or was already answered: run the login command again.")
+    return await page(request, "cli_login.html", pending=pending, outcome=None)
+
+
+async def cli_login_answer(request: web.Request) -> web.Response:
+    session = await signed_in(request)
+    form = await _form(request)
+    logins = CliLogins(request.app[appkeys.FAIL_OPEN_CACHE])
+    login_id = request.match_info["id"]
+    pending = await logins.pending(login_id)
+    if pending is None:
+        raise NotFound("This sign-in request has expired or was already answered: run the login command again.")
+    if form.get("action") != "approve":
+        await logins.deny(login_id)
+        return await page(request, "cli_login.html", pending=pending, outcome="denied")
+    description = f"{pending.client} login from {pending.client_ip or 'an unknown address'}"
+    created = await admin.issue_token(
+        request, session.identity, {"description": description, "expires_in_days": CLI_TOKEN_DAYS}, own=True
+    )
+    if not await logins.approve(login_id, created["token"]):  # answered elsewhere meanwhile
+        await admin.revoke(request, session.identity, created["id"], own=True)
+        raise NotFound("This sign-in request has expired or was already answered: run the login command again.")
+    return await page(request, "cli_login.html", pending=pending, outcome="approved")

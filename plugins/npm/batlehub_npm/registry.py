@@ -105,7 +105,8 @@ class NpmRegistry:
             ("search", "GET"): self.search,
             ("whoami", "GET"): accounts.whoami,
             ("ping", "GET"): accounts.ping,
-            ("web_login", "POST"): accounts.web_login,
+            ("web_login", "POST"): self.web_login,
+            ("web_login_done", "GET"): self.web_login_done,
             ("stars", "GET"): accounts.stars,
             ("login", "PUT"): self.login,
             ("login", "GET"): self.user_lookup,
@@ -562,6 +563,12 @@ class NpmRegistry:
 
     async def login(self, request: web.Request, route: Route) -> web.StreamResponse:
         return await accounts.login(request, route, self.services)
+
+    async def web_login(self, request: web.Request, route: Route) -> web.StreamResponse:
+        return await accounts.web_login(request, self.services)
+
+    async def web_login_done(self, request: web.Request, route: Route) -> web.StreamResponse:
+        return await accounts.web_login_done(request, self.services)
 
     async def user_lookup(self, request: web.Request, route: Route) -> web.StreamResponse:
         return await accounts.user_lookup(request, route, self.services)
