@@ -29,7 +29,7 @@ from batlehub.testing.hub import HubFactory, token_auth_toml
 
 pytest.importorskip("batlehub_npm")
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -187,6 +187,20 @@ def text(driver: Any) -> str:
     return str(driver.find_element(By.TAG_NAME, "body").text)
 
 
+def wait_for(driver: Any, needle: str) -> str:
+    """The page's text once it shows `needle`: a click that submits a form returns before the
+    next page is there."""
+
+    def shows(d: Any) -> str | None:
+        try:
+            seen = text(d)
+        except StaleElementReferenceException:
+            return None
+        return seen if needle in seen else None
+
+    return str(WebDriverWait(driver, 10).until(shows, f"the page never showed {needle!r}"))
+
+
 def no_dialogs(driver: Any) -> None:
     try:
         alert = driver.switch_to.alert
@@ -201,12 +215,12 @@ def sign_in(driver: Any, url: str, token: str) -> None:
     field = driver.find_element(By.ID, "token")
     field.send_keys(token)
     field.send_keys(Keys.ENTER)
-    assert "Signed in as" in text(driver)
+    wait_for(driver, "Signed in as")
 
 
 def sign_out(driver: Any) -> None:
     driver.find_element(By.XPATH, "//button[text()='Sign out']").click()
-    assert "Sign in" in text(driver)
+    wait_for(driver, "Sign in")
 
 
 async def test_a_person_finds_reads_signs_in_and_manages_the_hub(hub: HubFactory, browser: Any) -> None:
@@ -225,11 +239,13 @@ async def test_a_person_finds_reads_signs_in_and_manages_the_hub(hub: HubFactory
     search = driver.find_element(By.ID, "q")
     search.send_keys("string")
     search.send_keys(Keys.ENTER)
+    wait_for(driver, "Packages matching")
     rows = [row.text for row in driver.find_elements(By.CSS_SELECTOR, "table.packages tbody tr")]
     assert len(rows) == 2 and rows[0].startswith("left-pad String left pad 1.3.0 npm npm local"), rows
 
     # Open a package, read its README, copy its install command.
     driver.find_element(By.LINK_TEXT, "left-pad").click()
+    wait_for(driver, "Readme")
     assert driver.title == "left-pad · BatleHub"
     readme = driver.find_element(By.CSS_SELECTOR, ".readme")
     assert readme.find_element(By.TAG_NAME, "h1").text == "left-pad"
@@ -245,6 +261,7 @@ async def test_a_person_finds_reads_signs_in_and_manages_the_hub(hub: HubFactory
     deps = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "ul.deps li")]
     assert deps == ["left-pad ^1.3.0", "lodash ^4.17.21"]
     driver.find_element(By.LINK_TEXT, "left-pad").click()
+    wait_for(driver, "String left pad, the classic.")
     assert driver.title == "left-pad · BatleHub"
 
     # A hostile README runs nothing.
@@ -273,8 +290,10 @@ async def test_a_person_finds_reads_signs_in_and_manages_the_hub(hub: HubFactory
     # Sign in as a user, create a token, use it, revoke it.
     sign_in(driver, server.url, ALICE)
     driver.find_element(By.LINK_TEXT, "Your tokens").click()
+    wait_for(driver, "Create a token")
     driver.find_element(By.ID, "description").send_keys("laptop")
     driver.find_element(By.XPATH, "//button[text()='Create token']").click()
+    wait_for(driver, "New token created")
     token = driver.find_element(By.ID, "new-token").text
     assert token.startswith("bh_")
     async with aiohttp.ClientSession() as session:
@@ -282,7 +301,7 @@ async def test_a_person_finds_reads_signs_in_and_manages_the_hub(hub: HubFactory
             assert r.status == 200 and (await r.json())["user_id"] == "alice"
     shot(driver, "tokens")
     driver.find_element(By.XPATH, "//tr[th[contains(., 'laptop')]]//button[text()='Revoke']").click()
-    assert "You have no tokens stored by this hub." in text(driver)
+    wait_for(driver, "You have no tokens stored by this hub.")
     async with aiohttp.ClientSession() as session:
         async with session.get(server.url + "/api/v1/tokens", headers={"Authorization": f"Bearer {token}"}) as r:
             assert r.status == 401
@@ -296,12 +315,14 @@ async def test_a_person_finds_reads_signs_in_and_manages_the_hub(hub: HubFactory
             assert r.status == 201
     sign_in(driver, server.url, ADMIN)
     driver.find_element(By.LINK_TEXT, "Admin").click()
-    assert "The hub is ok." in text(driver)
+    wait_for(driver, "The hub is ok.")
     shot(driver, "admin-health")
     driver.find_element(By.LINK_TEXT, "Banner").click()
+    wait_for(driver, "No banner is set.")
     driver.find_element(By.ID, "message").send_keys("Maintenance on Saturday 10:00 UTC: installs keep working")
     driver.find_element(By.CSS_SELECTOR, "#level option[value='warning']").click()
     driver.find_element(By.XPATH, "//button[text()='Set banner']").click()
+    wait_for(driver, "Clear banner")
     driver.get(server.url + "/")
     banner = driver.find_element(By.CSS_SELECTOR, ".banner")
     assert banner.text == "Warning: Maintenance on Saturday 10:00 UTC: installs keep working"
@@ -311,11 +332,12 @@ async def test_a_person_finds_reads_signs_in_and_manages_the_hub(hub: HubFactory
     assert "203.0.113.9 scraping the registry" in text(driver)
     shot(driver, "admin-ip-blocks")
     driver.find_element(By.CSS_SELECTOR, "button[aria-label='Lift the block of 203.0.113.9']").click()
-    assert "No address is blocked." in text(driver)
+    wait_for(driver, "No address is blocked.")
 
     driver.get(server.url + "/admin/audit")
     driver.find_element(By.ID, "f-action").send_keys("ip_block.remove")
     driver.find_element(By.XPATH, "//button[text()='Filter']").click()
+    wait_for(driver, "1 entry")
     rows = [row.text for row in driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr")]
     assert len(rows) == 1 and "admin ip_block.remove" in rows[0] and "203.0.113.9" in rows[0], rows
     driver.get(server.url + "/admin/audit")
