@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp import web
 from npm_testdata import ALICE, auth, hub_settings, publish_body
 
@@ -40,13 +41,19 @@ def text_of(page: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", page)))
 
 
+@pytest.mark.parametrize("readme_padding", [0, 400_000], ids=["small", "big-enough-for-the-worker-process"])
 async def test_proxied_packages_are_listed_and_shown_from_the_cached_packument(
-    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path, readme_padding: int
 ) -> None:
+    served = {
+        **UPSTREAM_PACKUMENT,
+        "readme": UPSTREAM_PACKUMENT["readme"] + "\n\n" + "padding " * (readme_padding // 8),
+    }
+
     async def packument(request: web.Request) -> web.Response:
         if request.match_info["name"] != "chalk-ish":
             return web.json_response({"error": "not found"}, status=404)
-        return web.json_response(UPSTREAM_PACKUMENT)
+        return web.json_response(served)
 
     upstream_app = web.Application()
     upstream_app.router.add_get("/{name}", packument)
