@@ -1,5 +1,10 @@
 """Core HTTP routes: health, the banner, registries, and the admin API (DESIGN §7). Package
-ownership has its own module (`batlehub.ownership`)."""
+ownership has its own module (`batlehub.ownership`), a caller's own tokens theirs
+(`batlehub.accounts`), the web UI its package (`batlehub.web`).
+
+Each admin change is one function that takes the caller and the request's values (`set_banner`,
+`add_block`, `lift_block`, `issue_token`, `revoke`, `audit_entries`, `health_report`): the JSON
+handlers here and the web UI's forms both go through them, so both check and audit the same way."""
 
 from __future__ import annotations
 
@@ -11,22 +16,20 @@ import math
 import time
 from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
-from html import escape
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from batlehub import __version__, appkeys, audit, ownership, quota
+from batlehub import appkeys, audit, ownership, quota
 from batlehub.auth import Identity, has_permission
 from batlehub.config import RegistrySettings, RetentionSettings, valid_user_id
 from batlehub.coordination import LogThrottle
 from batlehub.errors import BadRequest, Conflict, NotFound
-from batlehub.guide import registry_guides
 from batlehub.interfaces import Banner, IpBlock
 from batlehub.net import canonical_ip, is_trusted
 from batlehub.plugins import describe_plugins
-from batlehub.requests import base_url, identity, read_json, registry_url, require_admin, rfc3339
+from batlehub.requests import identity, read_json, registry_url, require_admin, rfc3339
 from batlehub.retention import Retention
 
 log = logging.getLogger("batlehub.server")
@@ -97,7 +100,12 @@ async def health(request: web.Request) -> web.Response:
     (misses, no limits) and the database still answers, so draining every replica at once for a
     cache outage would turn a degradation into an outage.
     """
-    app = request.app
+    body, code = await health_report(request.app)
+    return _json(body, code)
+
+
+async def health_report(app: web.Application) -> tuple[dict[str, Any], int]:
+    """The health answer and its status (see `health`)."""
     state = app[appkeys.STATE]
     database, storage, cache = await asyncio.gather(
         _check("database", app[appkeys.DATABASE].ping()),
@@ -116,7 +124,7 @@ async def health(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"status": status, "checks": checks}
     if state.warnings:
         body["warnings"] = state.warnings
-    return _json(body, code)
+    return body, code
 
 
 # --- banner ----------------------------------------------------------------------------------------
@@ -129,22 +137,30 @@ async def get_banner(request: web.Request) -> web.Response:
 
 async def put_banner(request: web.Request) -> web.Response:
     admin = require_admin(request)
-    data = await read_object(request)
+    banner = await set_banner(request, admin, await read_object(request))
+    return _json({"message": banner.message, "level": banner.level})
+
+
+async def set_banner(request: web.Request, admin: Identity, data: Mapping[str, Any]) -> Banner:
     message, level = data.get("message"), data.get("level", "info")
     if not isinstance(message, str) or not message.strip() or len(message) > 1000 or "\n" in message:
         raise BadRequest("message: expected a non-empty single-line string of at most 1000 characters")
     if level not in BANNER_LEVELS:
         raise BadRequest(f"level: expected one of {', '.join(BANNER_LEVELS)}")
-    await request.app[appkeys.CACHE].set_banner(Banner(message=message, level=level))
+    banner = Banner(message=message, level=level)
+    await request.app[appkeys.CACHE].set_banner(banner)
     await _audit(request, "banner.set", admin, target=message)
-    return _json({"message": message, "level": level})
+    return banner
 
 
 async def delete_banner(request: web.Request) -> web.Response:
-    admin = require_admin(request)
+    await clear_banner(request, require_admin(request))
+    return _json({"ok": True})
+
+
+async def clear_banner(request: web.Request, admin: Identity) -> None:
     await request.app[appkeys.CACHE].set_banner(None)
     await _audit(request, "banner.clear", admin)
-    return _json({"ok": True})
 
 
 # --- registries and plugins ------------------------------------------------------------------------
@@ -157,8 +173,7 @@ async def list_registries(request: web.Request) -> web.Response:
         {
             "name": r.name,
             "type": r.type,
-            # Formats without modes have no such key; a running app holds validated options.
-            "mode": r.options.get("mode") if isinstance(r.options, Mapping) else getattr(r.options, "mode", None),
+            "mode": registry_mode(r),
             "url": registry_url(request, r.name) + "/",
         }
         for r in settings.registries
@@ -186,6 +201,13 @@ async def list_plugins(request: web.Request) -> web.Response:
     )
 
 
+def registry_mode(registry: RegistrySettings) -> str | None:
+    """A registry's mode (`proxy`, `local`, `hybrid`), or None for a format without modes."""
+    options = registry.options
+    # Formats without modes have no such key; a running app holds validated options.
+    return options.get("mode") if isinstance(options, Mapping) else getattr(options, "mode", None)
+
+
 # --- IP blocks -------------------------------------------------------------------------------------
 
 
@@ -201,7 +223,11 @@ async def list_ip_blocks(request: web.Request) -> web.Response:
 
 async def add_ip_block(request: web.Request) -> web.Response:
     admin = require_admin(request)
-    data = await read_object(request)
+    block = await add_block(request, admin, await read_object(request))
+    return _json(_block_json(block), 201)
+
+
+async def add_block(request: web.Request, admin: Identity, data: Mapping[str, Any]) -> IpBlock:
     raw_ip, reason = data.get("ip"), data.get("reason", "blocked by an administrator")
     duration = data.get("duration_secs", request.app[appkeys.SETTINGS].ip_blocking.ban_duration_secs)
     # The canonical form, the way requests are matched (an IPv4-mapped IPv6 address is IPv4).
@@ -218,18 +244,23 @@ async def add_ip_block(request: web.Request) -> web.Response:
     block = IpBlock(ip=ip, reason=reason, expires_at=now + float(duration), created_at=now)
     await request.app[appkeys.CACHE].block_ip(block)
     await _audit(request, "ip_block.add", admin, target=ip, detail={"reason": reason, "duration_secs": duration})
-    return _json(_block_json(block), 201)
+    return block
 
 
 async def delete_ip_block(request: web.Request) -> web.Response:
-    admin = require_admin(request)
+    await lift_block(request, require_admin(request), request.match_info["ip"])
+    return _json({"ok": True})
+
+
+async def lift_block(request: web.Request, admin: Identity, raw_ip: str) -> str:
+    """Lift the block of `raw_ip`; returns the address as blocks are stored. `NotFound` if none."""
     # Blocks are stored under the canonical form ("2001:db8::7"), however the operator types it;
     # not an address: nothing can be blocked under it, and the 404 below says so.
-    ip = canonical_ip(request.match_info["ip"]) or request.match_info["ip"]
+    ip = canonical_ip(raw_ip) or raw_ip
     if not await request.app[appkeys.CACHE].unblock_ip(ip):
         raise NotFound(f"no block for {ip}")
     await _audit(request, "ip_block.remove", admin, target=ip)
-    return _json({"ok": True})
+    return ip
 
 
 # --- tokens ----------------------------------------------------------------------------------------
@@ -237,13 +268,29 @@ async def delete_ip_block(request: web.Request) -> web.Response:
 
 async def list_tokens(request: web.Request) -> web.Response:
     require_admin(request)
-    return _json({"tokens": [_token_json(t) for t in await request.app[appkeys.AUTH].list_tokens()]})
+    return _json({"tokens": [token_json(t) for t in await request.app[appkeys.AUTH].list_tokens()]})
 
 
 async def create_token(request: web.Request) -> web.Response:
     admin = require_admin(request)
-    data = await read_object(request)
+    return _json(await issue_token(request, admin, await read_object(request)), 201)
+
+
+async def issue_token(
+    request: web.Request, caller: Identity, data: Mapping[str, Any], *, own: bool = False
+) -> dict[str, Any]:
+    """Create a token from `{"user_id", "role", "expires_in_days", "description"}`; returns its
+    record with the secret under `token` (shown once). `own`: the caller's own token (their
+    user id, at most their role), whoever they are; otherwise the caller is an admin."""
     user_id, role, days = data.get("user_id"), data.get("role", "user"), data.get("expires_in_days")
+    if own:
+        if caller.user_id is None:
+            raise BadRequest("sign in to create a token")
+        if user_id not in (None, caller.user_id):
+            raise BadRequest("user_id: you can only create tokens for yourself")
+        user_id, role = caller.user_id, data.get("role", caller.role)
+        if role != caller.role and role != "user":
+            raise BadRequest(f'role: expected "user" or your own role, "{caller.role}"')
     if not isinstance(user_id, str) or not valid_user_id(user_id):
         raise BadRequest("user_id: expected 1 to 200 printable characters without spaces")
     if role not in ("user", "admin"):
@@ -253,14 +300,14 @@ async def create_token(request: web.Request) -> web.Response:
     ):
         raise BadRequest(f"expires_in_days: expected a positive number up to {MAX_TOKEN_DAYS}, or null")
     description = data.get("description", "")
-    if not isinstance(description, str):
-        raise BadRequest("description: expected a string")
+    if not isinstance(description, str) or len(description) > 500 or "\n" in description:
+        raise BadRequest("description: expected a single-line string of at most 500 characters")
     record, token = await request.app[appkeys.AUTH].create_token(user_id, role, days, description)
-    await _audit(request, "token.create", admin, target=record["id"], detail={"user_id": user_id, "role": role})
-    return _json({**_token_json(record), "token": token}, 201)
+    await _audit(request, "token.create", caller, target=record["id"], detail={"user_id": user_id, "role": role})
+    return {**token_json(record), "token": token}
 
 
-def _token_json(record: dict[str, Any]) -> dict[str, Any]:
+def token_json(record: dict[str, Any]) -> dict[str, Any]:
     """A token's record with its times as RFC 3339 (`2026-12-02T16:25:21.250Z`), null when unset."""
     return {
         k: rfc3339(v) if k in ("created", "expires", "last_used") and v is not None else v for k, v in record.items()
@@ -268,12 +315,18 @@ def _token_json(record: dict[str, Any]) -> dict[str, Any]:
 
 
 async def delete_token(request: web.Request) -> web.Response:
-    admin = require_admin(request)
-    token_id = request.match_info["id"]
-    if not await request.app[appkeys.AUTH].revoke_token(token_id):
-        raise NotFound(f"no active token with id {token_id}")
-    await _audit(request, "token.revoke", admin, target=token_id)
+    await revoke(request, require_admin(request), request.match_info["id"])
     return _json({"ok": True})
+
+
+async def revoke(request: web.Request, caller: Identity, token_id: str, *, own: bool = False) -> None:
+    """Revoke a token: any (an admin), or with `own` only one of the caller's. `NotFound` if not."""
+    owner = caller.user_id if own else None
+    if own and owner is None:
+        raise NotFound(f"no active token with id {token_id}")
+    if not await request.app[appkeys.AUTH].revoke_token(token_id, owner):
+        raise NotFound(f"no active token with id {token_id}")
+    await _audit(request, "token.revoke", caller, target=token_id)
 
 
 # --- quota and audit log ---------------------------------------------------------------------------
@@ -281,23 +334,24 @@ async def delete_token(request: web.Request) -> web.Response:
 
 async def get_quota(request: web.Request) -> web.Response:
     require_admin(request)
-    registry_name, user_id = request.match_info["registry"], request.match_info["user_id"]
-    registry = request.app[appkeys.SETTINGS].registry(registry_name)
+    return _json(await quota_report(request.app, request.match_info["registry"], request.match_info["user_id"]))
+
+
+async def quota_report(app: web.Application, registry_name: str, user_id: str) -> dict[str, Any]:
+    registry = app[appkeys.SETTINGS].registry(registry_name)
     if registry is None:
         raise NotFound(f"no registry named {registry_name!r}")
-    used_bytes, used_versions = await quota.usage(request.app[appkeys.DATABASE], registry_name, user_id)
+    used_bytes, used_versions = await quota.usage(app[appkeys.DATABASE], registry_name, user_id)
     limits = registry.quota
-    return _json(
-        {
-            "registry": registry_name,
-            "user_id": user_id,
-            "used_bytes": used_bytes,
-            "used_versions": used_versions,
-            "max_bytes": limits.max_bytes_per_user if limits else 0,
-            "max_versions": limits.max_versions_per_user if limits else 0,
-            "enforcement": limits.enforcement if limits else None,
-        }
-    )
+    return {
+        "registry": registry_name,
+        "user_id": user_id,
+        "used_bytes": used_bytes,
+        "used_versions": used_versions,
+        "max_bytes": limits.max_bytes_per_user if limits else 0,
+        "max_versions": limits.max_versions_per_user if limits else 0,
+        "enforcement": limits.enforcement if limits else None,
+    }
 
 
 # --- retention ---------------------------------------------------------------------------------------
@@ -363,8 +417,8 @@ async def run_retention(request: web.Request) -> web.Response:
     return _json(report.to_json())
 
 
-def _query_number(request: web.Request, name: str, default: float | None) -> float | None:
-    raw = request.query.get(name)
+def _query_number(query: Mapping[str, str], name: str, default: float | None) -> float | None:
+    raw = query.get(name)
     if raw is None or raw == "":
         return default
     try:
@@ -376,12 +430,12 @@ def _query_number(request: web.Request, name: str, default: float | None) -> flo
     return value
 
 
-def _query_time(request: web.Request, name: str) -> float | None:
+def _query_time(query: Mapping[str, str], name: str) -> float | None:
     """Epoch seconds, or an ISO 8601 time (`2026-11-28T05:00:00Z`; without a zone, UTC): an
     operator reading the log types dates, a script passes numbers."""
-    raw = request.query.get(name, "")
+    raw = query.get(name, "")
     try:
-        return _query_number(request, name, None)
+        return _query_number(query, name, None)
     except BadRequest:
         pass
     try:
@@ -395,40 +449,47 @@ def _query_time(request: web.Request, name: str) -> float | None:
 
 async def get_audit_log(request: web.Request) -> web.Response:
     require_admin(request)
-    where, args = [], []
+    return _json(await audit_entries(request.app, request.query))
+
+
+async def audit_entries(app: web.Application, query: Mapping[str, str]) -> dict[str, Any]:
+    """The audit log's entries that `query` asks for (`registry`, `user`, `action`, `since`,
+    `until`, `denied_only`, `limit`, `offset`), newest first, with the total that match."""
+    where: list[str] = []
+    args: list[Any] = []
 
     def add(condition: str, value: Any) -> None:
         args.append(value)
         where.append(condition.replace("?", f"${len(args)}"))
 
     for name, column in (("registry", "registry"), ("user", "user_id"), ("action", "action")):
-        value = request.query.get(name)
+        value = query.get(name)
         if value:
             if "\x00" in value or len(value) > 500:
                 raise BadRequest(f"{name}: not a {name}")
             add(f"{column} = ?", value)
-    since = _query_time(request, "since")
-    until = _query_time(request, "until")
+    since = _query_time(query, "since")
+    until = _query_time(query, "until")
     if since is not None:
         add("ts >= ?", since)
     if until is not None:
         add("ts < ?", until)
-    if request.query.get("denied_only") in ("1", "true", "yes"):
+    if query.get("denied_only") in ("1", "true", "yes", "on"):
         where.append("result = 'denied'")
-    limit = _query_number(request, "limit", 100) or 0  # `or 0`: limit=0 is refused below, not 100
-    offset = _query_number(request, "offset", 0) or 0
+    limit = _query_number(query, "limit", 100) or 0  # `or 0`: limit=0 is refused below, not 100
+    offset = _query_number(query, "offset", 0) or 0
     if not 1 <= limit <= 1000 or not 0 <= offset <= MAX_OFFSET:
         raise BadRequest(f"limit: 1..1000; offset: 0..{MAX_OFFSET}")
     limit, offset = int(limit), int(offset)
     clause = f"WHERE {' AND '.join(where)}" if where else ""
-    db = request.app[appkeys.DATABASE]
+    db = app[appkeys.DATABASE]
     total = await db.fetchval(f"SELECT COUNT(*) FROM audit_log {clause}", *args)
     rows = await db.fetch(
         f"SELECT id, ts, registry, user_id, action, target, client_ip, result, detail FROM audit_log {clause}"
         f" ORDER BY id DESC LIMIT {limit} OFFSET {offset}",
         *args,
     )
-    return _json({"entries": rows, "total": int(total or 0), "limit": limit, "offset": offset})
+    return {"entries": rows, "total": int(total or 0), "limit": limit, "offset": offset}
 
 
 async def _audit(
@@ -441,46 +502,6 @@ async def _audit(
         target=target,
         client_ip=request.get(appkeys.CLIENT_IP),
         detail=detail,
-    )
-
-
-# --- the front page --------------------------------------------------------------------------------
-
-
-def add_front_page(app: web.Application) -> None:
-    app.router.add_get("/", front_page)
-
-
-async def front_page(request: web.Request) -> web.Response:
-    """For a browser: the registries this caller may read and how to point clients at them."""
-    caller = identity(request)
-    settings = request.app[appkeys.SETTINGS]
-    services = request.app[appkeys.REGISTRY_SERVICES]
-    readable = {r.name for r in settings.registries if has_permission(caller, r, "releases:read")}
-    formats = {s.format_type.name: s.format_type for s in services.values()}
-    items = []
-    for guide in registry_guides(settings, formats, base_url(request), readable):
-        usage = "\n".join(guide.usage)
-        items.append(
-            f"<section><h2>{escape(guide.name)} <small>{escape(guide.type)}, {escape(guide.mode or '')}</small></h2>"
-            f"<p><code>{escape(guide.url)}</code><br>{escape(guide.upstream_line())}</p>"
-            + (f"<pre>{escape(usage)}</pre>" if usage else "")
-            + "</section>"
-        )
-    body = (
-        "<!doctype html><html lang=en><head><meta charset=utf-8><title>BatleHub</title>"
-        "<meta name=viewport content='width=device-width'>"
-        "<style>body{font:16px/1.5 system-ui,sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem;color:#111}"
-        "pre{background:#f4f4f4;padding:.75rem;overflow:auto}small{color:#555;font-weight:normal}</style>"
-        f"</head><body><h1>BatleHub {escape(__version__)}</h1>"
-        + ("".join(items) or "<p>No registry is readable without a token.</p>")
-        + "<p>Health: <a href=/api/v1/admin/health>/api/v1/admin/health</a>. Registries as JSON:"
-        " <a href=/api/v1/registries>/api/v1/registries</a>.</p></body></html>"
-    )
-    return web.Response(
-        text=body,
-        content_type="text/html",
-        headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'"},
     )
 
 

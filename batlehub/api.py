@@ -12,12 +12,15 @@ docs/plugins/registry-formats.md; what is not here may change without notice.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
   `registry_url`, bounded body readers.
 - Domain errors: raise them; core turns them into JSON errors with the right status.
+- The web UI: `PackagePage` (with `VersionInfo`, `FileInfo`, `Dependency`), what a format's
+  `package_page` hook returns; `DocumentSummary`, what its `DocumentFormat.summarize` returns.
 """
 
 from __future__ import annotations
 
 from batlehub.artifacts import VERIFIABLE, ArtifactStore, BlobMissing, SpooledBlob, blob_key
 from batlehub.auth import ANONYMOUS, Identity
+from batlehub.cli_login import CliLogins
 from batlehub.config import RegistrySettings, Settings
 from batlehub.configmodel import ConfigList, ConfigModel, core_settings
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight
@@ -46,6 +49,7 @@ from batlehub.jsondoc import check as check_json
 from batlehub.jsondoc import may_need_repair as json_may_need_repair
 from batlehub.jsondoc import repair as repair_json
 from batlehub.outbound import UpstreamOrigins
+from batlehub.package_page import Dependency, FileInfo, PackagePage, VersionInfo
 from batlehub.packages import (
     FileRecord,
     NewFile,
@@ -76,7 +80,7 @@ from batlehub.requests import (
     registry_url,
     require,
 )
-from batlehub.upstream import DocumentFormat, UpstreamDocument, UpstreamDocuments, UpstreamStats
+from batlehub.upstream import DocumentFormat, DocumentSummary, UpstreamDocument, UpstreamDocuments, UpstreamStats
 
 __all__ = [
     "ANONYMOUS",
@@ -89,12 +93,16 @@ __all__ = [
     "BadRequest",
     "BatleHubError",
     "BlobMissing",
+    "CliLogins",
     "ConfigList",
     "ConfigModel",
     "Conflict",
     "DefaultRegistry",
+    "Dependency",
     "DocumentFormat",
+    "DocumentSummary",
     "FailOpenCache",
+    "FileInfo",
     "FileRecord",
     "Forbidden",
     "Identity",
@@ -105,6 +113,7 @@ __all__ = [
     "NewFile",
     "NotFound",
     "Package",
+    "PackagePage",
     "PackageRows",
     "PackageStore",
     "PackageSummary",
@@ -130,6 +139,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamOrigins",
     "UpstreamStats",
+    "VersionInfo",
     "VersionRecord",
     "actor",
     "base_url",

@@ -18,7 +18,8 @@ import pluggy
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from batlehub import admin, appkeys, loopwatch, replicas, retention, sweep
+from batlehub import accounts, admin, appkeys, loopwatch, replicas, retention, sweep
+from batlehub import web as web_ui
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
 from batlehub.config import DEFAULT_RBAC, REGISTRY_CORE_KEYS, RegistrySettings, Settings
@@ -300,10 +301,11 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     _check_replica_safety(app, cache_type, storage_type)
 
     admin.add_routes(app)
+    accounts.add_routes(app)
     if settings.server.static_dir:
         admin.add_static_ui(app, settings.server.static_dir)
     else:
-        admin.add_front_page(app)
+        web_ui.add_routes(app)
     return app
 
 

@@ -109,7 +109,11 @@ class Authenticator:
         return identity
 
     async def identify(self, token: str) -> Identity | None:
-        digest = hash_token(token)
+        return await self.identify_digest(hash_token(token))
+
+    async def identify_digest(self, digest: str) -> Identity | None:
+        """The identity of the token whose SHA-256 is `digest`, if it is live (a web session
+        keeps only the digest of the token it was signed in with)."""
         for known, (role, user_id) in self._config_tokens.items():
             if hmac.compare_digest(known, digest):
                 return Identity(user_id=user_id, role=role)
@@ -172,14 +176,22 @@ class Authenticator:
         )
         return record, token
 
-    async def list_tokens(self) -> list[dict[str, Any]]:
-        return await self.db.fetch(
-            "SELECT id, user_id, role, created, expires, last_used, description FROM tokens"
-            " WHERE revoked = 0 ORDER BY created"
-        )
+    async def list_tokens(self, user_id: str | None = None) -> list[dict[str, Any]]:
+        """Live database tokens (not revoked; expired ones too, so an operator sees them), all
+        of them or `user_id`'s."""
+        columns = "SELECT id, user_id, role, created, expires, last_used, description FROM tokens WHERE revoked = 0"
+        if user_id is None:
+            return await self.db.fetch(columns + " ORDER BY created")
+        return await self.db.fetch(columns + " AND user_id = $1 ORDER BY created", user_id)
 
-    async def revoke_token(self, token_id: str) -> bool:
-        return await self.db.execute("UPDATE tokens SET revoked = 1 WHERE id = $1 AND revoked = 0", token_id) > 0
+    async def revoke_token(self, token_id: str, user_id: str | None = None) -> bool:
+        """Revoke a database token (only if it is `user_id`'s, when given); True if it was live."""
+        if user_id is None:
+            return await self.db.execute("UPDATE tokens SET revoked = 1 WHERE id = $1 AND revoked = 0", token_id) > 0
+        revoked = await self.db.execute(
+            "UPDATE tokens SET revoked = 1 WHERE id = $1 AND user_id = $2 AND revoked = 0", token_id, user_id
+        )
+        return revoked > 0
 
     async def user_exists(self, user_id: str) -> bool:
         """Whether any configured or live database token belongs to `user_id` (users exist only

@@ -273,6 +273,22 @@ MIGRATIONS: list[tuple[int, str, list[Any]]] = [
             "CREATE INDEX cached_artifacts_key ON cached_artifacts (storage_key)",
         ],
     ),
+    (
+        6,
+        "web UI sessions, and a summary beside each upstream document for listings",
+        [
+            # Only hashes: a copy of this table signs nobody in. A session ends with its token.
+            """CREATE TABLE web_sessions (
+                id_hash TEXT PRIMARY KEY,
+                token_hash TEXT NOT NULL,
+                csrf TEXT NOT NULL,
+                created DOUBLE PRECISION NOT NULL,
+                expires DOUBLE PRECISION NOT NULL)""",
+            "CREATE INDEX web_sessions_token ON web_sessions (token_hash)",
+            # A listing of a thousand proxied names must not parse a thousand packuments.
+            "ALTER TABLE upstream_documents ADD COLUMN summary TEXT NOT NULL DEFAULT '{}'",
+        ],
+    ),
 ]
 
 

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from batlehub.config import Settings
-    from batlehub.interfaces import CacheBackendType, RegistryFormatType, StorageBackendType
+    from batlehub.interfaces import CacheBackendType, Registry, RegistryFormatType, StorageBackendType
+    from batlehub.package_page import PackagePage
 
 hookspec = pluggy.HookspecMarker("batlehub")
 
@@ -76,6 +77,24 @@ def on_publish(registry: str, package: str, version: str, user_id: str | None, s
 def on_unpublish(registry: str, package: str, version: str | None, user_id: str | None) -> None:
     """Called by core after a version (or, with `version=None`, a whole package) was removed and
     the removal committed. May be async. Exceptions are logged. The return value is ignored."""
+
+
+# --- web UI ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def package_page(registry: Registry, name: str, version: str | None, request: web.Request) -> PackagePage | None:
+    """Called by the web UI for a package page (`GET /packages/{registry}/{name}`), once per
+    page, after core checked that the caller may read `registry`. May be async.
+
+    Return a `batlehub.api.PackagePage` describing package `name` (at `version`, else its latest)
+    when `registry` is one of your format's (`isinstance(registry, YourRegistry)`), or None when
+    it is not yours. For your registry without such a package or version, raise
+    `batlehub.api.NotFound`. Use `request` for URLs (`registry_url(request, registry.name)`)
+    and the caller. Core renders the page (README Markdown sanitized, only http(s) links); a
+    format writes no HTML. Several non-None answers: the plugin registered last wins, so a
+    plugin can replace a format's page.
+    """
 
 
 def _all_specs() -> dict[str, Any]:

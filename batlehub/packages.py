@@ -231,6 +231,22 @@ class PackageStore:
             page = [replace(hit, owners=tuple(owners.get(hit.name, ()))) for hit in page]
         return page, len(hits)
 
+    async def names(self) -> set[str]:
+        """Every package name published here (a listing leaves these out of the proxied ones)."""
+        return {r["name"] for r in await self.db.fetch("SELECT name FROM packages WHERE registry = $1", self.name)}
+
+    async def newest_versions(self, names: Sequence[str]) -> dict[str, str]:
+        """The last published version of each of `names` (for formats without a `latest` tag)."""
+        if not names:
+            return {}
+        marks = ", ".join(f"${i}" for i in range(2, 2 + len(names)))
+        rows = await self.db.fetch(
+            f"SELECT name, version FROM versions WHERE registry = $1 AND name IN ({marks}) ORDER BY created",
+            self.name,
+            *names,
+        )
+        return {r["name"]: r["version"] for r in rows}
+
     async def owners(self, name: str) -> list[str]:
         return await owners_of(self.db, self.name, name)
 

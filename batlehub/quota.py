@@ -4,13 +4,13 @@ failed publish leaves the counter as it was (its transaction rolls the increment
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from batlehub.errors import BatleHubError
 
 if TYPE_CHECKING:
     from batlehub.config import RegistrySettings
-    from batlehub.db import Connection
+    from batlehub.db import Connection, Database
 
 _UNLIMITED = 2**62
 
@@ -96,3 +96,11 @@ async def usage(conn: Connection, registry_name: str, user_id: str) -> tuple[int
 
 def _fmt(limit: int) -> str:
     return str(limit) if limit else "unlimited"
+
+
+async def all_usage(db: Database | Connection, limit: int = 1000) -> list[dict[str, Any]]:
+    """Every (registry, user) that has published, most bytes first: what an operator scans."""
+    return await db.fetch(
+        "SELECT registry, user_id, bytes, versions FROM quota_usage"
+        f" ORDER BY bytes DESC, versions DESC, registry, user_id LIMIT {int(limit)}"
+    )

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from batlehub.artifacts import ArtifactStore
+from batlehub.cli_login import CliLogins
 from batlehub.config import RetentionSettings
 from batlehub.coordination import FailOpenCache
 from batlehub.offload import Offloader
@@ -22,7 +23,7 @@ from batlehub.packages import PackageStore
 from batlehub.plugins import fire_event
 from batlehub.rendering import RenderedCache
 from batlehub.retention import Retention, UseLog
-from batlehub.upstream import DocumentFormat, UpstreamDocuments, UpstreamStats
+from batlehub.upstream import DocumentFormat, KnownPackage, UpstreamDocuments, UpstreamStats, known_packages
 
 if TYPE_CHECKING:
     import pluggy
@@ -50,6 +51,7 @@ class RegistryServices:
     - `offload`: runs CPU-heavy work on big documents in a worker process;
     - `cache`: the cache backend, failing open (`FailOpenCache`), for what the format keeps itself;
     - `tokens`: identify a token (`npm login`) or revoke it (`npm logout`);
+    - `cli_logins`: sign a command-line client in through the browser (`npm login --auth-type=web`);
     - `settings` (the whole configuration, read-only) and `registry` (this registry's entry);
     - `cache_type`, `storage_type`: the descriptors of the configured backends (e.g. whether the
       cache is shared by replicas).
@@ -79,6 +81,7 @@ class RegistryServices:
         self.cache_type = cache_type
         self.storage_type = storage_type
         self.tokens = tokens
+        self.cli_logins = CliLogins(self.cache)
         self.http = http
         self.offload = offload or Offloader()
         """Runs CPU-heavy work on big documents in a worker process (`batlehub.offload`)."""
@@ -177,6 +180,13 @@ class RegistryServices:
 
     def _memory_bytes(self) -> int:
         return int(self.settings.limits.cache_memory_bytes * self._share)
+
+    async def proxied_packages(self, text: str = "") -> list[KnownPackage]:
+        """The names this registry holds upstream documents of (by name), for listings; `text`
+        filters on the name and the summary's description."""
+        if not self._documents:
+            return []
+        return await known_packages(self._db, self.registry.name, text)
 
     async def settle(self) -> None:
         """Wait for the writes made after answering (tests call this before looking)."""

@@ -107,6 +107,11 @@ class DocumentFormat:
     answers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     """Variant -> the stored variants that can answer a request for it, in order (default: itself
     only). E.g. npm's full packument also answers a request for the abbreviated one."""
+    summarize: Callable[[bytes], DocumentSummary] | None = None
+    """What a listing shows of a checked body (its description and latest version), kept beside
+    the stored copy so that the web UI lists cached names without reading their documents. A pure,
+    module-level function, run with `check` (in a worker process for big bodies). None: listings
+    show the names alone."""
 
     @property
     def default_variant(self) -> str:
@@ -114,6 +119,24 @@ class DocumentFormat:
 
     def stored_variants(self, variant: str) -> tuple[str, ...]:
         return self.answers.get(variant, (variant,))
+
+
+@dataclass(frozen=True)
+class DocumentSummary:
+    """A proxied package as a listing shows it (see `DocumentFormat.summarize`)."""
+
+    description: str = ""
+    latest: str = ""
+
+
+@dataclass(frozen=True)
+class KnownPackage:
+    """A name whose document the hub holds from an upstream, with its summary."""
+
+    name: str
+    description: str
+    latest: str
+    fetched: float
 
 
 @dataclass(frozen=True)
@@ -678,7 +701,9 @@ class UpstreamDocuments:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _UpstreamFailed(failure_reason(exc), str(exc)) from exc
         try:
-            body, digest = await self.offload.run(len(body), checked_with_id, self.format.check, body)
+            body, digest, summary = await self.offload.run(
+                len(body), checked_and_summarized, self.format.check, self.format.summarize, body
+            )
         except ValueError as exc:
             raise _UpstreamFailed("the answer is not a usable document", str(exc)) from exc
         self.stats.metadata_downloads += 1
@@ -690,7 +715,7 @@ class UpstreamDocuments:
             etag=etag,
             last_modified=last_modified,
         )
-        await self._store(name, copy, body, digest)
+        await self._store(name, copy, body, digest, summary)
         self._remember(self._body_key(got, name), copy.content_id, body)
         return self._document(name, copy, body, stale=False)
 
@@ -735,7 +760,7 @@ class UpstreamDocuments:
             self._extracts.popitem(last=False)
         return result
 
-    async def _store(self, name: str, copy: _Copy, body: bytes, digest: str) -> None:
+    async def _store(self, name: str, copy: _Copy, body: bytes, digest: str, summary: str = "{}") -> None:
         """Keep a new body: durably (the last good copy), in the cache, then the fresh header that
         tells waiting replicas it is there.
 
@@ -748,11 +773,11 @@ class UpstreamDocuments:
         if self.storage is not None and len(body) >= STORED_BODY_MIN_BYTES:
             blob = await self._put_body(body, digest)
             if blob is not None:
-                await self._write_document(name, copy, _envelope(copy, b""), blob=blob, size=len(body))
+                await self._write_document(name, copy, _envelope(copy, b""), blob=blob, size=len(body), summary=summary)
                 await self._cache_body(name, copy, envelope)
                 await self._publish_fresh(name, copy)
                 return
-        write = self._write_document(name, copy, envelope, size=len(body))
+        write = self._write_document(name, copy, envelope, size=len(body), summary=summary)
         in_shared_cache = self._cache_bodies and len(envelope) <= CACHED_BODY_MAX_BYTES
         in_memo = len(body) * 4 <= self.memo_max_bytes
         if not in_shared_cache and (self._cache_bodies or not in_memo):
@@ -791,17 +816,18 @@ class UpstreamDocuments:
         )
 
     async def _write_document(
-        self, name: str, copy: _Copy, envelope: bytes, *, size: int, blob: str | None = None
+        self, name: str, copy: _Copy, envelope: bytes, *, size: int, blob: str | None = None, summary: str = "{}"
     ) -> None:
         try:
             # Never replace a newer copy (writes that finish out of order on a pool).
             await self.db.execute(
                 "INSERT INTO upstream_documents"
-                " (registry, name, variant, body, body_key, size, etag, last_modified, fetched, last_used)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)"
+                " (registry, name, variant, body, body_key, size, etag, last_modified, fetched, last_used, summary)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10)"
                 " ON CONFLICT (registry, name, variant) DO UPDATE SET body = excluded.body,"
                 " body_key = excluded.body_key, size = excluded.size, etag = excluded.etag,"
-                " last_modified = excluded.last_modified, fetched = excluded.fetched, last_used = excluded.last_used"
+                " last_modified = excluded.last_modified, fetched = excluded.fetched, last_used = excluded.last_used,"
+                " summary = excluded.summary"
                 " WHERE upstream_documents.fetched <= excluded.fetched",
                 self.registry,
                 name,
@@ -812,6 +838,7 @@ class UpstreamDocuments:
                 copy.etag,
                 copy.last_modified,
                 copy.fetched,
+                summary,
             )
         except Exception as exc:
             if self._warn_allowed("db-write"):
@@ -908,6 +935,52 @@ def checked_with_id(check: Callable[[bytes], bytes], body: bytes) -> tuple[bytes
     """`check(body)` and the sha256 (hex) of what it kept (both pure: run off the event loop)."""
     kept = check(body)
     return kept, hashlib.sha256(kept).hexdigest()
+
+
+def checked_and_summarized(
+    check: Callable[[bytes], bytes], summarize: Callable[[bytes], DocumentSummary] | None, body: bytes
+) -> tuple[bytes, str, str]:
+    """`checked_with_id`, and the summary a listing shows, as the JSON stored beside the copy
+    (pure: run off the event loop with the check)."""
+    kept, digest = checked_with_id(check, body)
+    if summarize is None:
+        return kept, digest, "{}"
+    try:
+        summary = summarize(kept)
+    except Exception:  # a listing without a description is better than a failed fetch
+        log.warning("summarizing an upstream document failed", exc_info=True)
+        return kept, digest, "{}"
+    # Bounded: a listing row, not a second copy of an upstream's README.
+    return kept, digest, json.dumps({"description": summary.description[:500], "latest": summary.latest[:100]})
+
+
+async def known_packages(db: Database, registry: str, text: str = "") -> list[KnownPackage]:
+    """Every name of `registry` whose upstream document the hub holds, by name, with what its
+    summary says; `text` keeps those whose name or summary contains it (case-insensitive)."""
+    if "\x00" in text:
+        return []
+    sql = "SELECT name, summary, fetched FROM upstream_documents WHERE registry = $1"
+    args: list[Any] = [registry]
+    if text:
+        sql += " AND (LOWER(name) LIKE $2 ESCAPE '\\' OR LOWER(summary) LIKE $2 ESCAPE '\\')"
+        args.append("%" + like_escape(text.lower()) + "%")
+    found: dict[str, KnownPackage] = {}
+    for row in await db.fetch(sql + " ORDER BY name", *args):
+        try:
+            summary = json.loads(row["summary"] or "{}")
+        except ValueError:
+            summary = {}
+        if not isinstance(summary, dict):
+            summary = {}
+        seen = found.get(row["name"])
+        # One row per variant; npm's abbreviated form has no description, its full form has.
+        description = str(summary.get("description") or "") or (seen.description if seen else "")
+        latest = str(summary.get("latest") or "") or (seen.latest if seen else "")
+        fetched = max(float(row["fetched"]), seen.fetched if seen else 0.0)
+        found[row["name"]] = KnownPackage(row["name"], description, latest, fetched)
+    needle = text.lower()
+    # The SQL also matched the summary's JSON keys ("description" holds "desc").
+    return [k for k in found.values() if needle in k.name.lower() or needle in k.description.lower()]
 
 
 def like_escape(text: str) -> str:

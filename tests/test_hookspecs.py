@@ -13,12 +13,13 @@ import pytest
 from aiohttp import web
 from pydantic import BaseModel
 
-from batlehub import hookspecs
+from batlehub import appkeys, hookspecs
 from batlehub.app import create_app, installed_types
 from batlehub.builtin.cache_memory import MemoryCache
 from batlehub.config import Settings, parse_settings
 from batlehub.errors import StartupError
-from batlehub.interfaces import CacheBackendType, RegistryFormatType, StorageBackendType
+from batlehub.interfaces import CacheBackendType, NoConfig, Registry, RegistryFormatType, StorageBackendType
+from batlehub.package_page import PackagePage, VersionInfo
 from batlehub.plugins import describe_plugins, gather_hook, get_plugin_manager, hookimpl
 
 SPECS = hookspecs._all_specs()
@@ -27,6 +28,7 @@ SPECS = hookspecs._all_specs()
 def test_there_are_hookspecs() -> None:
     assert {"register_registry_formats", "register_cache_backends", "register_storage_backends"} <= set(SPECS)
     assert {"startup", "shutdown", "on_publish", "on_unpublish"} <= set(SPECS)
+    assert {"package_page"} <= set(SPECS)
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
@@ -52,19 +54,37 @@ def test_no_firstresult_on_hooks_that_may_be_async(name: str) -> None:
 # --- a plugin that implements every hook -------------------------------------------------------------
 
 
+class RecordedRegistry:
+    """A registry of the recording plugin's own format: no routes, one package page."""
+
+    def __init__(self, settings: Any, services: Any) -> None:
+        self.name = settings.name
+
+    def make_app(self) -> web.Application:
+        return web.Application()
+
+    async def startup(self) -> None:
+        pass
+
+    async def shutdown(self) -> None:
+        pass
+
+
 class RecordingPlugin:
     """Implements every hookspec; lifecycle and event hooks async, to prove core awaits them."""
 
     def __init__(self) -> None:
         self.calls: dict[str, list[dict[str, Any]]] = {}
 
-    def _record(self, name: str, **kwargs: Any) -> None:
-        self.calls.setdefault(name, []).append(kwargs)
+    def _record(self, hook: str, **kwargs: Any) -> None:
+        self.calls.setdefault(hook, []).append(kwargs)
 
     @hookimpl
     def register_registry_formats(self) -> list[RegistryFormatType]:
         self._record("register_registry_formats")
-        return []
+        return [
+            RegistryFormatType(name="recorded", description="test", config_model=NoConfig, factory=RecordedRegistry)
+        ]
 
     @hookimpl
     def register_cache_backends(self) -> list[CacheBackendType]:
@@ -92,6 +112,15 @@ class RecordingPlugin:
     def on_unpublish(self, registry: str, package: str, version: str | None, user_id: str | None) -> None:
         self._record("on_unpublish", registry=registry, package=package, version=version, user_id=user_id)
 
+    @hookimpl
+    async def package_page(
+        self, registry: Registry, name: str, version: str | None, request: web.Request
+    ) -> PackagePage | None:
+        self._record("package_page", registry=registry.name, name=name, version=version)
+        if not isinstance(registry, RecordedRegistry):
+            return None
+        return PackagePage(name=name, proxied=False, version=version, versions=(VersionInfo(version or "0.0.0"),))
+
 
 def test_the_recording_plugin_covers_every_hookspec() -> None:
     """A new hookspec fails here until a test plugin implements it (and the test below calls it)."""
@@ -112,14 +141,17 @@ async def test_every_hook_reaches_a_plugin(
     recording: tuple[pluggy.PluginManager, RecordingPlugin], aiohttp_client: Any, tmp_path: Path
 ) -> None:
     pm, plugin = recording
-    settings = parse_settings({"registries": [], "cache": {"type": "recorded-memory"}}, data_dir=tmp_path)
+    settings = parse_settings(
+        {"registries": [{"type": "recorded", "name": "rec"}], "cache": {"type": "recorded-memory"}}, data_dir=tmp_path
+    )
     app = create_app(settings, pm)
     for name in ("register_registry_formats", "register_cache_backends", "register_storage_backends"):
         assert len(plugin.calls[name]) == 1, name
     assert "startup" not in plugin.calls
 
     client = await aiohttp_client(app)
-    assert plugin.calls["startup"] == [{"app": app, "settings": settings}]
+    # The app's settings: the registry's options replaced by its format's validated model.
+    assert plugin.calls["startup"] == [{"app": app, "settings": app[appkeys.SETTINGS]}]
     assert (await client.get("/api/v1/admin/health")).status == 200  # the plugin's cache type is in use
     assert "shutdown" not in plugin.calls
 
@@ -131,6 +163,11 @@ async def test_every_hook_reaches_a_plugin(
         {"registry": "npm", "package": "left-pad", "version": "1.0.0", "user_id": "u", "size": 42}
     ]
     assert plugin.calls["on_unpublish"] == [{"registry": "npm", "package": "left-pad", "version": None, "user_id": "u"}]
+
+    # The web UI asks the formats for a package's page; the recording format answers for its own.
+    page = await client.get("/packages/rec/left-pad?version=1.2.3")
+    assert page.status == 200 and "left-pad" in await page.text()
+    assert plugin.calls["package_page"] == [{"registry": "rec", "name": "left-pad", "version": "1.2.3"}]
 
     await client.close()
     assert plugin.calls["shutdown"] == [{"app": app}]

@@ -334,10 +334,10 @@ async def packument(session: aiohttp.ClientSession, hub: Hub, registry: str, nam
 
 
 def npm_login(cwd: Path, env: dict[str, str], username: str, password: str, timeout: float = 60) -> tuple[int, str]:
-    """Run the real interactive `npm login` on a pseudo-terminal, answering its prompts.
+    """Run the real interactive `npm login --auth-type=legacy` on a pseudo-terminal, answering
+    its prompts (npm's default web login goes through the web UI: plugins/npm/tests/test_npm_web_login.py).
 
-    Returns the exit code and everything npm printed. npm first tries web login; the hub answers
-    404 there, and npm falls back to asking for a username and a password.
+    Returns the exit code and everything npm printed.
     """
     import pty
     import select
@@ -346,7 +346,7 @@ def npm_login(cwd: Path, env: dict[str, str], username: str, password: str, time
     if pid == 0:  # the child: become npm
         try:
             os.chdir(cwd)
-            os.execvpe("npm", ["npm", "login"], env)
+            os.execvpe("npm", ["npm", "login", "--auth-type=legacy"], env)
         finally:
             os._exit(127)
     out = b""

@@ -20,9 +20,12 @@ from batlehub.api import (
     NotFound,
     PayloadTooLarge,
     Unauthorized,
+    base_url,
+    client_ip,
     identity,
     read_body,
     read_json,
+    registry_url,
     require,
 )
 from batlehub_npm import documents
@@ -81,9 +84,26 @@ async def stars(request: web.Request, route: Route) -> web.StreamResponse:
     raise NotFound("stars are not kept by this registry, so there are none to list")
 
 
-async def web_login(request: web.Request, route: Route) -> web.StreamResponse:
-    # A 4xx here makes npm fall back to the CouchDB-style login below.
-    raise NotFound("web login is not supported: log in with your user id and an access token as the password")
+async def web_login(request: web.Request, services: RegistryServices) -> web.StreamResponse:
+    """`npm login` (web, npm's default): npm prints `loginUrl`, where the person approves the
+    login in the hub's web UI, and polls `doneUrl` until the token is there."""
+    login_id, done_id = await services.cli_logins.start("npm", services.registry.name, client_ip(request))
+    return _json(
+        {
+            "loginUrl": f"{base_url(request)}/login/cli/{login_id}",
+            "doneUrl": f"{registry_url(request)}/-/v1/done?authId={done_id}",
+        }
+    )
+
+
+async def web_login_done(request: web.Request, services: RegistryServices) -> web.StreamResponse:
+    try:
+        token = await services.cli_logins.poll(request.query.get("authId", ""))
+    except LookupError:
+        raise Forbidden("this login was denied or has expired: run npm login again") from None
+    if token is None:
+        return web.Response(status=202, body=b"{}", content_type="application/json", headers={"Retry-After": "1"})
+    return _json({"token": token})
 
 
 async def login(request: web.Request, route: Route, services: RegistryServices) -> web.StreamResponse:

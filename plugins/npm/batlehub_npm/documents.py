@@ -15,7 +15,16 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from batlehub.api import Package, PackageRows, content_etag, gzipped, json_may_need_repair, package_of, repair_json
+from batlehub.api import (
+    DocumentSummary,
+    Package,
+    PackageRows,
+    content_etag,
+    gzipped,
+    json_may_need_repair,
+    package_of,
+    repair_json,
+)
 from batlehub_npm.names import PackageName, latest_version
 
 ABBREVIATED_TYPE = "application/vnd.npm.install-v1+json"
@@ -195,6 +204,19 @@ def check_packument(body: bytes) -> bytes:
         raise ValueError("the answer is nested too deeply") from None
     _check_shape(data)
     return serialize(data)
+
+
+def summarize_packument(body: bytes) -> DocumentSummary:
+    """What the web UI's package list shows of a checked upstream packument (the abbreviated form
+    has no description; the full one does)."""
+    data = json.loads(body)
+    description = data.get("description")
+    tags = data.get("dist-tags")
+    latest = tags.get("latest") if isinstance(tags, dict) else None
+    return DocumentSummary(
+        description=description if isinstance(description, str) else "",
+        latest=latest if isinstance(latest, str) else "",
+    )
 
 
 def _check_shape(data: Any) -> None:

@@ -256,6 +256,8 @@ def _special_route(segments: list[str]) -> Route:
         return Route("search")
     if rest[:2] == ["v1", "login"]:
         return Route("web_login")
+    if rest == ["v1", "done"]:
+        return Route("web_login_done")
     if rest[:2] == ["_view", "starredByUser"]:
         return Route("stars")
     if len(rest) >= 2 and rest[0] == "user" and rest[1].startswith("org.couchdb.user:"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import quote
 
@@ -27,6 +28,7 @@ from batlehub.api import (
     Conflict,
     MethodNotAllowed,
     NotFound,
+    PackagePage,
     PayloadTooLarge,
     RegistryServices,
     RegistrySettings,
@@ -46,7 +48,7 @@ from batlehub.api import (
     respond,
     revision_etag,
 )
-from batlehub_npm import accounts, documents
+from batlehub_npm import accounts, documents, page
 from batlehub_npm.local import LocalPackages
 from batlehub_npm.names import PackageName, Route, parse_package_name, parse_route, validate_version
 from batlehub_npm.options import NpmOptions
@@ -103,7 +105,8 @@ class NpmRegistry:
             ("search", "GET"): self.search,
             ("whoami", "GET"): accounts.whoami,
             ("ping", "GET"): accounts.ping,
-            ("web_login", "POST"): accounts.web_login,
+            ("web_login", "POST"): self.web_login,
+            ("web_login_done", "GET"): self.web_login_done,
             ("stars", "GET"): accounts.stars,
             ("login", "PUT"): self.login,
             ("login", "GET"): self.user_lookup,
@@ -229,6 +232,23 @@ class NpmRegistry:
             raise self._not_found(package)
         body, body_gzip = await self.services.offload.run(rows.size, documents.render_local, rows, url, abbreviated)
         return body, body_gzip, rows.stamp
+
+    async def package_page(self, request: web.Request, name: str, version: str | None) -> PackagePage:
+        """The web UI's page of a package (core checked the caller may read this registry)."""
+        package = parse_package_name(name)
+        url = registry_url(request, self.name)
+        if await self.local.stamp(package.name) is not None:
+            local = await self.local.load(package)
+            if local is not None:
+                doc = documents.local_packument(local, url, abbreviated=False)
+                return page.package_page(doc, package, version, local=local)
+        upstream = await self._upstream(package, abbreviated=False)
+        if upstream is None or self.proxy is None:
+            raise self._not_found(package)
+        found = await self.proxy.documents.extract(upstream, page.proxied_page, package.name, url, version)
+        if found is None:
+            raise NotFound(f"{package.name} has no version or dist-tag {version!r}")
+        return replace(found, notes=(page.STALE_NOTE,)) if upstream.stale else found
 
     async def get_version(self, request: web.Request, route: Route) -> web.StreamResponse:
         require(request, "releases:read")
@@ -543,6 +563,12 @@ class NpmRegistry:
 
     async def login(self, request: web.Request, route: Route) -> web.StreamResponse:
         return await accounts.login(request, route, self.services)
+
+    async def web_login(self, request: web.Request, route: Route) -> web.StreamResponse:
+        return await accounts.web_login(request, self.services)
+
+    async def web_login_done(self, request: web.Request, route: Route) -> web.StreamResponse:
+        return await accounts.web_login_done(request, self.services)
 
     async def user_lookup(self, request: web.Request, route: Route) -> web.StreamResponse:
         return await accounts.user_lookup(request, route, self.services)

@@ -228,7 +228,12 @@ async def test_identity_endpoints(client: Any) -> None:
     assert (await client.get("/registries/npm/-/ping")).status == 200
     assert (await client.get("/registries/npm/-/whoami")).status == 401
     assert await (await client.get("/registries/npm/-/whoami", headers=auth(BOB))).json() == {"username": "bob"}
-    assert (await client.post("/registries/npm/-/v1/login", data=b"{}")).status == 404  # npm falls back
+    web = await (await client.post("/registries/npm/-/v1/login", data=b"{}")).json()
+    assert "/login/cli/" in web["loginUrl"] and "/registries/npm/-/v1/done?authId=" in web["doneUrl"]
+    done = web["doneUrl"][web["doneUrl"].index("/registries/") :]
+    waiting = await client.get(done)
+    assert waiting.status == 202 and waiting.headers["Retry-After"] == "1"
+    assert (await client.get("/registries/npm/-/v1/done?authId=made-up")).status == 403
 
     login = {"_id": "org.couchdb.user:bob", "name": "bob", "password": BOB, "type": "user", "roles": []}
     accepted = await client.put("/registries/npm/-/user/org.couchdb.user:bob", data=json.dumps(login))

@@ -273,11 +273,13 @@ def npm_in_a_terminal(args: list[str], env: dict[str, str], answers: list[tuple[
 
 
 def test_npm_login_with_a_token_as_password(tmp_path: Path, registry: str) -> None:
+    """The legacy login (npm's default is the web login, see test_npm_web_login.py)."""
     env = npm_env(tmp_path, registry)
     npmrc = Path(env["npm_config_userconfig"])
-    refused = npm_in_a_terminal(["login"], env, [("Username", "alice"), ("Password", "not-a-token")])
+    legacy = ["login", "--auth-type=legacy"]
+    refused = npm_in_a_terminal(legacy, env, [("Username", "alice"), ("Password", "not-a-token")])
     assert "access token" in refused and "_authToken" not in npmrc.read_text()
-    text = npm_in_a_terminal(["login"], env, [("Username", "alice"), ("Password", ALICE)])
+    text = npm_in_a_terminal(legacy, env, [("Username", "alice"), ("Password", ALICE)])
     assert "Logged in on " + registry in text, text
     assert f":_authToken={ALICE}" in npmrc.read_text()
     assert ok(run_npm(["whoami"], cwd=tmp_path, env=env)).strip() == "alice"
