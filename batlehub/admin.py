@@ -243,6 +243,7 @@ async def add_block(request: web.Request, admin: Identity, data: Mapping[str, An
     now = time.time()
     block = IpBlock(ip=ip, reason=reason, expires_at=now + float(duration), created_at=now)
     await request.app[appkeys.CACHE].block_ip(block)
+    request.app[appkeys.BLOCKS].put(block)
     await _audit(request, "ip_block.add", admin, target=ip, detail={"reason": reason, "duration_secs": duration})
     return block
 
@@ -259,6 +260,7 @@ async def lift_block(request: web.Request, admin: Identity, raw_ip: str) -> str:
     ip = canonical_ip(raw_ip) or raw_ip
     if not await request.app[appkeys.CACHE].unblock_ip(ip):
         raise NotFound(f"no block for {ip}")
+    request.app[appkeys.BLOCKS].drop(ip)
     await _audit(request, "ip_block.remove", admin, target=ip)
     return ip
 

@@ -22,6 +22,8 @@ from batlehub import accounts, admin, appkeys, loopwatch, replicas, retention, s
 from batlehub import web as web_ui
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
+from batlehub.blocks import BlockList
+from batlehub.blocks import ctx as blocks_ctx
 from batlehub.config import DEFAULT_RBAC, REGISTRY_CORE_KEYS, RegistrySettings, Settings
 from batlehub.configmodel import forbids_unknown_keys, problems_of
 from batlehub.coordination import FailOpenCache
@@ -290,6 +292,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app.cleanup_ctx.append(loopwatch.ctx(watch))
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_backend_ctx(appkeys.CACHE, "cache"))
+    app[appkeys.BLOCKS] = ip_blocks = BlockList(cache)
+    app.cleanup_ctx.append(blocks_ctx(ip_blocks))  # once the cache backend is open
     app.cleanup_ctx.append(_backend_ctx(appkeys.STORAGE, "storage"))
     app.cleanup_ctx.append(http.ctx)
     app.cleanup_ctx.append(_auth_ctx)

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
     from batlehub.accesslog import AccessLog
     from batlehub.auth import Authenticator, Identity
+    from batlehub.blocks import BlockList
     from batlehub.config import RegistrySettings, Settings
     from batlehub.coordination import FailOpenCache
     from batlehub.db import Database
@@ -33,6 +34,8 @@ STATE: web.AppKey[HubState] = web.AppKey("state")
 """Process-wide runtime state (shutting down, warnings for health)."""
 ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")
 LOOP_WATCH: web.AppKey[LoopWatch] = web.AppKey("loop_watch")
+BLOCKS: web.AppKey[BlockList] = web.AppKey("blocks")
+"""The IP blocks, in memory (`batlehub.blocks`): what every request is checked against."""
 """How long the event loop was kept from serving (for logs and metrics)."""
 
 # Set on sub-applications of registries, so handlers find their own settings.

@@ -174,7 +174,9 @@ async def _count_violation(request: web.Request, ip: str) -> None:
             return
         now = time.time()
         reason = f"{count} violations within {blocking.violation_window_secs:g}s"
-        await cache.block_ip(IpBlock(ip=ip, reason=reason, expires_at=now + blocking.ban_duration_secs, created_at=now))
+        block = IpBlock(ip=ip, reason=reason, expires_at=now + blocking.ban_duration_secs, created_at=now)
+        await cache.block_ip(block)
+        request.config_dict[appkeys.BLOCKS].put(block)
         log.warning("blocked %s for %gs after %d violations", ip, blocking.ban_duration_secs, count)
     except Exception:  # the cache being down must not turn a response into an error
         log.warning("could not record a violation for %s", ip, exc_info=True)
@@ -256,7 +258,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     app = request.config_dict
     cache = app[appkeys.FAIL_OPEN_CACHE]
     ip = request[appkeys.CLIENT_IP]
-    block = await cache.get_block(ip)
+    block = app[appkeys.BLOCKS].get(ip)
     if block is not None:
         request[_BLOCKED] = True
         raise Forbidden(

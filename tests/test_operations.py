@@ -759,6 +759,9 @@ async def test_hammering_a_block_neither_shortens_nor_rewrites_it(cluster: Clust
             proxy, cluster.a, "203.0.113.60", reason="abuse ticket 42", duration_secs=BAN_SECS * 10
         )
         assert status == 201
+        # Blocks reach every replica within a second (each reloads the list twice a second).
+        ping_b = f"{cluster.b.url}/registries/npm/-/ping"
+        assert (await wait_for_status(proxy, ping_b, 403, headers=hammerer, within=1.0))[0] == 403
         for i in range(VIOLATION_THRESHOLD * 2):
             url = f"{cluster.replica(i).url}/registries/npm/-/ping"
             status, headers, _ = await call(proxy, "GET", url, headers=hammerer)
