@@ -231,6 +231,13 @@ class PackageStore:
             page = [replace(hit, owners=tuple(owners.get(hit.name, ()))) for hit in page]
         return page, len(hits)
 
+    async def has_packages(self) -> bool:
+        """Whether anything is published here (a proxy-only registry with nothing never needs to
+        look up a revision: no publish can happen there)."""
+        return (
+            await self.db.fetchrow("SELECT 1 AS hit FROM packages WHERE registry = $1 LIMIT 1", self.name) is not None
+        )
+
     async def names(self) -> set[str]:
         """Every package name published here (a listing leaves these out of the proxied ones)."""
         return {r["name"] for r in await self.db.fetch("SELECT name FROM packages WHERE registry = $1", self.name)}

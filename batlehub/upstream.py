@@ -71,6 +71,7 @@ MEMO_MAX_BYTES = 32 * 1024 * 1024
 """Bodies of documents kept in memory, so a hot document is not read from the cache or the
 database on every request."""
 MEMO_MAX_ENTRIES = 1024
+FRESH_HERE_MAX_ENTRIES = 10_000
 EXTRACTS_MAX_ENTRIES = 4096
 """Answers of `extract` kept per process (small: a version's manifest, the dist-tags)."""
 CACHED_BODY_MAX_BYTES = 8 * 1024 * 1024
@@ -332,6 +333,8 @@ class UpstreamDocuments:
         """Where served documents are noted, for retention's least-recently-used order."""
         """Where big bodies are kept (`STORED_BODY_MIN_BYTES`); without one, all go to the database."""
         self._headers: dict[bytes, _Copy] = {}
+        self._fresh_here: OrderedDict[tuple[str, str], _Copy] = OrderedDict()
+        """(requested variant, name) -> the fresh copy that answers it, until its TTL runs out."""
         self._warn_allowed = LogThrottle()
         # A per-process cache would only hold a second copy of what the memo and the database
         # already have, unbounded in bytes: bodies go into shared caches only.
@@ -440,8 +443,13 @@ class UpstreamDocuments:
         dropped = self._memo.pop(self._body_key(variant, name), None)
         if dropped is not None:
             self._memo_bytes -= len(dropped[1])
+        self._forget_here(name)
         body_key: str | None = row["body_key"]
         return body_key
+
+    def _forget_here(self, name: str) -> None:
+        for variant in self.format.accept:
+            self._fresh_here.pop((variant, name), None)
 
     async def known_names(self, text: str, limit: int, exclude: set[str]) -> list[str]:
         """Names of cached upstream documents containing `text` (case-insensitive), for search."""
@@ -457,7 +465,17 @@ class UpstreamDocuments:
         return [r["name"] for r in rows if r["name"] not in exclude][:limit]
 
     async def _fresh(self, name: str, variant: str, since: float | None = None) -> UpstreamDocument | None:
-        """A copy whose TTL has not run out (and that was confirmed after `since`), else None."""
+        """A copy whose TTL has not run out (and that was confirmed after `since`), else None.
+
+        The answer is remembered in this process until the copy's TTL runs out, so a hot document
+        costs no cache round trip per request: a newer copy another replica fetched meanwhile is
+        as good as this one until then (it is what this process would serve without asking)."""
+        here = self._fresh_here.get((variant, name))
+        if here is not None:
+            if here.fetched + self.metadata_ttl_secs > time.time() and (since is None or here.fetched >= since):
+                self._fresh_here.move_to_end((variant, name))
+                return self._document(name, here, self._memo_body(here.variant, name, here), stale=False)
+            del self._fresh_here[(variant, name)]
         for v in self.format.stored_variants(variant):
             raw = await self.cache.get(self._fresh_key(v, name))
             copy = self._header(raw) if raw else None
@@ -465,10 +483,15 @@ class UpstreamDocuments:
                 continue
             # The header says the body is stored (`_store` writes it first); it is read only when
             # needed, so a fresh hit on a big document costs no read of its bytes.
-            memo = self._memo.get(self._body_key(v, name))
-            body = memo[1] if memo is not None and memo[0] == copy.content_id else None
-            return self._document(name, copy, body, stale=False)
+            self._fresh_here[(variant, name)] = copy
+            if len(self._fresh_here) > FRESH_HERE_MAX_ENTRIES:
+                self._fresh_here.popitem(last=False)
+            return self._document(name, copy, self._memo_body(v, name, copy), stale=False)
         return None
+
+    def _memo_body(self, variant: str, name: str, copy: _Copy) -> bytes | None:
+        memo = self._memo.get(self._body_key(variant, name))
+        return memo[1] if memo is not None and memo[0] == copy.content_id else None
 
     async def read(self, doc: UpstreamDocument) -> bytes:
         """The body of `doc` (from memory, the cache or the database). Raises `UpstreamError` when
@@ -480,6 +503,11 @@ class UpstreamDocuments:
         if body is None:
             stored = await self._db_envelope(doc.name, doc.variant)
             body = await self._body_of(stored) if stored is not None else None  # a newer copy is as good
+        if body is None:
+            # Evicted (retention) while this process still took its copy for fresh: fetch it anew.
+            self._forget_here(doc.name)
+            again = await self.get(doc.name, doc.variant, revalidate=True)
+            body = again.body if again is not None else None
         if body is None:
             raise UpstreamError(f"the stored copy of package {doc.name} is gone; try again")
         return body

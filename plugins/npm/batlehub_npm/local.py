@@ -38,10 +38,12 @@ class LocalPackages:
     def __init__(self, store: PackageStore) -> None:
         self.store = store
         self.registry = store.name
+        self.none_here = False
+        """Set by a proxy registry with nothing published: no lookup can find anything."""
 
     async def stamp(self, name: str) -> str | None:
         """The package's revision stamp, or None when it is not published here (one cache read)."""
-        return await self.store.stamp(name)
+        return None if self.none_here else await self.store.stamp(name)
 
     async def load(self, package: PackageName) -> Package | None:
         return await self.store.load(package.name)

@@ -122,6 +122,7 @@ class NpmRegistry:
         return app
 
     async def startup(self) -> None:
+        self.local.none_here = self.mode == "proxy" and not await self.local.store.has_packages()
         if self.proxy is not None and self.options.cache.warm_packages:
             self._warm_task = asyncio.create_task(self.proxy.warm(), name=f"npm-warm-{self.name}")
 
