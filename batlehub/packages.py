@@ -24,10 +24,10 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from batlehub import audit
+from batlehub import audit, metrics
 from batlehub.auth import check_permission
 from batlehub.coordination import FailOpenCache
-from batlehub.errors import Forbidden, UpstreamError
+from batlehub.errors import BatleHubError, Forbidden, UpstreamError
 from batlehub.package_model import FileRecord, NewFile, Package, PackageSummary, VersionRecord, revision_stamp
 from batlehub.package_write import TAG_ORDER, PackageWrite, owners_of, replace_owners, scope_owners_of
 from batlehub.upstream import like_escape
@@ -254,18 +254,28 @@ class PackageStore:
         `create=True` lets the write create a package that does not exist yet (a first publish);
         otherwise a missing package is a 404.
         """
-        check_permission(actor.identity, self.registry, permission)
-        if create and await self.stamp(name) is None:
-            await self._check_new_name(name)
         unit: PackageWrite | None = None
         try:
-            async with self.db.transaction() as conn:
-                unit = PackageWrite(self, conn, name, actor)
-                await unit.begin(create)
-                yield unit
-                await unit.finish()
-        finally:
-            await self.sync_stamp(name)
+            check_permission(actor.identity, self.registry, permission)
+            if create and await self.stamp(name) is None:
+                await self._check_new_name(name)
+            try:
+                async with self.db.transaction() as conn:
+                    unit = PackageWrite(self, conn, name, actor)
+                    await unit.begin(create)
+                    yield unit
+                    await unit.finish()
+            finally:
+                await self.sync_stamp(name)
+        except Exception as exc:
+            # A publish (a write that may create the package, or one that added versions) that
+            # did not happen: refused when the client was told why (4xx), failed otherwise.
+            if create or (unit is not None and unit.added):
+                refused = isinstance(exc, BatleHubError) and exc.status < 500
+                metrics.count_publish(self.registry.name, self.format_name, "refused" if refused else "failed")
+            raise
+        for _, size in unit.added:
+            metrics.count_publish(self.registry.name, self.format_name, "published", size)
         await unit.announce()
 
     async def _check_new_name(self, name: str) -> None:
