@@ -360,7 +360,11 @@ class UpstreamDocuments:
                 kind="document",
             )
 
-        found = await self._flights.run(f"{variant}:{name}", fetch)
+        try:
+            found = await self._flights.run(f"{variant}:{name}", fetch)
+        except BaseException:
+            self._lookups("miss")  # asked, and nothing to serve
+            raise
         self._lookups("stale" if found is not None and found.stale else "miss")
         return found
 
