@@ -66,8 +66,8 @@ class HubMetrics:
         )
         self.request_seconds = Histogram(
             "batlehub_http_request_duration_seconds",
-            "Time from the request's headers to the handler's answer.",
-            ["registry", "format", "route"],
+            "Time from the request's headers to the handler's answer (a file's bytes are sent after).",
+            ["registry", "format", "route", "method"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -230,7 +230,7 @@ class HubMetrics:
         if found is None:
             found = (
                 self.requests.labels(registry, fmt, route, method, str(status)),
-                self.request_seconds.labels(registry, fmt, route),
+                self.request_seconds.labels(registry, fmt, route, method),
                 self.response_bytes.labels(registry, fmt, route),
             )
             self._requests[key] = found
@@ -244,8 +244,13 @@ def enable() -> HubMetrics:
     """The process's metrics, made on the first call."""
     global _current
     if _current is None:
+        from prometheus_client import disable_created_metrics
+
         from batlehub import __version__
 
+        # `*_created` series double what a scrape carries and say nothing a dashboard uses (and in
+        # multiprocess mode they are not exported at all: one process or several, the same series).
+        disable_created_metrics()
         _current = HubMetrics()
         _current.info.labels(__version__).set(1)
     return _current
