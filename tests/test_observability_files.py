@@ -15,11 +15,10 @@ from typing import Any
 import promql_parser
 import pytest
 import yaml
+from test_observability import Upstream, hub_config, known_sequence, scrape, upstream  # noqa: F401 (a fixture)
 
 from batlehub.metrics import HubMetrics
 from batlehub.testing.hub import HubFactory
-
-from test_observability import Upstream, hub_config, known_sequence, scrape, upstream  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "batlehub.json"
