@@ -9,7 +9,7 @@ docs/plugins/registry-formats.md; what is not here may change without notice.
 - Per registry (`RegistryServices`, handed to the format's factory): the package store, the
   artifact store, upstream documents, the fail-open cache, tokens.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
-  `registry_url`, bounded body readers.
+  `registry_url`, bounded body readers, `label_route` (the route's name in metrics and traces).
 - Domain errors: raise them; core turns them into JSON errors with the right status.
 """
 
