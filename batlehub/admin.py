@@ -21,9 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
-from batlehub import appkeys, audit, ownership, quota
+from batlehub import appkeys, audit, metrics, ownership, quota
 from batlehub.auth import Identity, has_permission
-from batlehub.config import RegistrySettings, RetentionSettings, valid_user_id
+from batlehub.config import TOKEN_ROLES, RegistrySettings, RetentionSettings, valid_user_id
 from batlehub.coordination import LogThrottle
 from batlehub.errors import BadRequest, Conflict, NotFound
 from batlehub.interfaces import Banner, IpBlock
@@ -93,6 +93,18 @@ async def _check(name: str, awaitable: Awaitable[Any]) -> str:
     return "ok"
 
 
+async def check_backends(app: web.Application) -> dict[str, str]:
+    """Each backend's answer to a ping: "ok" or a short error (also `batlehub_backend_up`)."""
+    database, storage, cache = await asyncio.gather(
+        _check("database", app[appkeys.DATABASE].ping()),
+        _check("storage", app[appkeys.STORAGE].ping()),
+        _check("cache", app[appkeys.CACHE].ping()),
+    )
+    checks = {"database": database, "storage": storage, "cache": cache}
+    metrics.record_health(checks)
+    return checks
+
+
 async def health(request: web.Request) -> web.Response:
     """200 when the database and storage answer; 503 otherwise, and while shutting down.
 
@@ -107,12 +119,8 @@ async def health(request: web.Request) -> web.Response:
 async def health_report(app: web.Application) -> tuple[dict[str, Any], int]:
     """The health answer and its status (see `health`)."""
     state = app[appkeys.STATE]
-    database, storage, cache = await asyncio.gather(
-        _check("database", app[appkeys.DATABASE].ping()),
-        _check("storage", app[appkeys.STORAGE].ping()),
-        _check("cache", app[appkeys.CACHE].ping()),
-    )
-    checks = {"database": database, "storage": storage, "cache": cache}
+    checks = await check_backends(app)
+    database, storage, cache = checks["database"], checks["storage"], checks["cache"]
     if state.shutting_down:
         status, code = "shutting_down", 503
     elif database != "ok" or storage != "ok":
@@ -295,8 +303,8 @@ async def issue_token(
             raise BadRequest(f'role: expected "user" or your own role, "{caller.role}"')
     if not isinstance(user_id, str) or not valid_user_id(user_id):
         raise BadRequest("user_id: expected 1 to 200 printable characters without spaces")
-    if role not in ("user", "admin"):
-        raise BadRequest('role: expected "user" or "admin"')
+    if role not in TOKEN_ROLES:
+        raise BadRequest('role: expected "user", "admin" or "metrics"')
     if days is not None and (
         isinstance(days, bool) or not isinstance(days, int | float) or not 0 < days <= MAX_TOKEN_DAYS
     ):

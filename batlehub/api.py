@@ -10,7 +10,7 @@ docs/plugins/registry-formats.md; what is not here may change without notice.
   artifact store, upstream documents, where downloads may come from (`UpstreamOrigins`), the
   fail-open cache, tokens.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
-  `registry_url`, bounded body readers.
+  `registry_url`, bounded body readers, `label_route` (the route's name in metrics and traces).
 - Domain errors: raise them; core turns them into JSON errors with the right status.
 - The web UI: `PackagePage` (with `VersionInfo`, `FileInfo`, `Dependency`), what a format's
   `package_page` hook returns; `DocumentSummary`, what its `DocumentFormat.summarize` returns.
@@ -71,6 +71,7 @@ from batlehub.requests import (
     body_reader,
     client_ip,
     identity,
+    label_route,
     parse_json,
     read_body,
     read_json,
@@ -154,6 +155,7 @@ __all__ = [
     "hookimpl",
     "identity",
     "json_may_need_repair",
+    "label_route",
     "package_of",
     "parse_json",
     "points_at_this_hub",

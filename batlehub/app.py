@@ -18,7 +18,7 @@ import pluggy
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from batlehub import accounts, admin, appkeys, loopwatch, replicas, retention, sweep
+from batlehub import accounts, admin, appkeys, loopwatch, metrics, replicas, retention, sweep, tracing
 from batlehub import web as web_ui
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
@@ -27,10 +27,11 @@ from batlehub.blocks import ctx as blocks_ctx
 from batlehub.config import DEFAULT_RBAC, REGISTRY_CORE_KEYS, RegistrySettings, Settings
 from batlehub.configmodel import forbids_unknown_keys, problems_of
 from batlehub.coordination import FailOpenCache
-from batlehub.db import create_database
+from batlehub.db import Database, create_database
 from batlehub.errors import ConfigError, StartupError
-from batlehub.interfaces import CacheBackendType, RegistryFormatType, StorageBackendType
+from batlehub.interfaces import CacheBackendType, RegistryFormatType, StorageBackend, StorageBackendType
 from batlehub.middleware import MIDDLEWARES
+from batlehub.observed import ObservedDatabase, ObservedStorage
 from batlehub.offload import Offloader
 from batlehub.plugins import flatten, gather_hook, get_plugin_manager
 from batlehub.registries import RegistryServices
@@ -240,17 +241,26 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     settings = dataclasses.replace(settings, registries=config.registries)
 
     state = HubState(tracing=bool(settings.otel.endpoint))
+    tracing.set_active(state.tracing)
+    observed = metrics.enable() if settings.metrics.enabled else None
     app = web.Application(middlewares=[_in_flight_counter(state), *MIDDLEWARES], client_max_size=MAX_REQUEST_BODY)
     app[appkeys.SETTINGS] = settings
     app[appkeys.PLUGIN_MANAGER] = pm
     app[appkeys.STATE] = state
     app[appkeys.ACCESS_LOG] = LoggingAccessLog()
+    app[appkeys.METRICS] = observed
 
     cache_type = types.cache[settings.cache["type"]]
     storage_type = types.storage[settings.storage["type"]]
-    db = create_database(settings)
+    db: Database = create_database(settings)
     cache = cache_type.factory(config.cache, settings)
-    storage = storage_type.factory(config.storage, settings)
+    storage: StorageBackend = storage_type.factory(config.storage, settings)
+    # The registries' storage is timed and traced; app[STORAGE] stays the backend itself (health,
+    # the sweep and embedders see the configured type).
+    served_storage = storage
+    if observed is not None or state.tracing:
+        db = ObservedDatabase(db, observed)
+        served_storage = ObservedStorage(storage, observed)
     auth = Authenticator(settings, db)
     http = _UpstreamClient()
     app[appkeys.DATABASE] = db
@@ -271,7 +281,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
             db=db,
             cache=cache,
             cache_type=cache_type,
-            storage=storage,
+            storage=served_storage,
             storage_type=storage_type,
             tokens=auth,
             http=http.session,
@@ -288,7 +298,8 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[appkeys.REGISTRY_SERVICES] = services
 
     app.cleanup_ctx.append(_offload_ctx(offload))
-    app[appkeys.LOOP_WATCH] = watch = loopwatch.LoopWatch()
+    observe = metrics.loop_observer(observed, lambda: state.in_flight) if observed is not None else None
+    app[appkeys.LOOP_WATCH] = watch = loopwatch.LoopWatch(observe=observe)
     app.cleanup_ctx.append(loopwatch.ctx(watch))
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_backend_ctx(appkeys.CACHE, "cache"))
@@ -302,10 +313,14 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app.cleanup_ctx.append(replicas.heartbeat_ctx(cache_type, storage_type))
     app.cleanup_ctx.append(sweep.sweep_ctx)
     app.cleanup_ctx.append(retention.retention_ctx)
+    if observed is not None:
+        app.cleanup_ctx.append(metrics.health_ctx(admin.check_backends))
     _check_replica_safety(app, cache_type, storage_type)
 
     admin.add_routes(app)
     accounts.add_routes(app)
+    if observed is not None and not settings.metrics.port:
+        app.router.add_get(metrics.PATH, metrics.serve_metrics)
     if settings.server.static_dir:
         admin.add_static_ui(app, settings.server.static_dir)
     else:

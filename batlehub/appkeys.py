@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from batlehub.db import Database
     from batlehub.interfaces import CacheBackend, Registry, StorageBackend
     from batlehub.loopwatch import LoopWatch
+    from batlehub.metrics import HubMetrics
     from batlehub.registries import RegistryServices
     from batlehub.state import HubState
 
@@ -37,6 +38,8 @@ LOOP_WATCH: web.AppKey[LoopWatch] = web.AppKey("loop_watch")
 BLOCKS: web.AppKey[BlockList] = web.AppKey("blocks")
 """The IP blocks, in memory (`batlehub.blocks`): what every request is checked against."""
 """How long the event loop was kept from serving (for logs and metrics)."""
+METRICS: web.AppKey[HubMetrics | None] = web.AppKey("metrics")
+"""The process's Prometheus metrics; None with `[metrics] enabled = false` (nothing is counted)."""
 
 # Set on sub-applications of registries, so handlers find their own settings.
 REGISTRY_SETTINGS: web.AppKey[RegistrySettings] = web.AppKey("registry_settings")
@@ -44,5 +47,7 @@ REGISTRY_SETTINGS: web.AppKey[RegistrySettings] = web.AppKey("registry_settings"
 # Per-request values set by the middleware pipeline (request[...]).
 CLIENT_IP: web.RequestKey[str] = web.RequestKey("client_ip")
 IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity")
+ROUTE: web.RequestKey[str] = web.RequestKey("route")
+"""The route's name for metrics and span names, set by a registry format (`label_route`)."""
 
 __all__ = [name for name in dir() if name.isupper()]

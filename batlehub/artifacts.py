@@ -35,6 +35,7 @@ from batlehub.blobresponse import open_blob, plain_download
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, under_lease
 from batlehub.errors import IntegrityError, NotFound, PayloadTooLarge, UpstreamError
 from batlehub.interfaces import StorageBackend, StorageBackendType, StoredBlob
+from batlehub.metrics import Outcomes
 from batlehub.outbound import UpstreamOrigins, failure_reason, origin_of
 from batlehub.storage import StreamDigest
 from batlehub.upstream import UpstreamStats
@@ -150,7 +151,7 @@ class ArtifactStore:
         self.spool_dir = spool_dir
         self.max_size = max_size
         self.stats = stats or UpstreamStats()
-        self.origins = origins or UpstreamOrigins()
+        self.origins = origins or UpstreamOrigins(registry=registry)
         """Where `fetch` may download from: the registry's upstreams (see `UpstreamOrigins`)."""
         self.timeout = ARTIFACT_TIMEOUT
         self.discard_grace_secs = DISCARD_GRACE_SECS
@@ -158,7 +159,8 @@ class ArtifactStore:
         self._discards: set[asyncio.Future[None]] = set()
         # With local files, `local_path(key) is None` means "not stored": no round trip needed.
         self._local_files = "local_path" in storage_type.capabilities
-        self._flights = SingleFlight()
+        self._flights = SingleFlight(kind="artifact")
+        self._lookups = Outcomes(lambda m: m.artifacts, registry, format_name)
         self._stored: dict[str, float] = {}
         self.uses = uses
         """Where served upstream artifacts are noted, for retention's least-recently-used order."""
@@ -261,9 +263,11 @@ class ArtifactStore:
             self.uses.artifact(key, url, what)
         stored_at = self._stored.get(key)
         if stored_at is not None and time.monotonic() - stored_at < STORED_MEMO_SECS:
+            self._lookups("hit")
             return key
         if await self.ready(key):
             self.remember(key)
+            self._lookups("hit")
             return key
         if not url.startswith(("http://", "https://")):
             raise UpstreamError(f"the upstream metadata of {what} has no usable download URL")
@@ -282,8 +286,10 @@ class ArtifactStore:
                 ready=ready,
                 work=lambda: self._download(url, key, expected, what),
                 checked=True,
+                kind="artifact",
             )
 
+        self._lookups("miss")
         key = await self._flights.run(key, download)
         self.remember(key)
         return key

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from batlehub import __version__
+from batlehub.accesslog import LOG_FORMATS
 from batlehub.config import Settings
 from batlehub.errors import ConfigError, StartupError
 
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"batlehub {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("BATLEHUB_LOG_LEVEL", "INFO"), help="default: INFO")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=os.environ.get("BATLEHUB_LOG_FORMAT", "text"),
+        help="text (default), or json: one JSON object per line, for log shippers (also $BATLEHUB_LOG_FORMAT)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -67,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_format not in LOG_FORMATS:  # from the environment, which argparse does not check
+        parser.error(f"BATLEHUB_LOG_FORMAT: expected one of {', '.join(LOG_FORMATS)}, got {args.log_format!r}")
+    _setup_logging(args.log_level, args.log_format)
     try:
         if args.command == "plugins":
             return _plugins()
@@ -78,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
-        return _serve(settings)
+        return _serve(settings, args.log_format)
     except ConfigError as exc:
         print(f"batlehub: configuration has {len(exc.problems)} problem(s):", file=sys.stderr)
         for problem in exc.problems:
@@ -91,12 +101,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, str(level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        from batlehub.accesslog import JsonFormatter
+
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO), handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
@@ -148,13 +161,20 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
-def _serve(settings: Settings) -> int:
+def _serve(settings: Settings, log_format: str = "text") -> int:
+    from batlehub import metrics
+
     workers = settings.server.workers
     if workers <= 1:
-        return asyncio.run(_serve_one(settings, reuse_port=False))
+        return asyncio.run(_serve_one(settings, reuse_port=False, log_format=log_format))
     # Migrate once in the parent so the workers do not queue on the migration lock at start.
     asyncio.run(_migrate_quietly(settings))
-    return _serve_many(settings, workers)
+    folder = metrics.prepare_worker_folder() if metrics.uses_workers(settings) else None
+    try:
+        return _serve_many(settings, workers, log_format)
+    finally:
+        if folder is not None:
+            metrics.remove_worker_folder(folder)
 
 
 async def _migrate_quietly(settings: Settings) -> None:
@@ -168,14 +188,15 @@ async def _migrate_quietly(settings: Settings) -> None:
         await db.close()
 
 
-def _serve_many(settings: Settings, workers: int) -> int:
+def _serve_many(settings: Settings, workers: int, log_format: str = "text") -> int:
     """N processes sharing the port through SO_REUSEPORT; SIGTERM is passed on to each."""
     if not hasattr(socket, "SO_REUSEPORT"):
         raise StartupError("server.workers > 1 needs SO_REUSEPORT, which this platform lacks")
     ctx = multiprocessing.get_context("spawn")
     level = logging.getLevelName(logging.getLogger().level)
     procs = [
-        ctx.Process(target=_worker_main, args=(settings, level), name=f"batlehub-worker-{i}") for i in range(workers)
+        ctx.Process(target=_worker_main, args=(settings, level, log_format), name=f"batlehub-worker-{i}")
+        for i in range(workers)
     ]
     for proc in procs:
         proc.start()
@@ -198,26 +219,25 @@ def _serve_many(settings: Settings, workers: int) -> int:
     return code
 
 
-def _worker_main(settings: Settings, log_level: str) -> None:
-    # A spawned process starts with logging unconfigured: give it the parent's level.
-    _setup_logging(log_level)
-    raise SystemExit(asyncio.run(_serve_one(settings, reuse_port=True)))
+def _worker_main(settings: Settings, log_level: str, log_format: str = "text") -> None:
+    # A spawned process starts with logging unconfigured: give it the parent's level and format.
+    _setup_logging(log_level, log_format)
+    raise SystemExit(asyncio.run(_serve_one(settings, reuse_port=True, log_format=log_format)))
 
 
-async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
+async def _serve_one(settings: Settings, *, reuse_port: bool, log_format: str = "text") -> int:
     from aiohttp import web
 
-    from batlehub import appkeys
+    from batlehub import appkeys, tracing
     from batlehub.accesslog import StreamAccessLog
     from batlehub.app import create_app
     from batlehub.server import make_runner, raise_open_file_limit
-    from batlehub.tracing import configure_tracing
 
-    configure_tracing(settings.otel)
+    tracing.configure_tracing(settings.otel)
     raise_open_file_limit()
     app = create_app(settings)
     if logging.getLogger("batlehub.access").isEnabledFor(logging.INFO):
-        app[appkeys.ACCESS_LOG] = StreamAccessLog(sys.stderr)
+        app[appkeys.ACCESS_LOG] = StreamAccessLog(sys.stderr, json_lines=log_format == "json")
     runner = make_runner(app, settings)
     try:
         await runner.setup()
@@ -235,6 +255,11 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
             f"cannot listen on {settings.server.host}:{settings.server.port}: {exc.strerror or exc}"
             " (change server.port or BATLEHUB_SERVER__PORT)"
         ) from exc
+    try:
+        metrics_runner = await _serve_metrics_port(settings, reuse_port=reuse_port)
+    except StartupError:
+        await runner.cleanup()
+        raise
     log.info(
         "BatleHub %s listening on http://%s:%d (config: %s; data: %s)",
         __version__,
@@ -258,9 +283,35 @@ async def _serve_one(settings: Settings, *, reuse_port: bool) -> int:
         await listening.stop()
     await _drain(app[appkeys.STATE], settings.server.shutdown_timeout_secs / 2)
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     app[appkeys.ACCESS_LOG].flush()
+    tracing.shutdown()
     log.info("stopped")
     return 0
+
+
+async def _serve_metrics_port(settings: Settings, *, reuse_port: bool) -> Any:
+    """With `[metrics] port`, /metrics on that port (every worker listens; any answers for all)."""
+    if not settings.metrics.enabled or not settings.metrics.port:
+        return None
+    from aiohttp import web
+
+    from batlehub.metrics import metrics_only_app
+
+    runner = web.AppRunner(metrics_only_app(), handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.metrics.port, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(
+            f"cannot listen on {settings.server.host}:{settings.metrics.port} for metrics: {exc.strerror or exc}"
+            " (change metrics.port or BATLEHUB_METRICS__PORT)"
+        ) from exc
+    log.info("metrics on http://%s:%d/metrics", settings.server.host, settings.metrics.port)
+    return runner
 
 
 def _log_guide(settings: Settings, pm: Any) -> None:

@@ -21,6 +21,8 @@ from pydantic import BaseModel
 from batlehub.errors import ConfigError
 
 ROLES = ("anonymous", "user", "admin")
+TOKEN_ROLES = ("user", "admin", "metrics")
+"""Roles a token may have. "metrics" may read `GET /metrics` and nothing more than anonymous."""
 PERMISSIONS = ("releases:read", "source:read", "releases:publish", "releases:delete", "*")
 DEFAULT_RBAC: dict[str, tuple[str, ...]] = {
     "anonymous": ("releases:read", "source:read"),
@@ -29,7 +31,15 @@ DEFAULT_RBAC: dict[str, tuple[str, ...]] = {
 }
 # Environment variables under our prefix that are not settings (BATLEHUB_TEST_* belong to the test
 # harness, which a `batlehub serve` started by a test inherits).
-_NOT_SETTINGS = {"CONFIG", "DISABLE_PLUGIN_AUTOLOAD", "DATA_DIR", "LOAD_DOTENV", "TEST_SERVICES", "LOG_LEVEL"}
+_NOT_SETTINGS = {
+    "CONFIG",
+    "DISABLE_PLUGIN_AUTOLOAD",
+    "DATA_DIR",
+    "LOAD_DOTENV",
+    "TEST_SERVICES",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+}
 _NOT_SETTINGS_PREFIX = "TEST_"
 # Keys of a `[[registries]]` entry that core owns; the rest belong to the registry format.
 REGISTRY_CORE_KEYS = frozenset({"type", "name", "rbac", "rate_limit", "quota", "retention"})
@@ -160,6 +170,19 @@ class SweepSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """`GET /metrics` in the Prometheus text format (see docs/observability.md)."""
+
+    enabled: bool = True
+    """False: nothing is counted and there is no /metrics (no cost on any request)."""
+    require_token: bool = True
+    """An admin token or a token with role "metrics" must be sent; false = open to anyone."""
+    port: int = 0
+    """> 0: serve /metrics on this port instead (on `server.host`), without auth: for a port that
+    only the scraper can reach."""
+
+
+@dataclass(frozen=True)
 class OtelSettings:
     endpoint: str = ""
     service_name: str = "batlehub"
@@ -180,6 +203,7 @@ class Settings:
     registry the local npm client uses."""
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     ip_blocking: IpBlockingSettings = field(default_factory=IpBlockingSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     otel: OtelSettings = field(default_factory=OtelSettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
     source: str = "embedded default"
@@ -436,6 +460,7 @@ _IP_BLOCKING = {
     "ban_duration_secs": _number(1),
     "trigger_on_status": _int_list,
 }
+_METRICS = {"enabled": _bool, "require_token": _bool, "port": _int(0, 65535)}
 _OTEL = {"endpoint": _str(), "service_name": _str()}
 _SWEEP = {"enabled": _bool, "interval_secs": _number(1), "grace_secs": _number(0)}
 _RATE_LIMIT = {"requests_per_window": _int(1), "window_secs": _number(1)}
@@ -449,7 +474,19 @@ _RETENTION = {
     "max_idle_days": _number(0),
     "dry_run": _bool,
 }
-_TOP_LEVEL = {"server", "database", "cache", "storage", "auth", "registries", "limits", "ip_blocking", "otel", "sweep"}
+_TOP_LEVEL = {
+    "server",
+    "database",
+    "cache",
+    "storage",
+    "auth",
+    "registries",
+    "limits",
+    "ip_blocking",
+    "metrics",
+    "otel",
+    "sweep",
+}
 
 
 def parse_settings(
@@ -473,6 +510,9 @@ def parse_settings(
     storage = _backend_table(raw, "storage", "filesystem", problems)
     limits = _section(raw, "limits", _LIMITS, problems)
     ip_blocking = _section(raw, "ip_blocking", _IP_BLOCKING, problems)
+    metrics = _section(raw, "metrics", _METRICS, problems)
+    if metrics.get("port") and metrics["port"] == server.get("port", ServerSettings.port):
+        problems.add("metrics.port", f"must differ from server.port ({metrics['port']}); 0 serves /metrics there")
     otel = _section(raw, "otel", _OTEL, problems)
     sweep = _section(raw, "sweep", _SWEEP, problems)
     auth = _auth(raw.get("auth", []), problems)
@@ -491,6 +531,7 @@ def parse_settings(
         registries=registries,
         limits=LimitsSettings(**limits),
         ip_blocking=IpBlockingSettings(**ip_blocking),
+        metrics=MetricsSettings(**metrics),
         otel=OtelSettings(**otel),
         sweep=SweepSettings(**sweep),
         source=source,
@@ -551,8 +592,8 @@ def _auth(value: Any, problems: _Problems) -> tuple[AuthSettings, ...]:
             if value_.startswith("sha256:") and not _is_hex(value_[7:], 64):
                 problems.add(f"{tpath}.value", "sha256: must be followed by 64 hex digits")
                 continue
-            if role not in ("user", "admin"):
-                problems.add(f"{tpath}.role", f'expected "user" or "admin", got {_describe(role)}')
+            if role not in TOKEN_ROLES:
+                problems.add(f"{tpath}.role", f'expected "user", "admin" or "metrics", got {_describe(role)}')
                 continue
             if not isinstance(user_id, str) or not user_id:
                 problems.add(f"{tpath}.user_id", "required: the user this token authenticates")

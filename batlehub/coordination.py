@@ -19,6 +19,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from opentelemetry import trace
+
+from batlehub import metrics, tracing
 from batlehub.interfaces import Banner, CacheBackend, IpBlock, WindowCount
 
 log = logging.getLogger(__name__)
@@ -59,89 +62,121 @@ class FailOpenCache:
     """A `CacheBackend` whose failures never fail the caller (see the module docstring).
 
     `warning` names what the failure costs, for the log line (the setting to check is always
-    `[cache]`)."""
+    `[cache]`). Failures are counted (`batlehub_cache_errors_total`); with tracing on, each call is
+    a child span (checked first, so that with tracing off a call costs what it did)."""
 
     def __init__(self, backend: CacheBackend, throttle: LogThrottle | None = None) -> None:
         self.backend = backend
         self._throttle = throttle or LogThrottle()
 
-    def _failed(self, exc: BaseException, what: str) -> None:
+    def _failed(self, exc: BaseException, what: str, operation: str) -> None:
+        metrics.count_cache_error(operation)
         if self._throttle(what):
             log.warning("cache backend failed (%s): %s; check the [cache] settings", exc, what)
 
+    async def _traced(self, operation: str, call: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        with tracing.tracer.start_as_current_span(f"cache {operation}", kind=trace.SpanKind.CLIENT):
+            return await call(*args, **kwargs)
+
     async def get(self, key: str, *, stale: bool = False) -> bytes | None:
+        if tracing.active:
+            return await self._traced("get", self._get, key, stale)
+        return await self._get(key, stale)
+
+    async def _get(self, key: str, stale: bool) -> bytes | None:
         try:
             return await (self.backend.get_stale(key) if stale else self.backend.get(key))
         except Exception as exc:
-            self._failed(exc, "reads miss until it answers again")
+            self._failed(exc, "reads miss until it answers again", "get")
             return None
 
     async def set(
         self, key: str, value: bytes, ttl_secs: float | None = None, stale_retention_secs: float = 86400.0
     ) -> bool:
+        if tracing.active:
+            return await self._traced("set", self._set, key, value, ttl_secs, stale_retention_secs)
+        return await self._set(key, value, ttl_secs, stale_retention_secs)
+
+    async def _set(self, key: str, value: bytes, ttl_secs: float | None, stale_retention_secs: float) -> bool:
         try:
             await self.backend.set(key, value, ttl_secs=ttl_secs, stale_retention_secs=stale_retention_secs)
             return True
         except Exception as exc:
-            self._failed(exc, "writes are dropped until it answers again")
+            self._failed(exc, "writes are dropped until it answers again", "set")
             return False
 
     async def invalidate(self, key: str) -> None:
         try:
             await self.backend.invalidate(key)
         except Exception as exc:
-            self._failed(exc, "writes are dropped until it answers again")
+            self._failed(exc, "writes are dropped until it answers again", "invalidate")
 
     async def incr_window(self, key: str, window_secs: float) -> WindowCount | None:
+        if tracing.active:
+            return await self._traced("incr_window", self._incr_window, key, window_secs)
+        return await self._incr_window(key, window_secs)
+
+    async def _incr_window(self, key: str, window_secs: float) -> WindowCount | None:
         try:
             return await self.backend.incr_window(key, window_secs)
         except Exception as exc:
-            self._failed(exc, "rate limits are not enforced until it answers again")
+            self._failed(exc, "rate limits are not enforced until it answers again", "incr_window")
             return None
 
     async def get_block(self, ip: str) -> IpBlock | None:
+        if tracing.active:
+            return await self._traced("get_block", self._get_block, ip)
+        return await self._get_block(ip)
+
+    async def _get_block(self, ip: str) -> IpBlock | None:
         try:
             return await self.backend.get_block(ip)
         except Exception as exc:
-            self._failed(exc, "IP blocks are not enforced until it answers again")
+            self._failed(exc, "IP blocks are not enforced until it answers again", "get_block")
             return None
 
     async def get_banner(self) -> Banner | None:
         try:
             return await self.backend.get_banner()
         except Exception as exc:
-            self._failed(exc, "the banner is not shown until it answers again")
+            self._failed(exc, "the banner is not shown until it answers again", "get_banner")
             return None
 
     async def acquire_lease(self, key: str, owner: str, ttl_secs: float) -> bool:
         try:
             return bool(await self.backend.acquire_lease(key, owner, ttl_secs))
         except Exception as exc:
-            self._failed(exc, "replicas do not coordinate until it answers again")
+            self._failed(exc, "replicas do not coordinate until it answers again", "acquire_lease")
             return True
 
     async def extend_lease(self, key: str, owner: str, ttl_secs: float) -> None:
         try:
             await self.backend.extend_lease(key, owner, ttl_secs)
         except Exception as exc:
-            self._failed(exc, "replicas do not coordinate until it answers again")
+            self._failed(exc, "replicas do not coordinate until it answers again", "extend_lease")
 
     async def release_lease(self, key: str, owner: str) -> None:
         try:
             await self.backend.release_lease(key, owner)
         except Exception as exc:
-            self._failed(exc, "replicas do not coordinate until it answers again")
+            self._failed(exc, "replicas do not coordinate until it answers again", "release_lease")
 
 
 class SingleFlight:
     """Run work once per key in this process; concurrent callers share its result. A caller that
-    goes away (a client disconnects) does not cancel the work for the others."""
+    goes away (a client disconnects) does not cancel the work for the others.
 
-    def __init__(self) -> None:
+    `kind` names the work in `batlehub_singleflight_waits_total` ("document", "artifact"...);
+    without one, waits are not counted."""
+
+    def __init__(self, kind: str = "") -> None:
         self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self.kind = kind
 
     async def run(self, key: str, work: Callable[[], Awaitable[T]]) -> T:
         task = self._inflight.get(key)
+        if task is not None and self.kind:
+            metrics.count_wait(self.kind, "process")
         if task is None:
             task = asyncio.ensure_future(work())
             self._inflight[key] = task
@@ -171,16 +206,20 @@ async def under_lease(
     ready: Callable[[], Awaitable[T | None]],
     work: Callable[[], Awaitable[T]],
     checked: bool = False,
+    kind: str = "",
 ) -> T:
     """Across replicas: do `work` while holding the lease, or, while someone else holds it, watch
     `ready()` for their result; after `wait_secs` of waiting, do the work anyway.
 
     `checked`: the caller has just found `ready()` empty, so a lease taken at the first try needs
-    no second look (at worst another replica finished in between and the work is done twice)."""
+    no second look (at worst another replica finished in between and the work is done twice).
+    `kind`: counts a wait in `batlehub_singleflight_waits_total` (scope "replica")."""
     owner = uuid.uuid4().hex
     deadline = time.monotonic() + wait_secs
     held = await cache.acquire_lease(lease_key, owner, LEASE_TTL_SECS)
     contended = not held
+    if contended and kind:
+        metrics.count_wait(kind, "replica")
     while not held:
         await asyncio.sleep(LEASE_POLL_SECS)
         result = await ready()

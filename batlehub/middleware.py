@@ -22,16 +22,15 @@ from typing import Any
 from aiohttp import web
 from opentelemetry import trace
 
-from batlehub import appkeys, audit
+from batlehub import appkeys, audit, tracing
 from batlehub.auth import Identity
 from batlehub.errors import BatleHubError, Forbidden, RateLimited, RequestTimeout
 from batlehub.interfaces import IpBlock
+from batlehub.metrics import METHODS, HubMetrics, count_ip_block
 from batlehub.net import client_ip, is_trusted
 from batlehub.requests import identity, registry_of, registry_subpath
 
 log = logging.getLogger("batlehub.server")
-# Spans only when [otel] endpoint is set (HubState.tracing); see batlehub.tracing.
-tracer = trace.get_tracer("batlehub")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -86,9 +85,10 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     request[appkeys.CLIENT_IP] = ip
     if not request.config_dict[appkeys.STATE].tracing:
         return await _logged(request, handler, ip, None)
-    attributes = {"http.request.method": request.method, "url.path": request.path, "client.address": ip}
-    with tracer.start_as_current_span(
-        f"{request.method} {request.path}", kind=trace.SpanKind.SERVER, attributes=attributes
+    # The client's `traceparent`, if any, makes this request's span a child of its own.
+    attributes = {"http.request.method": request.method, "url.path": loggable_path(request), "client.address": ip}
+    with tracing.tracer.start_as_current_span(
+        request.method, context=tracing.extract(request.headers), kind=trace.SpanKind.SERVER, attributes=attributes
     ) as span:
         return await _logged(request, handler, ip, span)
 
@@ -96,6 +96,7 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
 async def _logged(request: web.Request, handler: Handler, ip: str, span: Any) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
+    response: web.StreamResponse | None = None
     try:
         response = await handler(request)
         status = response.status
@@ -107,19 +108,54 @@ async def _logged(request: web.Request, handler: Handler, ip: str, span: Any) ->
         status = exc.status
         raise
     finally:
+        elapsed = time.perf_counter() - started
+        trace_id = None
         if span is not None:
+            route = route_of(request)
+            span.update_name(f"{request.method} {route}")
+            span.set_attribute("http.route", route)
             span.set_attribute("http.response.status_code", status)
+            trace_id = format(span.get_span_context().trace_id, "032x")
+        observed = request.config_dict[appkeys.METRICS]
+        if observed is not None:
+            _count(observed, request, status, elapsed, response)
         caller = identity(request)
         request.config_dict[appkeys.ACCESS_LOG].write(
-            request.method,
-            loggable_path(request),
-            status,
-            (time.perf_counter() - started) * 1000,
-            caller.user_id,
-            ip,
+            request.method, loggable_path(request), status, elapsed * 1000, caller.user_id, ip, trace_id
         )
         if status >= 400:
             await _after_refusal(request, caller, ip, status)
+
+
+def route_of(request: web.Request) -> str:
+    """The route of a request as metrics and span names show it: what the registry format named
+    it (`label_route`), else the pattern of the core route that matched; never the path itself."""
+    named = request.get(appkeys.ROUTE)
+    if named is not None:
+        return named
+    if registry_of(request) is not None:
+        return "other"
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _count(observed: HubMetrics, request: web.Request, status: int, seconds: float, response: Any) -> None:
+    registry = registry_of(request)
+    method = request.method if request.method in METHODS else "other"
+    requests, latency, sent = observed.request_series(
+        registry.name if registry is not None else "",
+        registry.type if registry is not None else "",
+        route_of(request),
+        method,
+        status,
+    )
+    requests.inc()
+    latency.observe(seconds)
+    if response is not None and method != "HEAD" and status != 304:
+        # Known before sending for every answer but range and conditional file responses.
+        length = response.content_length
+        if length:
+            sent.inc(length)
 
 
 async def _after_refusal(request: web.Request, identity: Identity, ip: str, status: int) -> None:
@@ -177,6 +213,7 @@ async def _count_violation(request: web.Request, ip: str) -> None:
         block = IpBlock(ip=ip, reason=reason, expires_at=now + blocking.ban_duration_secs, created_at=now)
         await cache.block_ip(block)
         request.config_dict[appkeys.BLOCKS].put(block)
+        count_ip_block("banned")
         log.warning("blocked %s for %gs after %d violations", ip, blocking.ban_duration_secs, count)
     except Exception:  # the cache being down must not turn a response into an error
         log.warning("could not record a violation for %s", ip, exc_info=True)
@@ -261,6 +298,7 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     block = app[appkeys.BLOCKS].get(ip)
     if block is not None:
         request[_BLOCKED] = True
+        count_ip_block("refused")
         raise Forbidden(
             f"your address {ip} is blocked until {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(block.expires_at))}",
             headers={"X-Block-Expires": str(int(block.expires_at))},
@@ -282,7 +320,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         "X-RateLimit-Remaining": str(max(0, limit.requests_per_window - counted.count)),
         "X-RateLimit-Reset": str(reset),
     }
-    if counted.count > limit.requests_per_window:
+    observed = app[appkeys.METRICS]
+    limited = counted.count > limit.requests_per_window
+    if observed is not None:
+        observed.rate_limit.labels(registry.name, "limited" if limited else "allowed").inc()
+    if limited:
         raise RateLimited(
             f"rate limit of {limit.requests_per_window} requests per {limit.window_secs:g}s exceeded;"
             f" retry in {reset}s",

@@ -24,10 +24,10 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from batlehub import audit
+from batlehub import audit, metrics
 from batlehub.auth import check_permission
 from batlehub.coordination import FailOpenCache, SingleFlight
-from batlehub.errors import Forbidden, UpstreamError
+from batlehub.errors import BatleHubError, Forbidden, UpstreamError
 from batlehub.package_model import FileRecord, NewFile, Package, PackageSummary, VersionRecord, revision_stamp
 from batlehub.package_write import TAG_ORDER, PackageWrite, owners_of, replace_owners, scope_owners_of
 from batlehub.upstream import like_escape
@@ -272,31 +272,41 @@ class PackageStore:
         `create=True` lets the write create a package that does not exist yet (a first publish);
         otherwise a missing package is a 404.
         """
-        check_permission(actor.identity, self.registry, permission)
-        if create and await self.stamp(name) is None:
-            await self._check_new_name(name)
         unit: PackageWrite | None = None
         refused: Forbidden | None = None
         try:
-            async with self.db.transaction() as conn:
-                unit = PackageWrite(self, conn, name, actor)
-                try:
-                    await unit.begin(create)
-                except Forbidden as exc:
-                    refused = exc
-                    raise
-                yield unit
-                await unit.finish()
-        finally:
-            await self.sync_stamp(name)
-            if refused is not None:
-                # After the rollback, and naming the package: a format whose writes do not name
-                # the package in their URL (an upload form) would otherwise leave an entry that
-                # says only who was refused, not what they tried to change.
-                try:
-                    await self._audit(self.db, actor, "write", name, {"reason": refused.message}, result="denied")
-                except Exception:
-                    log.warning("could not write a refused write of %s to the audit log", name, exc_info=True)
+            check_permission(actor.identity, self.registry, permission)
+            if create and await self.stamp(name) is None:
+                await self._check_new_name(name)
+            try:
+                async with self.db.transaction() as conn:
+                    unit = PackageWrite(self, conn, name, actor)
+                    try:
+                        await unit.begin(create)
+                    except Forbidden as exc:
+                        refused = exc
+                        raise
+                    yield unit
+                    await unit.finish()
+            finally:
+                await self.sync_stamp(name)
+                if refused is not None:
+                    # After the rollback, and naming the package: a format whose writes do not name
+                    # the package in their URL (an upload form) would otherwise leave an entry that
+                    # says only who was refused, not what they tried to change.
+                    try:
+                        await self._audit(self.db, actor, "write", name, {"reason": refused.message}, result="denied")
+                    except Exception:
+                        log.warning("could not write a refused write of %s to the audit log", name, exc_info=True)
+        except Exception as exc:
+            # A publish (a write that may create the package, or one that added versions) that
+            # did not happen: refused when the client was told why (4xx), failed otherwise.
+            if create or (unit is not None and unit.added):
+                told = isinstance(exc, BatleHubError) and exc.status < 500
+                metrics.count_publish(self.registry.name, self.format_name, "refused" if told else "failed")
+            raise
+        for _, size in unit.added:
+            metrics.count_publish(self.registry.name, self.format_name, "published", size)
         await unit.announce()
 
     async def _check_new_name(self, name: str) -> None:

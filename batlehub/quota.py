@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from batlehub import metrics
 from batlehub.errors import BatleHubError
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ async def consume(
         f" {_fmt(quota.max_versions_per_user if quota else 0)} versions)"
     )
     if quota is not None and quota.enforcement == "warn":
+        metrics.count_quota(registry.name, "warned")
         await conn.execute(
             "UPDATE quota_usage SET bytes = bytes + $3, versions = versions + $4 WHERE registry = $1 AND user_id = $2",
             registry.name,
@@ -70,6 +72,7 @@ async def consume(
             versions,
         )
         return message
+    metrics.count_quota(registry.name, "refused")
     raise QuotaExceeded(message)
 
 

@@ -88,7 +88,7 @@ class RegistryServices:
         self._share = share
         self.stats = UpstreamStats()
         """What this process asked the upstreams on this registry's behalf."""
-        self.origins = UpstreamOrigins()
+        self.origins = UpstreamOrigins(registry=registry.name)
         """Where this registry may send requests: its upstreams (added by `upstream_documents`)."""
         self._db = db
         self.packages = PackageStore(

@@ -73,6 +73,14 @@ def registry_of(request: web.Request) -> RegistrySettings | None:
     return None
 
 
+def label_route(request: web.Request, name: str) -> None:
+    """Name the route this request took ("packument", "tarball", "publish"...), for the metrics
+    and the trace span of the request. A format whose routes are not separate aiohttp routes
+    (one catch-all that parses paths itself) calls this; names must come from a small fixed set,
+    never from the path (no package names)."""
+    request[appkeys.ROUTE] = name
+
+
 def require(request: web.Request, permission: str) -> Identity:
     """Check `permission` for the caller in this request's registry; return the caller.
 

@@ -36,7 +36,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from batlehub import appkeys
+from batlehub import appkeys, metrics
 from batlehub.artifacts import STORED_MEMO_SECS, is_referenced
 from batlehub.coordination import BackgroundWrites
 from batlehub.outbound import UpstreamOrigins
@@ -209,8 +209,6 @@ class Retention:
         self.forget_artifact = forget_artifact
         self.delete_grace_secs = DELETE_GRACE_SECS
         self.last_report: RetentionReport | None = None
-        self.reclaimed_total = 0
-        """Bytes this process reclaimed since start (for metrics)."""
         self._owner = uuid.uuid4().hex
         self._deletions = BackgroundWrites()
 
@@ -372,7 +370,9 @@ class Retention:
             self._deletions.spawn(self._delete_blobs(blobs, since=report.started))
         report.finished = time.time()
         if not dry:
-            self.reclaimed_total += report.reclaimed_bytes
+            metrics.count_reclaimed(
+                "retention", report.reclaimed_bytes, blobs=report.evicted_count, registry=self.registry
+            )
         return report
 
     async def _upstream_has(self, c: Candidate) -> bool | None:

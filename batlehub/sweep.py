@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from batlehub import appkeys
+from batlehub import appkeys, metrics
 from batlehub.artifacts import is_blob_key, is_referenced
 from batlehub.db import Database
 from batlehub.interfaces import CacheBackend, StorageBackend
@@ -72,6 +72,7 @@ async def sweep_orphans(db: Database, storage: StorageBackend, *, grace_secs: fl
             continue
         if await storage.delete(key):
             result.deleted.append(key)
+            metrics.count_reclaimed("sweep", current.size)
             log.info("sweep: deleted unreferenced blob %s (%d bytes)", key, current.size)
     return result
 

@@ -44,6 +44,7 @@ from yarl import URL
 
 from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, under_lease
 from batlehub.errors import NotFound, UpstreamError
+from batlehub.metrics import Outcomes
 from batlehub.offload import Offloader
 from batlehub.outbound import UpstreamOrigins, failure_reason, origin_of
 
@@ -309,7 +310,8 @@ class UpstreamDocuments:
         self.registry = registry
         self.format_name = format_name
         self.upstreams = [u if u.endswith("/") else u + "/" for u in upstreams]
-        self.origins = origins or UpstreamOrigins(self.upstreams)
+        self.origins = origins or UpstreamOrigins(self.upstreams, registry=registry)
+        self._lookups = Outcomes(lambda m: m.documents, registry, format_name)
         self.format = document_format
         self.metadata_ttl_secs = float(metadata_ttl_secs)
         self.serve_stale = serve_stale
@@ -321,7 +323,7 @@ class UpstreamDocuments:
         self.stats = stats or UpstreamStats()
         self.metadata_timeout = METADATA_TIMEOUT
         self.writes = BackgroundWrites()
-        self._flights = SingleFlight()
+        self._flights = SingleFlight(kind="document")
         self._failed_until: dict[str, float] = {}
         self._memo: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
         self._memo_bytes = 0
@@ -396,13 +398,16 @@ class UpstreamDocuments:
             doc = await self._fresh(name, variant)
             if doc is not None:
                 self.stats.cache_hits += 1
+                self._lookups("hit")
                 return doc
             if await self.cache.get(self._absent_key(name)) is not None:
+                self._lookups("absent")
                 return None
             if self.serve_stale and self._failed_until.get(f"{variant}:{name}", 0.0) > time.monotonic():
                 last = await self._last_good(name, variant)
                 if last is not None:
                     self.stats.stale_served += 1
+                    self._lookups("stale")
                     return self._document(name, last.copy, last.body, stale=True)
         started = time.time()
 
@@ -413,9 +418,16 @@ class UpstreamDocuments:
                 wait_secs=METADATA_WAIT_SECS,
                 ready=lambda: self._fresh(name, variant, since=started if revalidate else None),
                 work=lambda: self._fetch_upstreams(name, variant),
+                kind="document",
             )
 
-        return await self._flights.run(f"{variant}:{name}", fetch)
+        try:
+            found = await self._flights.run(f"{variant}:{name}", fetch)
+        except BaseException:
+            self._lookups("miss")  # asked, and nothing to serve
+            raise
+        self._lookups("stale" if found is not None and found.stale else "miss")
+        return found
 
     async def forget(self, name: str, variant: str, *, used_before: float) -> str | bool | None:
         """Drop the stored copy of `name` in `variant` (retention evicts it), unless it was used

@@ -737,7 +737,7 @@ async def test_audit_log_records_admin_changes_with_filters_and_paging(
         ("POST", "/api/v1/admin/tokens", b"[1, 2]", "request body must be a JSON object"),
         ("POST", "/api/v1/admin/tokens", b'{"user_id": 5}', "user_id: expected 1 to 200 printable characters"),
         ("POST", "/api/v1/admin/tokens", b'{"user_id": "eve\\nforged"}', "user_id: expected 1 to 200 printable"),
-        ("POST", "/api/v1/admin/tokens", b'{"user_id": "x", "role": "root"}', 'role: expected "user" or "admin"'),
+        ("POST", "/api/v1/admin/tokens", b'{"user_id": "x", "role": "root"}', 'role: expected "user", "admin"'),
         ("POST", "/api/v1/admin/tokens", b'{"user_id": "x", "expires_in_days": "soon"}', "expires_in_days:"),
         ("POST", "/api/v1/admin/ip-blocks", b'{"ip": "999.1.1.1"}', "ip: expected an IPv4 or IPv6 address"),
         ("POST", "/api/v1/admin/ip-blocks", b'{"ip": "192.0.2.1", "duration_secs": -5}', "duration_secs:"),

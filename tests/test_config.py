@@ -255,7 +255,7 @@ def test_sha256_tokens_are_validated() -> None:
         "auth[0].tokens[0].value: sha256: must be followed by 64 hex digits",
         "auth[0].tokens[1].value: sha256: must be followed by 64 hex digits",
         "auth[0].tokens[2].value: expected a token of at least 8 characters, or sha256:<hex>",
-        'auth[0].tokens[3].role: expected "user" or "admin", got "root"',
+        'auth[0].tokens[3].role: expected "user", "admin" or "metrics", got "root"',
         "auth[0].tokens[4].user_id: required: the user this token authenticates",
     ]
 

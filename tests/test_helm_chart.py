@@ -419,6 +419,42 @@ def test_service_monitor_scrapes_metrics_on_the_service_port() -> None:
     assert credentials["key"] in secret["data"]
 
 
+def test_metrics_settings_reach_the_config() -> None:
+    assert tomllib.loads(config_toml(objects(HA)))["metrics"] == {"enabled": True, "require_token": True, "port": 0}
+    closed = tomllib.loads(config_toml(objects({"metrics": {"enabled": False}})))
+    assert closed["metrics"]["enabled"] is False
+
+
+def test_metrics_on_their_own_port_are_scraped_there_without_a_token() -> None:
+    values = merged(SCENARIOS["metrics and scheduling"], {"metrics": {"port": 9100}})
+    objs = objects(values)
+    assert tomllib.loads(config_toml(objs))["metrics"]["port"] == 9100
+    service = find(objs, "Service")
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [
+        ("http", 8080, "http"),
+        ("metrics", 9100, "metrics"),
+    ]
+    (container,) = find(objs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in container["ports"]
+    (endpoint,) = find(objs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["port"] == "metrics" and "authorization" not in endpoint
+    for obj in objs:
+        if obj["apiVersion"] != "monitoring.coreos.com/v1":
+            kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_prometheus_rule_carries_the_shipped_alerts() -> None:
+    objs = objects({"metrics": {"prometheusRule": {"enabled": True, "labels": {"release": "prom"}}}})
+    rule = find(objs, "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert rule["metadata"]["labels"]["release"] == "prom"
+    shipped = yaml.safe_load((CHART / "rules" / "alerts.yml").read_text())
+    assert rule["spec"]["groups"] == shipped["groups"]
+    # Prometheus's own templates in the annotations pass through Helm untouched.
+    alerts = {r["alert"]: r for group in rule["spec"]["groups"] for r in group["rules"] if "alert" in r}
+    assert "{{ $labels.origin }}" in alerts["BatleHubUpstreamDown"]["annotations"]["summary"]
+
+
 def test_dashboard_is_valid_grafana_json() -> None:
     objs = objects({"metrics": {"dashboard": {"enabled": True}}})
     dashboard = find(objs, "ConfigMap", f"{FULLNAME}-dashboard")

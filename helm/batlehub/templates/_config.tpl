@@ -26,7 +26,8 @@ Secrets are not in it: they reach the pod as BATLEHUB_<SECTION>__<KEY> variables
 {{- with $s3.prefix -}}{{- $_ := set $storage "prefix" . -}}{{- end -}}
 {{- end -}}
 
-{{- $config := dict "server" $server "database" $database "cache" $cache "storage" $storage "registries" $v.registries -}}
+{{- $metrics := dict "enabled" $v.metrics.enabled "require_token" $v.metrics.requireToken "port" $v.metrics.port -}}
+{{- $config := dict "server" $server "database" $database "cache" $cache "storage" $storage "registries" $v.registries "metrics" $metrics -}}
 {{- if $v.otel.endpoint -}}
 {{- $_ := set $config "otel" (dict "endpoint" $v.otel.endpoint "service_name" $v.otel.serviceName) -}}
 {{- end -}}

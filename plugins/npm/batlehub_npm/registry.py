@@ -39,6 +39,7 @@ from batlehub.api import (
     base_url,
     body_reader,
     etag_matches,
+    label_route,
     parse_json,
     read_json,
     registry_path,
@@ -143,6 +144,7 @@ class NpmRegistry:
             if doubled.kind == "tarball_rev":
                 raw = raw[len(mount) - 1 :]
         route = parse_route(raw)
+        label_route(request, route.kind)
         method = "GET" if request.method == "HEAD" else request.method
         handler = self._routes.get((route.kind, method))
         if handler is None:
