@@ -11,6 +11,7 @@ docs/plugins/registry-formats.md; what is not here may change without notice.
   fail-open cache, tokens.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
   `registry_url`, bounded body readers, `label_route` (the route's name in metrics and traces).
+- `JsonStream`: reads a JSON request body incrementally, streaming one big base64 member out.
 - Domain errors: raise them; core turns them into JSON errors with the right status.
 - The web UI: `PackagePage` (with `VersionInfo`, `FileInfo`, `Dependency`), what a format's
   `package_page` hook returns; `DocumentSummary`, what its `DocumentFormat.summarize` returns.
@@ -48,6 +49,7 @@ from batlehub.jsondoc import MAX_DEPTH as MAX_JSON_DEPTH
 from batlehub.jsondoc import check as check_json
 from batlehub.jsondoc import may_need_repair as json_may_need_repair
 from batlehub.jsondoc import repair as repair_json
+from batlehub.jsonstream import JsonStream, ReadChunk
 from batlehub.outbound import UpstreamOrigins
 from batlehub.package_page import Dependency, FileInfo, PackagePage, VersionInfo
 from batlehub.packages import (
@@ -109,6 +111,7 @@ __all__ = [
     "Identity",
     "IntegrityError",
     "InvalidKey",
+    "JsonStream",
     "LogThrottle",
     "MethodNotAllowed",
     "NewFile",
@@ -121,6 +124,7 @@ __all__ = [
     "PackageWrite",
     "PayloadTooLarge",
     "RateLimited",
+    "ReadChunk",
     "Registry",
     "RegistryFormatType",
     "RegistryServices",

@@ -1,8 +1,8 @@
 """Reading `PUT /{package}` bodies as a stream, and checking what they publish.
 
 A publish body is JSON with the tarball inside as one base64 string
-(`_attachments.<file>.data`), and can be hundreds of megabytes. We never hold it whole: a small
-incremental JSON reader builds everything else as Python objects (bounded by
+(`_attachments.<file>.data`), and can be hundreds of megabytes. We never hold it whole: core's
+incremental reader (`JsonStream`) builds everything else as Python objects (bounded by
 `max_document_bytes`) and hands the attachment's bytes, base64-decoded chunk by chunk, to a
 callback while they arrive. The callback streams them into storage, hashing as it goes.
 
@@ -13,30 +13,16 @@ to a temporary file first and stored once the manifest has been read.
 
 from __future__ import annotations
 
-import binascii
-import json
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batlehub.api import MAX_JSON_DEPTH, ArtifactStore, BadRequest, PayloadTooLarge, SpooledBlob, StoredBlob
+from batlehub.api import ArtifactStore, BadRequest, JsonStream, ReadChunk, SpooledBlob, StoredBlob
 from batlehub_npm.integrity import expected_digests
 from batlehub_npm.names import PackageName, validate_tag, validate_version
 
 DEFAULT_MAX_DOCUMENT_BYTES = 8 * 1024 * 1024
 """Everything in a publish body except the tarball itself: manifests, readme, tags."""
-MAX_CONTAINERS = 100_000
-"""Objects and arrays a publish body may hold. Bytes alone do not bound memory: a few megabytes of
-`[],` become millions of Python lists."""
-
-_WS = b" \t\r\n"
-_STRING_SPECIAL = re.compile(rb'["\\]')
-_STRUCTURE = re.compile(rb'["{}\[\]]')
-_SCALAR_END = re.compile(rb"[,}\]\s]")
-_DECODE_BATCH = 256 * 1024  # base64 characters decoded at once
-
-ReadChunk = Callable[[], Awaitable[bytes]]
 StoreAttachment = Callable[[Mapping[str, Any], str, AsyncIterator[bytes]], Awaitable[Any]]
 
 
@@ -46,7 +32,7 @@ def max_body_bytes(max_artifact_size: int, max_document_bytes: int = DEFAULT_MAX
 
 
 def malformed(detail: str) -> BadRequest:
-    return BadRequest(f"malformed package document: {detail}")
+    return BadRequest(f"malformed package document: {detail}")  # as JsonStream says it for this name
 
 
 @dataclass
@@ -57,211 +43,6 @@ class ParsedBody:
     """Attachment file name -> its fields other than `data` (content_type, length)."""
     stored: Any
     """What the attachment callback returned, or None without attachment data."""
-
-
-class _Reader:
-    """A byte buffer over an async chunk source, with a budget for bytes kept as document."""
-
-    def __init__(self, read: ReadChunk, max_document_bytes: int) -> None:
-        self._read = read
-        self.buf = bytearray()
-        self.pos = 0
-        self.eof = False
-        self.document_bytes = 0
-        self.max_document_bytes = max_document_bytes
-        self.containers = 0
-
-    async def fill(self) -> bool:
-        """Append the next chunk; False at the end of the body. Never moves existing bytes."""
-        if self.eof:
-            return False
-        chunk = await self._read()
-        if not chunk:
-            self.eof = True
-            return False
-        self.buf += chunk
-        return True
-
-    def compact(self) -> None:
-        """Drop consumed bytes; only called where no caller holds an index into the buffer."""
-        if self.pos > 65536 and self.pos > len(self.buf) // 2:
-            del self.buf[: self.pos]
-            self.pos = 0
-
-    async def peek(self) -> int | None:
-        """The next non-whitespace byte (not consumed), or None at the end of the body."""
-        while True:
-            while self.pos < len(self.buf) and self.buf[self.pos] in _WS:
-                self.pos += 1
-            if self.pos < len(self.buf):
-                return self.buf[self.pos]
-            if not await self.fill():
-                return None
-
-    async def expect(self, char: bytes) -> None:
-        found = await self.peek()
-        if found != char[0]:
-            got = "end of body" if found is None else repr(chr(found))
-            raise malformed(f"expected {char.decode()!r}, found {got}")
-        self.pos += 1
-
-    async def value(self) -> Any:
-        """Read one complete JSON value and decode it with the json module.
-
-        The end of the value is found with a resumable scan (strings, escapes, bracket depth), so
-        a value that arrives over many chunks is scanned once, not once per chunk.
-        """
-        first = await self.peek()
-        if first is None:
-            raise malformed("unexpected end of body")
-        self.compact()
-        start = self.pos
-        scalar = first not in b'{["'
-        in_string = first == ord('"')
-        depth = 0 if in_string else 1
-        scan = start + 1
-        end: int | None = None
-        while end is None:
-            if scalar:
-                match = _SCALAR_END.search(self.buf, start)
-                if match is not None:
-                    end = match.start()
-                    break
-            else:
-                while True:
-                    if in_string:
-                        match = _STRING_SPECIAL.search(self.buf, scan)
-                        if match is None:
-                            scan = len(self.buf)
-                            break
-                        if match.group() == b"\\":
-                            if match.end() >= len(self.buf):
-                                scan = match.start()  # the escaped byte has not arrived yet
-                                break
-                            scan = match.end() + 1
-                            continue
-                        in_string = False
-                        scan = match.end()
-                        if depth == 0:
-                            end = scan
-                            break
-                    else:
-                        match = _STRUCTURE.search(self.buf, scan)
-                        if match is None:
-                            scan = len(self.buf)
-                            break
-                        scan = match.end()
-                        token = match.group()
-                        if token == b'"':
-                            in_string = True
-                        elif token in (b"{", b"["):
-                            depth += 1
-                            self.containers += 1
-                            if depth > MAX_JSON_DEPTH:
-                                raise malformed(f"nested more than {MAX_JSON_DEPTH} levels deep")
-                            if self.containers > MAX_CONTAINERS:
-                                raise malformed(f"more than {MAX_CONTAINERS} objects and arrays")
-                        else:
-                            depth -= 1
-                            if depth == 0:
-                                end = scan
-                                break
-                if end is not None:
-                    break
-            self._count(0, pending=len(self.buf) - start)
-            if not await self.fill():
-                if scalar:
-                    end = len(self.buf)
-                    break
-                raise malformed("unexpected end of body")
-        raw = bytes(self.buf[start:end])
-        self.pos = end
-        self._count(len(raw))
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise malformed(str(exc).split(":")[0]) from None
-        except RecursionError:  # the scan bounds nesting; this is the last line of defence
-            raise malformed(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
-
-    def _count(self, size: int, pending: int = 0) -> None:
-        self.document_bytes += size
-        if self.document_bytes + pending > self.max_document_bytes:
-            raise PayloadTooLarge(
-                f"package document (without the tarball) is larger than {self.max_document_bytes} bytes"
-            )
-
-    async def key(self) -> str:
-        if await self.peek() != ord('"'):
-            raise malformed("expected an object key")
-        key = await self.value()
-        await self.expect(b":")
-        return str(key)
-
-    async def after_member(self, closing: bytes) -> bool:
-        """After a member: True if another follows (`,`), False at the closing bracket."""
-        found = await self.peek()
-        if found == ord(","):
-            self.pos += 1
-            return True
-        if found == closing[0]:
-            self.pos += 1
-            return False
-        raise malformed(f"expected ',' or {closing.decode()!r}")
-
-    async def base64_string(self) -> AsyncIterator[bytes]:
-        """The decoded bytes of a base64 JSON string whose opening quote was just consumed."""
-        pending = bytearray()
-        padded = False
-
-        def decode(final: bool) -> bytes:
-            nonlocal padded
-            usable = len(pending) if final else len(pending) - len(pending) % 4
-            if not usable:
-                return b""
-            if padded:
-                raise BadRequest("attachment data is not valid base64: data after padding")
-            piece = bytes(pending[:usable])
-            del pending[:usable]
-            if final and len(piece) % 4:
-                raise BadRequest("attachment data is not valid base64: truncated")
-            try:
-                out = binascii.a2b_base64(piece, strict_mode=True)
-            except binascii.Error as exc:
-                raise BadRequest(f"attachment data is not valid base64: {exc}") from None
-            padded = piece.endswith(b"=")
-            return out
-
-        while True:
-            match = _STRING_SPECIAL.search(self.buf, self.pos)
-            stop = match.start() if match else len(self.buf)
-            pending += self.buf[self.pos : stop]
-            self.pos = stop
-            if match is not None and match.group() == b'"':
-                self.pos += 1
-                tail = decode(final=True)
-                if tail:
-                    yield tail
-                return
-            if match is not None:  # a backslash escape inside base64: only "\/" and line breaks make sense
-                if self.pos + 1 >= len(self.buf):
-                    if not await self.fill():
-                        raise malformed("unexpected end of body inside attachment data")
-                    continue
-                escaped = self.buf[self.pos + 1]
-                if escaped == ord("/"):
-                    pending += b"/"
-                elif escaped not in b"nr":
-                    raise BadRequest("attachment data is not valid base64")
-                self.pos += 2
-            if len(pending) >= _DECODE_BATCH:
-                out = decode(final=False)
-                if out:
-                    yield out
-            if match is None:
-                self.compact()
-                if not await self.fill():
-                    raise malformed("unexpected end of body inside attachment data")
 
 
 async def parse_document(
@@ -275,7 +56,7 @@ async def parse_document(
     `_attachments.<file>.data` is streamed into `store_attachment(document_so_far, file, chunks)`,
     which must consume `chunks`; without a callback, attachment data is refused.
     """
-    reader = _Reader(read, max_document_bytes)
+    reader = JsonStream(read, max_document_bytes, name="package document", streamed="attachment data")
     document: dict[str, Any] = {}
     attachments: dict[str, dict[str, Any]] = {}
     stored: Any = None
@@ -297,7 +78,7 @@ async def parse_document(
 
 
 async def _attachments(
-    reader: _Reader,
+    reader: JsonStream,
     document: dict[str, Any],
     attachments: dict[str, dict[str, Any]],
     store_attachment: StoreAttachment | None,
