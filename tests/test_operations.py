@@ -657,6 +657,8 @@ async def test_forged_forwarded_for_from_an_untrusted_peer_changes_nothing(clust
         assert (await block(admin, cluster.a, "192.0.2.66"))[0] == 201
 
     async with client("127.0.0.6") as blocked:
+        ping_b = f"{cluster.b.url}/registries/npm/-/ping"
+        assert (await wait_for_status(blocked, ping_b, 403, within=1.0))[0] == 403  # reached b
         # Neither header lets a blocked peer escape its block.
         for forged in ({"X-Forwarded-For": "192.0.2.1"}, {"X-Real-IP": "192.0.2.1"}, {"X-Forwarded-For": "127.0.0.1"}):
             status, _, _ = await call(blocked, "GET", f"{cluster.b.url}/registries/npm/-/ping", headers=forged)
@@ -696,6 +698,8 @@ async def test_forwarded_for_from_a_trusted_proxy_is_believed(cluster: Cluster) 
     async with client() as proxy:
         assert (await block(proxy, cluster.a, "203.0.113.40"))[0] == 201
         ping = f"{cluster.b.url}/registries/npm/-/ping"
+        blocked = {"X-Forwarded-For": "203.0.113.40"}
+        assert (await wait_for_status(proxy, ping, 403, headers=blocked, within=1.0))[0] == 403  # reached b
         for chain in ("203.0.113.40", "203.0.113.40, 127.0.0.1", "198.51.100.1, 203.0.113.40"):
             status, headers, _ = await call(proxy, "GET", ping, headers={"X-Forwarded-For": chain})
             assert status == 403 and "X-Block-Expires" in headers, chain
