@@ -129,6 +129,9 @@ class DocumentSummary:
 
     description: str = ""
     latest: str = ""
+    modified: str = ""
+    """When the package last changed upstream, as the upstream wrote it (RFC 3339), if it says."""
+    maintainers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ class KnownPackage:
     description: str
     latest: str
     fetched: float
+    modified: str = ""
+    maintainers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -991,7 +996,13 @@ def checked_and_summarized(
         log.warning("summarizing an upstream document failed", exc_info=True)
         return kept, digest, "{}"
     # Bounded: a listing row, not a second copy of an upstream's README.
-    return kept, digest, json.dumps({"description": summary.description[:500], "latest": summary.latest[:100]})
+    row = {
+        "description": summary.description[:500],
+        "latest": summary.latest[:100],
+        "modified": summary.modified[:40],
+        "maintainers": [person[:100] for person in summary.maintainers[:20]],
+    }
+    return kept, digest, json.dumps(row)
 
 
 async def known_packages(db: Database, registry: str, text: str = "") -> list[KnownPackage]:
@@ -1017,7 +1028,12 @@ async def known_packages(db: Database, registry: str, text: str = "") -> list[Kn
         description = str(summary.get("description") or "") or (seen.description if seen else "")
         latest = str(summary.get("latest") or "") or (seen.latest if seen else "")
         fetched = max(float(row["fetched"]), seen.fetched if seen else 0.0)
-        found[row["name"]] = KnownPackage(row["name"], description, latest, fetched)
+        modified = str(summary.get("modified") or "") or (seen.modified if seen else "")
+        people = summary.get("maintainers")
+        maintainers = tuple(str(p) for p in people) if isinstance(people, list) and people else ()
+        found[row["name"]] = KnownPackage(
+            row["name"], description, latest, fetched, modified, maintainers or (seen.maintainers if seen else ())
+        )
     needle = text.lower()
     # The SQL also matched the summary's JSON keys ("description" holds "desc").
     return [k for k in found.values() if needle in k.name.lower() or needle in k.description.lower()]

@@ -210,12 +210,21 @@ def summarize_packument(body: bytes) -> DocumentSummary:
     """What the web UI's package list shows of a checked upstream packument (the abbreviated form
     has no description; the full one does)."""
     data = json.loads(body)
-    description = data.get("description")
     tags = data.get("dist-tags")
     latest = tags.get("latest") if isinstance(tags, dict) else None
+    # Some registries (Verdaccio) say these only in the versions' manifests: the latest one's then.
+    manifest = (data.get("versions") or {}).get(latest) if isinstance(latest, str) else None
+    manifest = manifest if isinstance(manifest, dict) else {}
+    description = data.get("description") or manifest.get("description")
+    time = data.get("time") if isinstance(data.get("time"), dict) else {}
+    modified = time.get("modified") or data.get("modified")
+    listed = data.get("maintainers") or manifest.get("maintainers") or [manifest.get("_npmUser")]
+    people = [str(m["name"]) for m in listed if isinstance(m, dict) and m.get("name")]
     return DocumentSummary(
         description=description if isinstance(description, str) else "",
         latest=latest if isinstance(latest, str) else "",
+        modified=modified if isinstance(modified, str) else "",
+        maintainers=tuple(people),
     )
 
 
@@ -255,16 +264,3 @@ def upstream_dist(body: bytes, version: str) -> dict[str, Any] | None:
 def upstream_tags(body: bytes) -> dict[str, str]:
     tags = json.loads(body).get("dist-tags")
     return {k: v for k, v in tags.items() if isinstance(v, str)} if isinstance(tags, dict) else {}
-
-
-def upstream_summary(body: bytes) -> dict[str, Any]:
-    """What a search hit shows of an upstream package: latest version, description, date, people."""
-    data = json.loads(body)
-    time = data.get("time") if isinstance(data.get("time"), dict) else {}
-    people = [str(m["name"]) for m in data.get("maintainers") or [] if isinstance(m, dict) and m.get("name")]
-    return {
-        "version": str((data.get("dist-tags") or {}).get("latest", "")),
-        "description": str(data.get("description") or ""),
-        "date": time.get("modified") or data.get("modified"),
-        "maintainers": people,
-    }

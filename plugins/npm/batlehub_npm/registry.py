@@ -401,27 +401,14 @@ class NpmRegistry:
             ]
             total = data.get("total")
             return found[:wanted], total if isinstance(total, int) and total >= 0 else len(found)
-        names = await self.proxy.documents.known_names(text, wanted, set())
-        return [await self._known_search_object(name) for name in names], len(names)
-
-    async def _known_search_object(self, name: str) -> dict[str, Any]:
-        """A search hit for an upstream package seen before, from its (cached) full packument."""
-        obj = _search_object(name, {}, 0, "", ())
-        try:
-            assert self.proxy is not None
-            upstream = await asyncio.wait_for(self.proxy.packument(name), timeout=5)
-            if upstream is None:
-                return obj
-            summary = await self.proxy.documents.extract(upstream, documents.upstream_summary)
-        except (BatleHubError, TimeoutError):
-            return obj
-        package = obj["package"]
-        package.update(version=summary["version"], description=summary["description"])
-        if isinstance(summary["date"], str):
-            package["date"] = summary["date"]
-        package["maintainers"] = [{"username": person} for person in summary["maintainers"]]
-        package["publisher"] = package["maintainers"][0] if package["maintainers"] else {"username": ""}
-        return obj
+        # What the summaries stored beside cached copies say (no document is read).
+        known = (await self.services.proxied_packages(text))[:wanted]
+        found = []
+        for k in known:
+            obj = _search_object(k.name, {"description": k.description}, k.fetched, k.latest, k.maintainers)
+            obj["package"]["date"] = k.modified or obj["package"]["date"]
+            found.append(obj)
+        return found, len(found)
 
     # --- writing --------------------------------------------------------------------------------
 

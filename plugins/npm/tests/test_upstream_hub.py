@@ -189,3 +189,30 @@ async def test_npm_never_installs_a_tampered_upstream_tarball(tmp_path: Path, hu
     assert f"/{name}/-/{name}-1.0.0.tgz" in requests
     stored = [p for p in (server.data_dir / "storage").rglob("*") if p.is_file() and ".tmp" not in p.parts]
     assert stored == []
+
+
+async def test_npm_search_during_an_outage_lists_cached_upstream_packages_as_the_upstream_described_them(
+    tmp_path: Path, hub: HubFactory, verdaccio: Any
+) -> None:
+    """With the upstream's search unreachable, the packages the hub holds are found, with the
+    description, version, date and maintainers their upstream document gives (never 1970 and ???)."""
+    name = unique("e2e-search")
+    folder = make_package(tmp_path / "src", name, "3.1.4", description="a findable needle")
+    await asyncio.to_thread(verdaccio.publish, folder)
+    server = await hub(proxy_config(verdaccio.url))
+    registry = f"{server.url}/registries/npm/"
+    viewed = await npm(["view", name, "version"], tmp_path, registry, tmp_path)
+    assert viewed.stdout.strip() == "3.1.4", viewed.stdout + viewed.stderr
+    upstream = await asyncio.to_thread(verdaccio.packument, name)
+    people = upstream.get("maintainers") or upstream["versions"]["3.1.4"].get("maintainers") or []
+
+    verdaccio.stop()
+    try:
+        result = await npm(["search", "findable", "--json"], tmp_path, registry, tmp_path)
+    finally:
+        verdaccio.start()
+    assert result.returncode == 0, result.stdout + result.stderr
+    (hit,) = [h for h in json.loads(result.stdout) if h["name"] == name]
+    assert (hit["version"], hit["description"]) == ("3.1.4", "a findable needle")
+    assert hit["date"] == upstream["time"]["modified"]
+    assert [m["username"] for m in hit["maintainers"]] == [m["name"] for m in people]
