@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from batlehub.errors import ConfigError
+from batlehub.policy_config import PolicyConfig
 
 ROLES = ("anonymous", "user", "admin")
 PERMISSIONS = ("releases:read", "source:read", "releases:publish", "releases:delete", "*")
@@ -32,7 +33,7 @@ DEFAULT_RBAC: dict[str, tuple[str, ...]] = {
 _NOT_SETTINGS = {"CONFIG", "DISABLE_PLUGIN_AUTOLOAD", "DATA_DIR", "LOAD_DOTENV", "TEST_SERVICES", "LOG_LEVEL"}
 _NOT_SETTINGS_PREFIX = "TEST_"
 # Keys of a `[[registries]]` entry that core owns; the rest belong to the registry format.
-REGISTRY_CORE_KEYS = frozenset({"type", "name", "rbac", "rate_limit", "quota"})
+REGISTRY_CORE_KEYS = frozenset({"type", "name", "rbac", "rate_limit", "quota", "policy"})
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -97,6 +98,8 @@ class RegistrySettings:
     """Every other key of the entry: as read until the format's `config_model` validated them
     (`batlehub.app.validate_config`), then that model's instance. `create_app` puts the validated
     entry in the app's settings, so a running registry only ever sees the model."""
+    policy: PolicyConfig | None = None
+    """`[registries.policy]`: the release-age gate and configured block/allow rules (None: none)."""
 
     def validated_options(self, model: builtins.type[_M]) -> _M:  # `type` is a field here
         """`options` as the format's validated `config_model`, typed for the format's code."""
@@ -587,9 +590,23 @@ def _registries(raw: Mapping[str, Any], problems: _Problems) -> tuple[RegistrySe
         quota = None
         if "quota" in entry:
             quota = QuotaSettings(**_section(entry, "quota", _QUOTA, problems, prefix=f"{path}."))
+        policy = _policy(entry.get("policy"), f"{path}.policy", problems) if "policy" in entry else None
         options = {k: v for k, v in entry.items() if k not in REGISTRY_CORE_KEYS}
-        out.append(RegistrySettings(rtype, name, rbac, rate_limit, quota, options))
+        out.append(RegistrySettings(rtype, name, rbac, rate_limit, quota, options, policy))
     return tuple(out)
+
+
+def _policy(value: Any, path: str, problems: _Problems) -> PolicyConfig | None:
+    from pydantic import ValidationError
+
+    from batlehub.configmodel import problems_of
+
+    try:
+        return PolicyConfig.model_validate(value)
+    except ValidationError as exc:
+        for line in problems_of(exc, PolicyConfig, path=path, owner="[registries.policy]"):
+            problems.items.append(line)
+        return None
 
 
 def _valid_registry_name(name: str) -> bool:

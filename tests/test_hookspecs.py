@@ -18,7 +18,7 @@ from batlehub.app import create_app, installed_types
 from batlehub.builtin.cache_memory import MemoryCache
 from batlehub.config import Settings, parse_settings
 from batlehub.errors import StartupError
-from batlehub.interfaces import CacheBackendType, RegistryFormatType, StorageBackendType
+from batlehub.interfaces import CacheBackendType, PolicyType, RegistryFormatType, StorageBackendType
 from batlehub.plugins import describe_plugins, gather_hook, get_plugin_manager, hookimpl
 
 SPECS = hookspecs._all_specs()
@@ -77,6 +77,11 @@ class RecordingPlugin:
         return []
 
     @hookimpl
+    def register_policies(self) -> list[PolicyType]:
+        self._record("register_policies")
+        return [PolicyType(name="recorded-policy", description="test", factory=lambda setup: None)]
+
+    @hookimpl
     async def startup(self, app: web.Application, settings: Settings) -> None:
         self._record("startup", app=app, settings=settings)
 
@@ -116,6 +121,7 @@ async def test_every_hook_reaches_a_plugin(
     app = create_app(settings, pm)
     for name in ("register_registry_formats", "register_cache_backends", "register_storage_backends"):
         assert len(plugin.calls[name]) == 1, name
+    assert plugin.calls["register_policies"], "policies are collected when the app is built"
     assert "startup" not in plugin.calls
 
     client = await aiohttp_client(app)

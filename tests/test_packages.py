@@ -202,7 +202,7 @@ async def test_publishers_before_owners_existed_become_owners(tmp_path: Path) ->
                     publisher,
                     now,
                 )
-        assert await db.migrate() == [3, 4]
+        assert (await db.migrate())[:2] == [3, 4]
         owners = await db.fetch("SELECT name, user_id FROM package_owners ORDER BY name, user_id")
         assert [(r["name"], r["user_id"]) for r in owners] == [("@s/x", "carol"), ("old", "alice"), ("old", "bob")]
         scopes = await db.fetch("SELECT scope, user_id FROM scope_owners")
