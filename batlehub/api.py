@@ -10,6 +10,10 @@ docs/plugins/registry-formats.md; what is not here may change without notice.
   artifact store, upstream documents, the fail-open cache, tokens.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
   `registry_url`, bounded body readers.
+- Policies: `RegistryServices.policy` (upstream documents come filtered; call
+  `require_visible` before serving a version), and for policy plugins `PolicyType`, `Policy`,
+  `PolicySetup`, `PolicySubject`, `Verdict` and its actions; `semver_range` for formats whose
+  versions are semver.
 - Domain errors: raise them; core turns them into JSON errors with the right status.
 """
 
@@ -39,7 +43,21 @@ from batlehub.errors import (
     UpstreamError,
 )
 from batlehub.guide import points_at_this_hub
-from batlehub.interfaces import DefaultRegistry, Registry, RegistryFormatType, StoredBlob
+from batlehub.interfaces import (
+    ALLOW,
+    BLOCK,
+    EXEMPT,
+    HIDE,
+    DefaultRegistry,
+    Policy,
+    PolicySetup,
+    PolicySubject,
+    PolicyType,
+    Registry,
+    RegistryFormatType,
+    StoredBlob,
+    Verdict,
+)
 from batlehub.jsondoc import MAX_DEPTH as MAX_JSON_DEPTH
 from batlehub.jsondoc import check as check_json
 from batlehub.jsondoc import may_need_repair as json_may_need_repair
@@ -54,6 +72,8 @@ from batlehub.packages import (
     VersionRecord,
 )
 from batlehub.plugins import hookimpl
+from batlehub.policies import PolicyRefused, RegistryPolicy
+from batlehub.policy_config import semver_range
 from batlehub.registries import RegistryServices
 from batlehub.rendering import Rendered, RenderedCache, content_etag, etag_matches, gzipped, respond, revision_etag
 from batlehub.requests import (
@@ -75,7 +95,11 @@ from batlehub.requests import (
 from batlehub.upstream import DocumentFormat, UpstreamDocument, UpstreamDocuments, UpstreamStats
 
 __all__ = [
+    "ALLOW",
     "ANONYMOUS",
+    "BLOCK",
+    "EXEMPT",
+    "HIDE",
     "MAX_JSON_DEPTH",
     "VERIFIABLE",
     "Actor",
@@ -105,9 +129,15 @@ __all__ = [
     "PackageSummary",
     "PackageWrite",
     "PayloadTooLarge",
+    "Policy",
+    "PolicyRefused",
+    "PolicySetup",
+    "PolicySubject",
+    "PolicyType",
     "RateLimited",
     "Registry",
     "RegistryFormatType",
+    "RegistryPolicy",
     "RegistryServices",
     "RegistrySettings",
     "Rendered",
@@ -124,6 +154,7 @@ __all__ = [
     "UpstreamDocuments",
     "UpstreamError",
     "UpstreamStats",
+    "Verdict",
     "VersionRecord",
     "actor",
     "base_url",
@@ -150,4 +181,5 @@ __all__ = [
     "require",
     "respond",
     "revision_etag",
+    "semver_range",
 ]

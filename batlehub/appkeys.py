@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from batlehub.db import Database
     from batlehub.interfaces import CacheBackend, Registry, StorageBackend
     from batlehub.loopwatch import LoopWatch
+    from batlehub.policies import PolicyStats
+    from batlehub.policy_rules import RuleBook
     from batlehub.registries import RegistryServices
     from batlehub.state import HubState
 
@@ -34,6 +36,10 @@ STATE: web.AppKey[HubState] = web.AppKey("state")
 ACCESS_LOG: web.AppKey[AccessLog] = web.AppKey("access_log")
 LOOP_WATCH: web.AppKey[LoopWatch] = web.AppKey("loop_watch")
 """How long the event loop was kept from serving (for logs and metrics)."""
+POLICY_RULES: web.AppKey[RuleBook] = web.AppKey("policy_rules")
+"""Block, allow and exemption rules of every registry (`batlehub.policy_rules`)."""
+POLICY_STATS: web.AppKey[PolicyStats] = web.AppKey("policy_stats")
+"""Counters of what policies withheld and refused, for metrics (`batlehub.policies`)."""
 
 # Set on sub-applications of registries, so handlers find their own settings.
 REGISTRY_SETTINGS: web.AppKey[RegistrySettings] = web.AppKey("registry_settings")

@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -58,10 +58,12 @@ _BLOCKED = web.RequestKey("blocked", bool)
 _NOT_A_VIOLATION = web.RequestKey("not_a_violation", bool)
 
 
-def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def json_error(
+    status: int, message: str, headers: dict[str, str] | None = None, extra: Mapping[str, Any] | None = None
+) -> web.Response:
     return web.Response(
         status=status,
-        body=json.dumps({"error": message}).encode(),
+        body=json.dumps({**(extra or {}), "error": message}).encode(),
         content_type="application/json",
         headers=headers,
     )
@@ -186,7 +188,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except BatleHubError as exc:
         if not exc.violation:
             request[_NOT_A_VIOLATION] = True
-        response = json_error(exc.status, exc.message, exc.headers)
+        response = json_error(exc.status, exc.message, exc.headers, exc.body)
         if isinstance(exc, RequestTimeout):
             response.force_close()  # the rest of the body may never come: do not wait for it
         return response

@@ -184,6 +184,15 @@ class PackageStore:
             owners=tuple(o["user_id"] for o in owners),
         )
 
+    async def version_times(self, name: str) -> dict[str, float | None]:
+        """Each version of a package and when it was published here (what policies read)."""
+        rows = await self.db.fetch(
+            "SELECT version, created FROM versions WHERE registry = $1 AND name = $2 ORDER BY created",
+            self.name,
+            name,
+        )
+        return {str(r["version"]): float(r["created"]) for r in rows}
+
     async def file(self, name: str, *, version: str | None = None, filename: str | None = None) -> FileRecord | None:
         """A file of a package, by its file name, or the first file of `version`."""
         if filename is not None:
