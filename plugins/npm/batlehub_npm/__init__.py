@@ -8,7 +8,7 @@ and client setup.
 
 from __future__ import annotations
 
-from batlehub.api import RegistryFormatType, hookimpl
+from batlehub.api import RegistryFormatType, hookimpl, semver_range
 from batlehub_npm import defaults
 from batlehub_npm.names import normalize_name, redact_path, scope_of
 from batlehub_npm.options import NpmOptions
@@ -30,5 +30,6 @@ def register_registry_formats() -> list[RegistryFormatType]:
             redact_path=redact_path,
             default_registry=defaults.default_registry,
             usage=defaults.usage,
+            version_range=semver_range,
         )
     ]

@@ -73,7 +73,7 @@ class NpmRegistry:
         self.services = services
         self.options = settings.validated_options(NpmOptions)
         self.mode = self.options.mode
-        self.local = LocalPackages(services.packages)
+        self.local = LocalPackages(services.packages, services.policy)
         self.artifacts = services.artifacts
         self.rendered = services.rendered_cache()
         self.proxy: UpstreamProxy | None = None
@@ -186,7 +186,7 @@ class NpmRegistry:
         stamp = await self.local.stamp(package.name)
         if stamp is not None:
             if write:  # the CLI is about to edit: straight from the database
-                local = await self.local.load(package)
+                local = await self.local.load(package, everything=True)
                 if local is None:
                     raise self._not_found(package)
                 doc = documents.local_packument(local, registry_url(request), abbreviated=False)
@@ -230,6 +230,7 @@ class NpmRegistry:
         require(request, "releases:read")
         package = _package(route)
         assert route.version is not None
+        await self.services.policy.require_visible(package.name, route.version, actor(request))
         url = registry_url(request)
         if await self.local.stamp(package.name) is not None:
             local = await self.local.load(package)
@@ -252,6 +253,7 @@ class NpmRegistry:
         package = _package(route)
         assert route.version is not None
         version = route.version
+        await self.services.policy.require_visible(package.name, version, actor(request))
         filename = route.filename or package.tarball_filename(version)
         stamp = await self.local.stamp(package.name)
         if stamp is None:

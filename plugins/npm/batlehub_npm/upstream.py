@@ -23,7 +23,7 @@ from batlehub.api import (
     UpstreamDocument,
     UpstreamError,
 )
-from batlehub_npm.documents import check_packument, upstream_dist, upstream_tags
+from batlehub_npm.documents import check_packument, published_times, upstream_dist, upstream_tags, without_versions
 from batlehub_npm.integrity import expected_digests
 from batlehub_npm.names import split_spec
 
@@ -61,6 +61,9 @@ PACKUMENT = DocumentFormat(
     check=check_packument,
     variant_of=_variant_of,
     answers={ABBREVIATED: (ABBREVIATED, FULL)},  # whatever the full form says, the abbreviated one says too
+    versions=published_times,
+    without=without_versions,
+    timed_variant=FULL,  # only the full form has `time`
 )
 
 
