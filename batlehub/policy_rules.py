@@ -207,13 +207,13 @@ class RuleBook:
         if revision is None:
             revision = await self._db_revision()
             await self.cache.set(REVISION_KEY, str(revision).encode(), ttl_secs=REVISION_TTL_SECS)
-        if revision != self._revision:
+        if self._revision is None or revision != self._loaded_revision:
+            # The database says what the revision is: a cache that is behind it (a lost write) or
+            # holds another deployment's value costs a reload per check, never a stale rule.
             await self._load()
-            # What was loaded may be newer than what the cache said; never older.
-            revision = max(revision, self._loaded_revision)
-        self._revision = revision
+        self._revision = self._loaded_revision
         self._checked = time.monotonic()
-        return revision
+        return self._revision
 
     async def _db_revision(self) -> int:
         return int(await self.db.fetchval("SELECT revision FROM policy_revision WHERE id = 1") or 0)
@@ -333,7 +333,7 @@ class RuleBook:
         """Tell every replica (through the cache backend), and this process at once."""
         await self.cache.set(REVISION_KEY, str(revision).encode(), ttl_secs=REVISION_TTL_SECS)
         await self._load()
-        self._revision = max(revision, self._loaded_revision)
+        self._revision = self._loaded_revision
         self._checked = time.monotonic()
 
 
