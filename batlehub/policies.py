@@ -210,6 +210,7 @@ class RegistryPolicy:
         self.documents: PolicedDocuments | None = None
         """Set by core when the registry proxies upstreams (`RegistryServices.upstream_documents`)."""
         self.writes = BackgroundWrites()
+        self._timed = any(p.needs_times for p in self.policies)
         self._views: OrderedDict[tuple[str, str, bool], View] = OrderedDict()
         self._hidden_audits = LogThrottle(HIDDEN_AUDIT_SECS)
         self._refusal_audits = LogThrottle(REFUSAL_AUDIT_SECS)
@@ -226,10 +227,10 @@ class RegistryPolicy:
 
     async def needs_times(self, package: str) -> bool:
         """Whether deciding about an upstream package needs its versions' publish times."""
-        if not self.policies:
+        if not self._timed:
             return False
         await self.revision()
-        return any(p.needs_times for p in self._concerned(package, False))
+        return any(p.needs_times and p.concerns(package, False) for p in self.policies)
 
     # --- views --------------------------------------------------------------------------------
 

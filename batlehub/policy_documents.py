@@ -29,6 +29,7 @@ from batlehub.upstream import UpstreamDocument, UpstreamDocuments
 
 log = logging.getLogger(__name__)
 
+HANDED_MAX_ENTRIES = 4096
 VIEW_BYTES_SHARE = 4
 """Views' bytes may take 1/this of the upstream bodies' memory budget; a bigger view is made
 again when needed rather than pushing out all the others."""
@@ -43,6 +44,7 @@ class PolicedDocuments(UpstreamDocuments):
         self._views: OrderedDict[str, bytes] = OrderedDict()
         self._view_bytes = 0
         self._making = SingleFlight()
+        self._handed: dict[str, UpstreamDocument] = {}
         if self.format.versions is None and any(p.needs_times for p in policy.policies):
             log.warning(
                 "registry %s: its format tells no publish times of upstream versions, so its"
@@ -77,14 +79,20 @@ class PolicedDocuments(UpstreamDocuments):
         if not view.withheld:
             return doc
         self.policy.stats.filtered_documents[self.registry] += 1
-        content_id = f"{doc.content_id}~{view.digest}"
-        return replace(
-            doc,
-            body=self._views.get(content_id),
-            content_id=content_id,
-            withheld=view.hidden,
-            source_id=doc.content_id,
-        )
+        # The same view is handed out on every request until the copy or the view changes.
+        made = self._handed.get(doc.content_id)
+        if made is None or made.content_id[-len(view.digest) :] != view.digest or _changed(made, doc):
+            made = replace(
+                doc,
+                body=None,
+                content_id=f"{doc.content_id}~{view.digest}",
+                withheld=view.hidden,
+                source_id=doc.content_id,
+            )
+            if len(self._handed) >= HANDED_MAX_ENTRIES:
+                self._handed.clear()
+            self._handed[doc.content_id] = made
+        return made
 
     async def read(self, doc: UpstreamDocument) -> bytes:
         if not doc.withheld:
@@ -119,3 +127,8 @@ class PolicedDocuments(UpstreamDocuments):
         while self._views and self._view_bytes > budget:
             _, dropped = self._views.popitem(last=False)
             self._view_bytes -= len(dropped)
+
+
+def _changed(view: UpstreamDocument, source: UpstreamDocument) -> bool:
+    """Whether the copy was renewed or went stale since `view` was made of it."""
+    return view.fetched_at != source.fetched_at or view.stale != source.stale or view.name != source.name
