@@ -208,6 +208,8 @@ class HubRegistry:
     name: str
     mode: str
     upstreams: tuple[str, ...] = ()
+    policy: str = ""
+    """TOML lines of its `[registries.policy]` (tables included), or "" for none."""
 
 
 class BenchHub:
@@ -270,6 +272,8 @@ class BenchHub:
             lines += ["", "[[registries]]", 'type = "npm"', f'name = "{registry.name}"', f'mode = "{registry.mode}"']
             if registry.upstreams:
                 lines.append(f"upstreams = {json.dumps(list(registry.upstreams))}")
+            if registry.policy:
+                lines.append(registry.policy)
         return "\n".join(lines) + "\n"
 
     @property
