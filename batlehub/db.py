@@ -246,8 +246,9 @@ MIGRATIONS: list[tuple[int, str, list[Any]]] = [
             "ALTER TABLE dist_tags ADD COLUMN created DOUBLE PRECISION NOT NULL DEFAULT 0",
         ],
     ),
+    # 5 and 6 are taken on main (retention, web UI sessions) since this branch started from it.
     (
-        5,
+        7,
         "policy rules (block, allow, exemptions) and their revision counter",
         [
             """CREATE TABLE policy_rules (

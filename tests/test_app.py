@@ -291,7 +291,8 @@ async def test_unknown_registry_option_is_a_config_error(make_client: ClientFact
     with pytest.raises(ConfigError) as info:
         await make_client(registries=[ping_registry(colour="red")])
     assert info.value.problems == [
-        "registries[0].colour: unknown key for type 'ping' (known: greeting, name, policy, quota, rate_limit, rbac, type)"
+        "registries[0].colour: unknown key for type 'ping'"
+        " (known: greeting, name, policy, quota, rate_limit, rbac, type)"
     ]
 
 

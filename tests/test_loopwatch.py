@@ -16,7 +16,7 @@ async def test_a_blocking_call_is_measured() -> None:
     watch = LoopWatch(observe=seen.append)
     task = asyncio.create_task(watch.run())
     await asyncio.sleep(0.12)
-    time.sleep(0.3)  # holds the loop, as a big decode on it would
+    time.sleep(0.3)  # noqa: ASYNC251 -- holds the loop on purpose, as a big decode on it would
     await asyncio.sleep(0.12)
     task.cancel()
     assert watch.worst_secs >= 0.25
