@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from batlehub import audit
-from batlehub.coordination import FailOpenCache
+from batlehub.coordination import FailOpenCache, LogThrottle
 from batlehub.errors import BadRequest, Conflict, NotFound
 from batlehub.policy_config import (
     MAX_REASON,
@@ -179,6 +179,7 @@ class RuleBook:
         self._loaded_revision = 0
         self._checked = float("-inf")
         self._refreshing: asyncio.Task[int] | None = None
+        self._warnings = LogThrottle()
         self._index()
 
     # --- reading ------------------------------------------------------------------------------
@@ -204,13 +205,19 @@ class RuleBook:
                 revision = int(raw)
             except ValueError:
                 revision = None
-        if revision is None:
-            revision = await self._db_revision()
-            await self.cache.set(REVISION_KEY, str(revision).encode(), ttl_secs=REVISION_TTL_SECS)
-        if self._revision is None or revision != self._loaded_revision:
-            # The database says what the revision is: a cache that is behind it (a lost write) or
-            # holds another deployment's value costs a reload per check, never a stale rule.
-            await self._load()
+        try:
+            if revision is None:
+                revision = await self._db_revision()
+                await self.cache.set(REVISION_KEY, str(revision).encode(), ttl_secs=REVISION_TTL_SECS)
+            if self._revision is None or revision != self._loaded_revision:
+                # The database says what the revision is: a cache that is behind it (a lost write)
+                # or holds another deployment's value costs a reload per check, never a stale rule.
+                await self._load()
+        except Exception as exc:
+            # Proxied documents are served while the database is down (from the cache and the
+            # upstreams): keep applying the rules last loaded rather than failing every request.
+            if self._warnings("refresh"):
+                log.warning("cannot reload the policy rules from the database (%s); applying the last loaded", exc)
         self._revision = self._loaded_revision
         self._checked = time.monotonic()
         return self._revision

@@ -189,3 +189,22 @@ def test_config_rules_are_checked_with_the_format(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         create_app(parse_settings(raw, data_dir=tmp_path))
     assert info.value.problems == ["registries[0].policy.block[0].versions: not a semver range: '>>1'"]
+
+
+async def test_rules_keep_applying_while_the_database_is_down(tmp_path: Path) -> None:
+    """Proxied documents are served from the cache while PostgreSQL is down: a rules check that
+    needs the database must not turn each of those requests into an error."""
+    from batlehub import policy_rules
+    from batlehub.builtin.cache_memory import MemoryCache
+    from batlehub.coordination import FailOpenCache
+    from batlehub.db import create_database
+
+    db = create_database(settings(tmp_path))
+    await db.connect()
+    await db.migrate()
+    book = policy_rules.RuleBook(db=db, cache=FailOpenCache(MemoryCache()), formats={})
+    assert await book.revision() == 0
+    await db.close()  # every query fails from here on
+    await book.cache.invalidate(policy_rules.REVISION_KEY)
+    book._checked = float("-inf")
+    assert await book.revision() == 0
