@@ -24,7 +24,7 @@ from aiohttp import web
 from batlehub import appkeys
 from batlehub.errors import BadRequest, NotFound
 from batlehub.policy_config import format_duration
-from batlehub.policy_rules import ROUTE_KINDS, new_rule
+from batlehub.policy_rules import ROUTE_KINDS, PolicyRule, new_rule
 from batlehub.registries import RegistryServices
 from batlehub.requests import actor, read_json, require_admin
 
@@ -105,7 +105,8 @@ async def add_rule(request: web.Request) -> web.Response:
     return _json(rule.to_json(), 201)
 
 
-async def get_rule(request: web.Request) -> web.Response:
+async def _rule(request: web.Request) -> PolicyRule:
+    """The rule the path names, as the rules stand now on any replica."""
     require_admin(request)
     kind = _kind(request)
     book = request.app[appkeys.POLICY_RULES]
@@ -113,18 +114,16 @@ async def get_rule(request: web.Request) -> web.Response:
     rule = book.find(request.match_info["id"])
     if rule is None or rule.kind != kind:
         raise NotFound(f"no {kind} rule {request.match_info['id']!r}")
-    return _json(rule.to_json())
+    return rule
+
+
+async def get_rule(request: web.Request) -> web.Response:
+    return _json((await _rule(request)).to_json())
 
 
 async def delete_rule(request: web.Request) -> web.Response:
-    require_admin(request)
-    kind = _kind(request)
-    book = request.app[appkeys.POLICY_RULES]
-    await book.revision()
-    rule = book.find(request.match_info["id"])
-    if rule is None or rule.kind != kind:
-        raise NotFound(f"no {kind} rule {request.match_info['id']!r}")
-    await book.remove(rule, actor(request))
+    rule = await _rule(request)
+    await request.app[appkeys.POLICY_RULES].remove(rule, actor(request))
     return _json({"ok": True, "rule": rule.rule_id})
 
 

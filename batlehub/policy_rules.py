@@ -297,16 +297,7 @@ class RuleBook:
                 rule.created,
                 rule.expires,
             )
-            revision = await self._bump(conn)
-            await audit.record(
-                conn,
-                f"policy.{rule.kind}.add",
-                registry=rule.registry,
-                user_id=actor.user_id,
-                target=f"{rule.package}@{rule.versions}",
-                client_ip=actor.client_ip,
-                detail={**rule.to_json(), "revision": revision},
-            )
+            revision = await self._bump(conn, rule, actor, "add")
         await self._changed(revision)
         return rule
 
@@ -320,21 +311,23 @@ class RuleBook:
             removed = await conn.execute("DELETE FROM policy_rules WHERE id = $1", rule.id)
             if not removed:
                 raise NotFound(f"no policy rule {rule.rule_id}")
-            revision = await self._bump(conn)
-            await audit.record(
-                conn,
-                f"policy.{rule.kind}.remove",
-                registry=rule.registry,
-                user_id=actor.user_id,
-                target=f"{rule.package}@{rule.versions}",
-                client_ip=actor.client_ip,
-                detail={**rule.to_json(), "revision": revision},
-            )
+            revision = await self._bump(conn, rule, actor, "remove")
         await self._changed(revision)
 
-    async def _bump(self, conn: Any) -> int:
+    async def _bump(self, conn: Any, rule: PolicyRule, actor: Actor, change: str) -> int:
+        """The new revision, and the change's audit entry, in the change's transaction."""
         await conn.execute("UPDATE policy_revision SET revision = revision + 1 WHERE id = 1")
-        return int(await conn.fetchval("SELECT revision FROM policy_revision WHERE id = 1"))
+        revision = int(await conn.fetchval("SELECT revision FROM policy_revision WHERE id = 1"))
+        await audit.record(
+            conn,
+            f"policy.{rule.kind}.{change}",
+            registry=rule.registry,
+            user_id=actor.user_id,
+            target=f"{rule.package}@{rule.versions}",
+            client_ip=actor.client_ip,
+            detail={**rule.to_json(), "revision": revision},
+        )
+        return revision
 
     async def _changed(self, revision: int) -> None:
         """Tell every replica (through the cache backend), and this process at once."""

@@ -6,11 +6,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 from npm_testdata import make_tarball
 
 HOUR = 3600.0
@@ -95,3 +98,16 @@ class PolicyUpstream:
         times["modified"] = iso(max(known) if known else time.time())
         tags = package.tags or {"latest": list(package.versions)[-1]}
         return {"_id": package.name, "name": package.name, "dist-tags": tags, "versions": versions, "time": times}
+
+
+@asynccontextmanager
+async def running_upstream() -> AsyncIterator[PolicyUpstream]:
+    """A `PolicyUpstream` listening on loopback (its `url` set) for the duration of the block."""
+    registry = PolicyUpstream()
+    server = TestServer(registry.app(), host="127.0.0.1")
+    await server.start_server()
+    registry.url = str(server.make_url("")).rstrip("/")
+    try:
+        yield registry
+    finally:
+        await server.close()

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from batlehub_npm import upstream as npm_upstream
 from batlehub_npm.documents import without_versions
 from npm_testdata import ADMIN, ALICE, auth, hub_settings, publish_body
-from policy_upstream import DAY, HOUR, PolicyUpstream
+from policy_upstream import DAY, HOUR, PolicyUpstream, running_upstream
 
 from batlehub.app import create_app
 
@@ -26,12 +26,8 @@ Hub = Callable[..., Any]
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[PolicyUpstream]:
-    registry = PolicyUpstream()
-    server = TestServer(registry.app(), host="127.0.0.1")
-    await server.start_server()
-    registry.url = str(server.make_url("")).rstrip("/")
-    yield registry
-    await server.close()
+    async with running_upstream() as registry:
+        yield registry
 
 
 @pytest.fixture

@@ -20,9 +20,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 from batlehub_npm_testing.clients import npm_env, run_npm
-from policy_upstream import DAY, HOUR, PolicyUpstream
+from policy_upstream import DAY, HOUR, PolicyUpstream, running_upstream
 
 from batlehub.testing.hub import HubFactory, token_auth_toml
 
@@ -35,12 +34,8 @@ HEADERS = {"Authorization": f"Bearer {ADMIN}"}
 
 @pytest.fixture
 async def upstream() -> AsyncIterator[PolicyUpstream]:
-    registry = PolicyUpstream()
-    server = TestServer(registry.app(), host="127.0.0.1")
-    await server.start_server()
-    registry.url = str(server.make_url("")).rstrip("/")
-    yield registry
-    await server.close()
+    async with running_upstream() as registry:
+        yield registry
 
 
 def config(upstream: str, extra: str = "", policy: str = 'min_release_age = "3d"') -> str:
