@@ -12,6 +12,10 @@ docs/plugins/registry-formats.md; what is not here may change without notice.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
   `registry_url`, bounded body readers, `label_route` (the route's name in metrics and traces).
 - `JsonStream`: reads a JSON request body incrementally, streaming one big base64 member out.
+- Policies: `RegistryServices.policy` (upstream documents come filtered; call
+  `require_visible` before serving a version), and for policy plugins `PolicyType`, `Policy`,
+  `PolicySetup`, `PolicySubject`, `Verdict` and its actions; `semver_range` for formats whose
+  versions are semver.
 - Domain errors: raise them; core turns them into JSON errors with the right status.
 - The web UI: `PackagePage` (with `VersionInfo`, `FileInfo`, `Dependency`), what a format's
   `package_page` hook returns; `DocumentSummary`, what its `DocumentFormat.summarize` returns.
@@ -44,7 +48,21 @@ from batlehub.errors import (
     UpstreamError,
 )
 from batlehub.guide import points_at_this_hub
-from batlehub.interfaces import DefaultRegistry, Registry, RegistryFormatType, StoredBlob
+from batlehub.interfaces import (
+    ALLOW,
+    BLOCK,
+    EXEMPT,
+    HIDE,
+    DefaultRegistry,
+    Policy,
+    PolicySetup,
+    PolicySubject,
+    PolicyType,
+    Registry,
+    RegistryFormatType,
+    StoredBlob,
+    Verdict,
+)
 from batlehub.jsondoc import MAX_DEPTH as MAX_JSON_DEPTH
 from batlehub.jsondoc import check as check_json
 from batlehub.jsondoc import may_need_repair as json_may_need_repair
@@ -64,6 +82,8 @@ from batlehub.packages import (
     package_of,
 )
 from batlehub.plugins import hookimpl
+from batlehub.policies import PolicyRefused, RegistryPolicy
+from batlehub.policy_config import semver_range
 from batlehub.registries import RegistryServices
 from batlehub.rendering import Rendered, RenderedCache, content_etag, etag_matches, gzipped, respond, revision_etag
 from batlehub.requests import (
@@ -86,7 +106,11 @@ from batlehub.requests import (
 from batlehub.upstream import DocumentFormat, DocumentSummary, UpstreamDocument, UpstreamDocuments, UpstreamStats
 
 __all__ = [
+    "ALLOW",
     "ANONYMOUS",
+    "BLOCK",
+    "EXEMPT",
+    "HIDE",
     "MAX_JSON_DEPTH",
     "VERIFIABLE",
     "Actor",
@@ -123,10 +147,16 @@ __all__ = [
     "PackageSummary",
     "PackageWrite",
     "PayloadTooLarge",
+    "Policy",
+    "PolicyRefused",
+    "PolicySetup",
+    "PolicySubject",
+    "PolicyType",
     "RateLimited",
     "ReadChunk",
     "Registry",
     "RegistryFormatType",
+    "RegistryPolicy",
     "RegistryServices",
     "RegistrySettings",
     "Rendered",
@@ -144,6 +174,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamOrigins",
     "UpstreamStats",
+    "Verdict",
     "VersionInfo",
     "VersionRecord",
     "actor",
@@ -173,4 +204,5 @@ __all__ = [
     "require",
     "respond",
     "revision_etag",
+    "semver_range",
 ]

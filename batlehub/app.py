@@ -18,7 +18,7 @@ import pluggy
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from batlehub import accounts, admin, appkeys, loopwatch, metrics, replicas, retention, sweep, tracing
+from batlehub import accounts, admin, appkeys, loopwatch, metrics, policy_admin, replicas, retention, sweep, tracing
 from batlehub import web as web_ui
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
@@ -29,11 +29,13 @@ from batlehub.configmodel import forbids_unknown_keys, problems_of
 from batlehub.coordination import FailOpenCache
 from batlehub.db import Database, create_database
 from batlehub.errors import ConfigError, StartupError
-from batlehub.interfaces import CacheBackendType, RegistryFormatType, StorageBackend, StorageBackendType
+from batlehub.interfaces import CacheBackendType, PolicyType, RegistryFormatType, StorageBackend, StorageBackendType
 from batlehub.middleware import MIDDLEWARES
 from batlehub.observed import ObservedDatabase, ObservedStorage
 from batlehub.offload import Offloader
 from batlehub.plugins import flatten, gather_hook, get_plugin_manager
+from batlehub.policies import PolicyStats
+from batlehub.policy_rules import PolicyRule, RuleBook, config_rules
 from batlehub.registries import RegistryServices
 from batlehub.requests import registry_path
 from batlehub.state import HubState
@@ -50,6 +52,7 @@ class InstalledTypes:
     cache: dict[str, CacheBackendType]
     storage: dict[str, StorageBackendType]
     registries: dict[str, RegistryFormatType]
+    policies: list[PolicyType] = dataclasses.field(default_factory=list)
 
 
 def installed_types(pm: pluggy.PluginManager) -> InstalledTypes:
@@ -68,10 +71,16 @@ def installed_types(pm: pluggy.PluginManager) -> InstalledTypes:
             out[item.name] = item
         return out
 
+    policies: list[PolicyType] = flatten(pm.hook.register_policies())
+    names = [p.name for p in policies]
+    for name in names:
+        if names.count(name) > 1:
+            raise StartupError(f"two plugins provide the policy type {name!r}")
     return InstalledTypes(
         cache=by_name(flatten(pm.hook.register_cache_backends()), "cache"),
         storage=by_name(flatten(pm.hook.register_storage_backends()), "storage"),
         registries=by_name(flatten(pm.hook.register_registry_formats()), "registry"),
+        policies=policies,
     )
 
 
@@ -191,6 +200,8 @@ def _check_plugins(
             continue
         model, found = _validated(fmt, options, path=f"registries[{index}]", settings=settings)
         problems.extend(found)
+        if settings is not None:
+            problems.extend(config_rules(settings.registries[index], fmt, f"registries[{index}]")[1])
         if settings is not None and model is not None:
             registries.append(dataclasses.replace(settings.registries[index], options=model))
     cache, storage = backends.get("cache"), backends.get("storage")
@@ -269,6 +280,16 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     app[appkeys.STORAGE] = storage
     app[appkeys.AUTH] = auth
 
+    formats = {r.name: types.registries[r.type] for r in settings.registries}
+    rules_in_config: dict[str, list[PolicyRule]] = {}
+    for index, registry_settings in enumerate(settings.registries):
+        rules_in_config[registry_settings.name] = config_rules(
+            registry_settings, formats[registry_settings.name], f"registries[{index}]"
+        )[0]
+    rules = RuleBook(db=db, cache=app[appkeys.FAIL_OPEN_CACHE], formats=formats, config_rules=rules_in_config)
+    app[appkeys.POLICY_RULES] = rules
+    app[appkeys.POLICY_STATS] = policy_stats = PolicyStats()
+
     offload = Offloader()
     share = 1 / max(1, len(settings.registries))
     registries, services = {}, {}
@@ -288,6 +309,9 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
             pm=pm,
             offload=offload,
             share=share,
+            rules=rules,
+            policy_types=types.policies,
+            policy_stats=policy_stats,
         )
         registry = format_type.factory(registry_settings, services[registry_settings.name])
         subapp = registry.make_app()
@@ -321,6 +345,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     accounts.add_routes(app)
     if observed is not None and not settings.metrics.port:
         app.router.add_get(metrics.PATH, metrics.serve_metrics)
+    policy_admin.add_routes(app)
     if settings.server.static_dir:
         admin.add_static_ui(app, settings.server.static_dir)
     else:

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from batlehub.interfaces import CacheBackend, Registry, StorageBackend
     from batlehub.loopwatch import LoopWatch
     from batlehub.metrics import HubMetrics
+    from batlehub.policies import PolicyStats
+    from batlehub.policy_rules import RuleBook
     from batlehub.registries import RegistryServices
     from batlehub.state import HubState
 
@@ -40,6 +42,10 @@ BLOCKS: web.AppKey[BlockList] = web.AppKey("blocks")
 """How long the event loop was kept from serving (for logs and metrics)."""
 METRICS: web.AppKey[HubMetrics | None] = web.AppKey("metrics")
 """The process's Prometheus metrics; None with `[metrics] enabled = false` (nothing is counted)."""
+POLICY_RULES: web.AppKey[RuleBook] = web.AppKey("policy_rules")
+"""Block, allow and exemption rules of every registry (`batlehub.policy_rules`)."""
+POLICY_STATS: web.AppKey[PolicyStats] = web.AppKey("policy_stats")
+"""Counters of what policies withheld and refused, for metrics (`batlehub.policies`)."""
 
 # Set on sub-applications of registries, so handlers find their own settings.
 REGISTRY_SETTINGS: web.AppKey[RegistrySettings] = web.AppKey("registry_settings")

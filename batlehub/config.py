@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from batlehub.errors import ConfigError
+from batlehub.policy_config import PolicyConfig
 
 ROLES = ("anonymous", "user", "admin")
 TOKEN_ROLES = ("user", "admin", "metrics")
@@ -42,7 +43,7 @@ _NOT_SETTINGS = {
 }
 _NOT_SETTINGS_PREFIX = "TEST_"
 # Keys of a `[[registries]]` entry that core owns; the rest belong to the registry format.
-REGISTRY_CORE_KEYS = frozenset({"type", "name", "rbac", "rate_limit", "quota", "retention"})
+REGISTRY_CORE_KEYS = frozenset({"type", "name", "rbac", "rate_limit", "quota", "retention", "policy"})
 
 _M = TypeVar("_M", bound=BaseModel)
 
@@ -121,6 +122,8 @@ class RegistrySettings:
     entry in the app's settings, so a running registry only ever sees the model."""
     retention: RetentionSettings | None = None
     """None: proxied content is kept for ever."""
+    policy: PolicyConfig | None = None
+    """`[registries.policy]`: the release-age gate and configured block/allow rules (None: none)."""
 
     def validated_options(self, model: builtins.type[_M]) -> _M:  # `type` is a field here
         """`options` as the format's validated `config_model`, typed for the format's code."""
@@ -650,9 +653,23 @@ def _registries(raw: Mapping[str, Any], problems: _Problems) -> tuple[RegistrySe
         retention = None
         if "retention" in entry:
             retention = RetentionSettings(**_section(entry, "retention", _RETENTION, problems, prefix=f"{path}."))
+        policy = _policy(entry.get("policy"), f"{path}.policy", problems) if "policy" in entry else None
         options = {k: v for k, v in entry.items() if k not in REGISTRY_CORE_KEYS}
-        out.append(RegistrySettings(rtype, name, rbac, rate_limit, quota, options, retention))
+        out.append(RegistrySettings(rtype, name, rbac, rate_limit, quota, options, retention, policy))
     return tuple(out)
+
+
+def _policy(value: Any, path: str, problems: _Problems) -> PolicyConfig | None:
+    from pydantic import ValidationError
+
+    from batlehub.configmodel import problems_of
+
+    try:
+        return PolicyConfig.model_validate(value)
+    except ValidationError as exc:
+        for line in problems_of(exc, PolicyConfig, path=path, owner="[registries.policy]"):
+            problems.items.append(line)
+        return None
 
 
 def _valid_registry_name(name: str) -> bool:

@@ -289,6 +289,26 @@ MIGRATIONS: list[tuple[int, str, list[Any]]] = [
             "ALTER TABLE upstream_documents ADD COLUMN summary TEXT NOT NULL DEFAULT '{}'",
         ],
     ),
+    (
+        7,
+        "policy rules (block, allow, exemptions) and their revision counter",
+        [
+            """CREATE TABLE policy_rules (
+                id TEXT PRIMARY KEY,
+                registry TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                package TEXT NOT NULL,
+                versions TEXT NOT NULL DEFAULT '*',
+                reason TEXT NOT NULL DEFAULT '',
+                author TEXT,
+                created DOUBLE PRECISION NOT NULL,
+                expires DOUBLE PRECISION)""",
+            # One row: every change of the rules bumps it in the change's own transaction, and
+            # replicas compare it (mirrored in the cache backend) with what they loaded.
+            "CREATE TABLE policy_revision (id INTEGER PRIMARY KEY, revision BIGINT NOT NULL)",
+            "INSERT INTO policy_revision (id, revision) VALUES (1, 0)",
+        ],
+    ),
 ]
 
 

@@ -7,6 +7,7 @@ Each error carries the HTTP status it stands for and a short message the client 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 
 class BatleHubError(Exception):
@@ -21,6 +22,8 @@ class BatleHubError(Exception):
         super().__init__(message)
         self.message = message
         self.headers: dict[str, str] = dict(headers or {})
+        self.body: dict[str, Any] = {}
+        """More members of the JSON answer, next to `error` (e.g. the policy that refused)."""
 
 
 class BadRequest(BatleHubError):

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
     from batlehub.config import Settings
-    from batlehub.interfaces import CacheBackendType, Registry, RegistryFormatType, StorageBackendType
+    from batlehub.interfaces import CacheBackendType, PolicyType, Registry, RegistryFormatType, StorageBackendType
     from batlehub.package_page import PackagePage
 
 hookspec = pluggy.HookspecMarker("batlehub")
@@ -45,6 +45,19 @@ def register_cache_backends() -> list[CacheBackendType]:
 @hookspec
 def register_storage_backends() -> list[StorageBackendType]:
     """Called once at start. Return descriptors of storage backends (`[storage] type`), or None/[]."""
+    raise NotImplementedError
+
+
+@hookspec
+def register_policies() -> list[PolicyType]:
+    """Called once at start. Return descriptors of policies (`PolicyType`), or None/[] for none.
+
+    Every registry gets one policy of each kind from its factory (which may decline with None);
+    core asks all of them about each package and combines their verdicts: of the actions said
+    about a version, the strongest wins (`interfaces.VERDICT_ACTIONS`: exempt, block, allow,
+    hide), and among equals the policy called first, i.e. the plugin registered last. Two kinds
+    with one name are a start-up error. The built-ins are `release-age` and `lists`.
+    """
     raise NotImplementedError
 
 

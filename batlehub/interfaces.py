@@ -7,7 +7,7 @@ changing a signature: third-party plugins implement these.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -242,6 +242,84 @@ class Registry(Protocol):
         """Stop background work. Core closes the registry's services afterwards."""
 
 
+# --- policies -----------------------------------------------------------------------------------
+#
+# A policy decides, per registry, package and version, whether clients may see a version. Core
+# asks every policy of a registry about a whole package at once (one call per package and
+# document, not per version), combines the answers, caches the outcome per document and policy
+# revision, and applies it to metadata and artifact downloads alike (`batlehub.policies`).
+
+
+VISIBLE = "visible"
+HIDDEN = "hidden"
+BLOCKED = "blocked"
+
+HIDE = "hide"
+BLOCK = "block"
+ALLOW = "allow"
+EXEMPT = "exempt"
+VERDICT_ACTIONS = (EXEMPT, BLOCK, ALLOW, HIDE)
+"""What a policy may say of a version, strongest first: when policies disagree about a version,
+the first action of this list that any of them said wins (an exemption lifts a block, a block
+beats an allow, an allow lifts a hide)."""
+
+
+@dataclass(frozen=True)
+class PolicySubject:
+    """One package as policies see it: its versions and their publish times."""
+
+    registry: str
+    format: str
+    package: str
+    scope: str | None
+    """The package's scope (npm `@scope`), None outside any scope or for formats without scopes."""
+    local: bool
+    """True for a package published here, False for one from an upstream registry."""
+    versions: Mapping[str, float | None]
+    """Version -> publish time (epoch seconds): the upstream registry's own time for upstream
+    packages (npm `time`, PyPI `upload-time`), the time of the publish here for local ones; None
+    when the document gives no usable time."""
+    now: float
+    """The time to decide at (epoch seconds); never read the clock yourself."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A policy's opinion of one version."""
+
+    action: str
+    """One of `VERDICT_ACTIONS`: "hide" (withhold: not in metadata, downloads refused), "block"
+    (refused as known bad), "allow" (lift hides of other policies), "exempt" (lift everything)."""
+    rule: str
+    """Which rule said so, stable and short (`release-age`, `block/3f9a0c1d2e4b`): shown to clients
+    and in the audit log."""
+    reason: str
+    """Why, in a sentence a user reads in their client's error output."""
+    until: float | None = None
+    """The opinion holds until this time (epoch seconds), e.g. when a version becomes old enough or
+    an exemption expires; None: until the policy changes. Core re-asks after it."""
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """One policy, as built for one registry by its `PolicyType.factory`."""
+
+    name: str
+    needs_times: bool
+    """True when `decide` reads publish times: core then fetches the documents that carry them
+    (npm's full packument rather than the abbreviated one)."""
+
+    def concerns(self, package: str, local: bool) -> bool:
+        """Whether this policy may have an opinion on any version of `package`. Called on every
+        request that reads the package: no I/O, no work proportional to its versions. False lets
+        core skip reading the package's versions altogether."""
+
+    def decide(self, subject: PolicySubject) -> Mapping[str, Verdict] | Awaitable[Mapping[str, Verdict]]:
+        """Opinions on the subject's versions, by version; versions without one are left out.
+        May be async. Called once per document, policy revision and `Verdict.until`, not per
+        request; still, keep it proportional to the number of versions."""
+
+
 # --- descriptors returned by the register_* hooks -----------------------------------------------
 #
 # The config contract, the same for the three kinds of descriptor:
@@ -332,3 +410,30 @@ class RegistryFormatType:
     """A package or scope name as the format stores it (e.g. lowercased), raising `BadRequest`
     for one the format would refuse. Used where names arrive outside the format's own routes (the
     admin API). None: names are used as given."""
+    version_range: Callable[[str], Callable[[str], bool]] | None = None
+    """Parse a version range in the format's own syntax (npm: `>=1.2.0 <1.3.0 || 2.x`, see
+    `batlehub.api.semver_range`; PyPI would take PEP 440 specifiers) into a test of a version;
+    raise `ValueError` for a bad range. Block, allow and exemption rules name versions with it.
+    None: rules take `*`, or exact versions separated by `||`."""
+
+
+@dataclass(frozen=True)
+class PolicySetup:
+    """What a policy's factory gets: one registry, and the rules kept by core for it."""
+
+    registry: RegistrySettings
+    format: RegistryFormatType
+    rules: Any
+    """The registry's block, allow and exemption rules (`batlehub.policy_rules.RegistryRules`):
+    `matching(package)` lists the rules in force that name the package, read from memory."""
+
+
+@dataclass(frozen=True)
+class PolicyType:
+    """A kind of policy (`register_policies`). Every registry gets one of each, from `factory`."""
+
+    name: str
+    description: str
+    factory: Callable[[PolicySetup], Policy | None]
+    """Build the policy for one registry, or None when it has nothing to do there (e.g. no
+    `min_release_age` configured). Constructs only: no I/O."""

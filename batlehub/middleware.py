@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -68,11 +68,13 @@ def reason_phrase(message: str) -> str | None:
     return text or None
 
 
-def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def json_error(
+    status: int, message: str, headers: dict[str, str] | None = None, extra: Mapping[str, Any] | None = None
+) -> web.Response:
     return web.Response(
         status=status,
         reason=reason_phrase(message),
-        body=json.dumps({"error": message}).encode(),
+        body=json.dumps({**(extra or {}), "error": message}).encode(),
         content_type="application/json",
         headers=headers,
     )
@@ -237,7 +239,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except BatleHubError as exc:
         if not exc.violation:
             request[_NOT_A_VIOLATION] = True
-        response = json_error(exc.status, exc.message, exc.headers)
+        response = json_error(exc.status, exc.message, exc.headers, exc.body)
         if isinstance(exc, RequestTimeout):
             response.force_close()  # the rest of the body may never come: do not wait for it
         return response

@@ -51,10 +51,15 @@ class Package:
     """In publish order."""
     tags: dict[str, str]
     owners: tuple[str, ...]
+    view: str = ""
+    """Empty for the package as stored; for the package as a registry's policies let clients see
+    it (`RegistryPolicy.visible_package`), a digest of what they withhold, so that `stamp`, and
+    every ETag and cache key derived from it, differ from the whole package's."""
 
     @property
     def stamp(self) -> str:
-        return revision_stamp(self.created, self.revision)
+        stamp = revision_stamp(self.created, self.revision)
+        return f"{stamp}~{self.view}" if self.view else stamp
 
     def version(self, version: str) -> VersionRecord | None:
         return next((v for v in self.versions if v.version == version), None)

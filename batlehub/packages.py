@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -178,6 +178,15 @@ class PackageStore:
             tags=[(t["tag"], t["version"]) for t in tags],
             owners=[o["user_id"] for o in owners],
         )
+
+    async def version_times(self, name: str) -> dict[str, float | None]:
+        """Each version of a package and when it was published here (what policies read)."""
+        rows = await self.db.fetch(
+            "SELECT version, created FROM versions WHERE registry = $1 AND name = $2 ORDER BY created",
+            self.name,
+            name,
+        )
+        return {str(r["version"]): float(r["created"]) for r in rows}
 
     async def file(self, name: str, *, version: str | None = None, filename: str | None = None) -> FileRecord | None:
         """A file of a package, by its file name, or the first file of `version`."""
@@ -441,11 +450,14 @@ class PackageRows:
         return len(self.package["extra"] or "") + sum(len(v["manifest"]) for v in self.versions)
 
 
-def package_of(rows: PackageRows) -> Package:
-    """The `Package` the rows describe (pure: runs in a worker process for a big package)."""
+def package_of(rows: PackageRows, withheld: Collection[str] = (), view: str = "") -> Package:
+    """The `Package` the rows describe (pure: runs in a worker process for a big package); with
+    `withheld`, as policies let clients see it (`RegistryPolicy.local_view`: its versions and their
+    tags left out, `view` its digest)."""
     by_version: dict[str, list[FileRecord]] = {}
     for f in rows.files:
         by_version.setdefault(f["version"], []).append(_file(f))
+    gone = set(withheld)
     row = rows.package
     return Package(
         name=rows.name,
@@ -463,9 +475,11 @@ def package_of(rows: PackageRows) -> Package:
                 files=tuple(by_version.get(v["version"], ())),
             )
             for v in rows.versions
+            if v["version"] not in gone
         ),
-        tags=dict(rows.tags),
+        tags={tag: version for tag, version in rows.tags if version not in gone},
         owners=tuple(rows.owners),
+        view=view if gone else "",
     )
 
 

@@ -26,6 +26,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "batlehub.builtin.cache_memory",
     "batlehub.builtin.cache_postgres",
     "batlehub.builtin.storage_filesystem",
+    "batlehub.builtin.policy_release_age",
+    "batlehub.builtin.policy_lists",
 )
 
 ENTRY_POINT_GROUP = "batlehub"
@@ -93,6 +95,7 @@ def describe_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
         ("register_registry_formats", "registry"),
         ("register_cache_backends", "cache"),
         ("register_storage_backends", "storage"),
+        ("register_policies", "policy"),
     ):
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             for item in impl.function() or []:

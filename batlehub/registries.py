@@ -17,10 +17,14 @@ from batlehub.artifacts import ArtifactStore
 from batlehub.cli_login import CliLogins
 from batlehub.config import RetentionSettings
 from batlehub.coordination import FailOpenCache
+from batlehub.interfaces import PolicySetup, PolicyType
 from batlehub.offload import Offloader
 from batlehub.outbound import UpstreamOrigins
 from batlehub.packages import PackageStore
-from batlehub.plugins import fire_event
+from batlehub.plugins import fire_event, flatten
+from batlehub.policies import PolicyStats, RegistryPolicy
+from batlehub.policy_documents import PolicedDocuments
+from batlehub.policy_rules import LiveRules, RuleBook, config_rules
 from batlehub.rendering import RenderedCache
 from batlehub.retention import Retention, UseLog
 from batlehub.upstream import DocumentFormat, KnownPackage, UpstreamDocuments, UpstreamStats, known_packages
@@ -54,7 +58,11 @@ class RegistryServices:
     - `cli_logins`: sign a command-line client in through the browser (`npm login --auth-type=web`);
     - `settings` (the whole configuration, read-only) and `registry` (this registry's entry);
     - `cache_type`, `storage_type`: the descriptors of the configured backends (e.g. whether the
-      cache is shared by replicas).
+      cache is shared by replicas);
+    - `policy`: the registry's policies (`batlehub.policies.RegistryPolicy`). Upstream documents
+      come filtered by them already; a format calls `policy.require_visible(name, version)`
+      before serving a version's artifact or document, and reads local packages through
+      `policy.visible_package` / `policy.local_stamp`.
     """
 
     def __init__(
@@ -73,6 +81,9 @@ class RegistryServices:
         pm: pluggy.PluginManager,
         offload: Offloader | None = None,
         share: float = 1.0,
+        rules: RuleBook | None = None,
+        policy_types: list[PolicyType] | None = None,
+        policy_stats: PolicyStats | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -128,6 +139,25 @@ class RegistryServices:
             forget_artifact=self.artifacts.forget,
         )
         """Evicts proxied content per `[registries.retention]` (run on a schedule only when set)."""
+        if rules is None:  # a registry built alone (tests): its own book, its configured rules only
+            rules = RuleBook(
+                db=db,
+                cache=self.cache,
+                formats={registry.name: format_type},
+                config_rules={registry.name: config_rules(registry, format_type, registry.name)[0]},
+            )
+        types = policy_types if policy_types is not None else flatten(pm.hook.register_policies())
+        setup = PolicySetup(registry=registry, format=format_type, rules=LiveRules(rules, registry.name))
+        self.policy = RegistryPolicy(
+            registry=registry.name,
+            format_name=format_type.name,
+            scope_of=format_type.scope_of,
+            policies=[p for p in (t.factory(setup) for t in types) if p is not None],
+            rules=rules,
+            packages=self.packages,
+            db=db,
+            stats=policy_stats,
+        )
 
     def upstream_documents(
         self,
@@ -144,7 +174,8 @@ class RegistryServices:
         With `guard_publishes` (a registry that both proxies and hosts), a name an upstream has
         cannot be published here unless an admin reserved it."""
         self.origins.add(upstreams)
-        documents = UpstreamDocuments(
+        documents = PolicedDocuments(
+            policy=self.policy,
             registry=self.registry.name,
             format_name=self.format_type.name,
             upstreams=upstreams,
@@ -166,6 +197,7 @@ class RegistryServices:
         )
         if guard_publishes and upstreams:
             self.packages.upstream_has = documents.exists
+        self.policy.documents = documents
         self._documents.append(documents)
         return documents
 
@@ -193,9 +225,11 @@ class RegistryServices:
         for documents in self._documents:
             await documents.settle()
         await self.artifacts.settle()
+        await self.policy.settle()
 
     async def close(self) -> None:
         await self.retention.close()
         for documents in self._documents:
             await documents.close()
         await self.artifacts.close()
+        await self.policy.settle()

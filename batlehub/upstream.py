@@ -114,6 +114,17 @@ class DocumentFormat:
     the stored copy so that the web UI lists cached names without reading their documents. A pure,
     module-level function, run with `check` (in a worker process for big bodies). None: listings
     show the names alone."""
+    versions: Callable[[bytes], dict[str, float | None]] | None = None
+    """Policies: the versions a document lists, each with its publish time at the upstream
+    (epoch seconds; None when the document has no usable time). Pure, module-level (runs in a
+    worker process for big documents). None: policies cannot see into this format's documents."""
+    without: Callable[[bytes, tuple[str, ...]], bytes] | None = None
+    """Policies: the document without the given versions, as bytes of the same variant, and
+    consistent (npm: `latest` moved to the newest version left, other tags on removed versions
+    dropped). Pure, module-level, like `check`."""
+    timed_variant: str | None = None
+    """The variant whose documents carry publish times (npm: the full packument; the abbreviated
+    one has none). A registry whose policies need times asks for it in place of the others."""
 
     @property
     def default_variant(self) -> str:
@@ -167,6 +178,12 @@ class UpstreamDocument:
     anything derived from the body, such as pre-rendered responses."""
     variant: str = ""
     """The variant the body is (may differ from the one asked for, see `DocumentFormat.answers`)."""
+    withheld: tuple[str, ...] = ()
+    """Versions the registry's policies withhold from this view of the document (sorted): its
+    bytes are the upstream's without them (`DocumentFormat.without`), and `content_id` differs
+    from the upstream copy's (`batlehub.policy_documents`)."""
+    source_id: str = ""
+    """With `withheld`: the content id of the upstream copy this view was made from."""
 
 
 @dataclass

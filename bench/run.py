@@ -51,6 +51,16 @@ from benchkit.servers import (
 
 MIB = 1024 * 1024
 HUGE_TARBALL_BYTES = 50 * MIB
+FILTERED_POLICY = f"""[[registries.policy.block]]
+package = "{packages.MANY_VERSIONS_NAME}"
+versions = "3.9.9"
+reason = "bench: one version withheld, so every packument is a filtered view"
+"""
+"""The `filtered` registry proxies the same upstream as `proxy` with one version of the 300
+blocked (its `latest`): the same document, served through the policy path (issue 15's target:
+at least 0.8x the unfiltered requests/s)."""
+POLICY_ROUNDS = 5
+"""Alternated runs of each side in the policy comparison (the best of each counts)."""
 
 
 class Progress:
@@ -72,7 +82,7 @@ class Bench:
         self.hub_env: dict[str, str] = _env_pairs(getattr(args, "hub_env", None))
         self.variant_env: dict[str, str] = _env_pairs(getattr(args, "variant_env", None))
         self.variant: BenchHub | None = None
-        self.only: set[str] = set(getattr(args, "only", None) or ["load", "npm", "publish", "workers"])
+        self.only: set[str] = set(getattr(args, "only", None) or ["load", "npm", "publish", "workers", "policy"])
         self.case_filter: set[str] = set(getattr(args, "case", None) or [])
         self.scratch = Path(tempfile.mkdtemp(prefix="batlehub-bench-"))
         self.say = Progress()
@@ -102,6 +112,8 @@ class Bench:
             self._publish_huge()
         if "workers" in self.only:
             self._workers()
+        if "policy" in self.only:
+            self._policy_pair()
         self.results["meta"] = self._meta()
 
     def close(self) -> None:
@@ -164,6 +176,7 @@ class Bench:
         registries = []
         if proxy:
             registries.append(HubRegistry("proxy", "proxy", (self.verdaccio.url,)))
+            registries.append(HubRegistry("filtered", "proxy", (self.verdaccio.url,), FILTERED_POLICY))
         if local:
             registries.append(HubRegistry("local", "local"))
         env = {**self.hub_env, **kw.pop("env", {})}
@@ -176,6 +189,11 @@ class Bench:
         """Fetch every packument (both forms) and every tarball npm will ask for through the proxy,
         the way a busy hub would have them cached."""
         base = hub.registry_url("proxy")
+        for name in (packages.MANY_VERSIONS_NAME, self.dataset.big_tarball.url_name):
+            for accept in ("application/json", NPM_ABBREVIATED_ACCEPT):
+                status, _, _ = http_get(hub.registry_url("filtered") + name, {"Accept": accept})
+                if status != 200:
+                    raise BenchError(f"warming {name} through the filtered proxy: HTTP {status}")
 
         def warm(name: str) -> int:
             releases = self.dataset.releases_by_name[name]
@@ -200,7 +218,11 @@ class Bench:
     # --- HTTP load ------------------------------------------------------------------------------
 
     def _servers(self) -> dict[str, str]:
-        servers = {"hub-proxy": self.hub.registry_url("proxy"), "hub-local": self.hub.registry_url("local")}
+        servers = {
+            "hub-proxy": self.hub.registry_url("proxy"),
+            "hub-filtered": self.hub.registry_url("filtered"),
+            "hub-local": self.hub.registry_url("local"),
+        }
         if self.variant is not None:
             servers["hubx-proxy"] = self.variant.registry_url("proxy")
             servers["hubx-local"] = self.variant.registry_url("local")
@@ -250,8 +272,9 @@ class Bench:
         if status != 200:
             raise BenchError(f"{server}: GET {url} answered {status}: {body[:300]!r}")
         doc = json.loads(_decoded(body) if answer.get("Content-Encoding") == "gzip" else body)
-        if len(doc.get("versions", {})) != len(self.dataset.many_versions):
-            raise BenchError(f"{server}: {url} lists {len(doc.get('versions', {}))} versions")
+        expected = len(self.dataset.many_versions) - (1 if server == "hub-filtered" else 0)
+        if len(doc.get("versions", {})) != expected:
+            raise BenchError(f"{server}: {url} lists {len(doc.get('versions', {}))} versions, not {expected}")
         etag = answer.get("ETag")
         if not etag:
             raise BenchError(f"{server}: {url} sent no ETag")
@@ -465,6 +488,47 @@ class Bench:
         )
         hub2.stop()
 
+    def _policy_pair(self) -> None:
+        """The same packument through the policy path (`filtered`: one version withheld) and
+        without (`proxy`), alternated five times per case and concurrency, best run of each:
+        the ratio that issue 15 sets a target on, as little disturbed by neighbours as one run
+        on a shared machine can be."""
+        name = packages.MANY_VERSIONS_NAME
+        pairs: list[dict[str, Any]] = []
+        for case, accept in (("abbreviated", NPM_ABBREVIATED_ACCEPT), ("full", "application/json")):
+            headers = {**NPM_HEADERS, "Accept": accept}
+            for conns in self.concurrencies:
+                runs: dict[str, list[LoadResult]] = {"hub-proxy": [], "hub-filtered": []}
+                for _round in range(POLICY_ROUNDS):
+                    for server, registry in (("hub-proxy", "proxy"), ("hub-filtered", "filtered")):
+                        url = self.hub.registry_url(registry) + name
+                        result = run_wrk(
+                            self.wrk,
+                            url,
+                            connections=conns,
+                            duration=self.duration,
+                            headers=headers,
+                            pids=self.hub.server_pids,
+                        )
+                        runs[server].append(result)
+                plain, filtered = (max(runs[s], key=lambda r: r.rps) for s in ("hub-proxy", "hub-filtered"))
+                pair = {
+                    "case": case,
+                    "connections": conns,
+                    "unfiltered_rps": round(plain.rps),
+                    "filtered_rps": round(filtered.rps),
+                    "ratio": round(filtered.rps / plain.rps, 3) if plain.rps else None,
+                    "unfiltered_rps_per_cpu": plain.rps_per_cpu,
+                    "filtered_rps_per_cpu": filtered.rps_per_cpu,
+                    "runs": {s: [round(r.rps) for r in rs] for s, rs in runs.items()},
+                }
+                pairs.append(pair)
+                self.say(
+                    f"policy {case} c={conns}: unfiltered {plain.rps:.0f} req/s, filtered {filtered.rps:.0f} req/s"
+                    f" ({pair['ratio']}x); req/CPU-s {plain.rps_per_cpu} vs {filtered.rps_per_cpu}"
+                )
+        self.results["policy"] = pairs
+
     # --- bookkeeping ----------------------------------------------------------------------------
 
     @staticmethod
@@ -572,7 +636,7 @@ def print_report(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     load = results["load"]
     variants = ["hubx-proxy", "hubx-local"] if any(r["server"].startswith("hubx") for r in load) else []
-    hub_and_verdaccio = ["hub-proxy", "hub-local", *variants, "verdaccio"]
+    hub_and_verdaccio = ["hub-proxy", "hub-filtered", "hub-local", *variants, "verdaccio"]
     titles = {
         "abbreviated": "Abbreviated packument, 300 versions (Accept: application/vnd.npm.install-v1+json, gzip)",
         "full": "Full packument, 300 versions (Accept: application/json, gzip)",
@@ -614,6 +678,15 @@ def print_report(results: dict[str, Any]) -> list[str]:
             f"2 workers {two['rps']:.0f} req/s (p99 {two['p99_ms']:.1f} ms); "
             f"req/CPU-s {one['rps_per_cpu']} vs {two['rps_per_cpu']}",
         ]
+    pairs = results.get("policy") or []
+    if pairs:
+        lines += ["", "Packument through policies (one version withheld) vs without, best of 5 alternated runs"]
+        for pair in pairs:
+            lines.append(
+                f"  {pair['case']:<12} c={pair['connections']:<3} unfiltered {pair['unfiltered_rps']:>6} req/s"
+                f"  filtered {pair['filtered_rps']:>6} req/s  ratio {pair['ratio']}"
+                f"  (req/CPU-s {pair['unfiltered_rps_per_cpu']} vs {pair['filtered_rps_per_cpu']})"
+            )
     targets = report.evaluate_targets(results)
     results["targets"] = [t.as_dict() for t in targets]
     lines += ["", "Targets (issue 7)", *report.target_lines(targets)]
@@ -659,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["load", "npm", "publish", "workers"],
+        choices=["load", "npm", "publish", "workers", "policy"],
         help="run only these parts (repeatable; default all)",
     )
     parser.add_argument(

@@ -292,7 +292,7 @@ async def test_unknown_registry_option_is_a_config_error(make_client: ClientFact
         await make_client(registries=[ping_registry(colour="red")])
     assert info.value.problems == [
         "registries[0].colour: unknown key for type 'ping'"
-        " (known: greeting, name, quota, rate_limit, rbac, retention, type)"
+        " (known: greeting, name, policy, quota, rate_limit, rbac, retention, type)"
     ]
 
 

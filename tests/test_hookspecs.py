@@ -18,7 +18,7 @@ from batlehub.app import create_app, installed_types
 from batlehub.builtin.cache_memory import MemoryCache
 from batlehub.config import Settings, parse_settings
 from batlehub.errors import StartupError
-from batlehub.interfaces import CacheBackendType, NoConfig, Registry, RegistryFormatType, StorageBackendType
+from batlehub.interfaces import CacheBackendType, NoConfig, PolicyType, Registry, RegistryFormatType, StorageBackendType
 from batlehub.package_page import PackagePage, VersionInfo
 from batlehub.plugins import describe_plugins, gather_hook, get_plugin_manager, hookimpl
 
@@ -97,6 +97,11 @@ class RecordingPlugin:
         return []
 
     @hookimpl
+    def register_policies(self) -> list[PolicyType]:
+        self._record("register_policies")
+        return [PolicyType(name="recorded-policy", description="test", factory=lambda setup: None)]
+
+    @hookimpl
     async def startup(self, app: web.Application, settings: Settings) -> None:
         self._record("startup", app=app, settings=settings)
 
@@ -147,6 +152,7 @@ async def test_every_hook_reaches_a_plugin(
     app = create_app(settings, pm)
     for name in ("register_registry_formats", "register_cache_backends", "register_storage_backends"):
         assert len(plugin.calls[name]) == 1, name
+    assert plugin.calls["register_policies"], "policies are collected when the app is built"
     assert "startup" not in plugin.calls
 
     client = await aiohttp_client(app)

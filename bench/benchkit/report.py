@@ -136,6 +136,19 @@ def evaluate_targets(results: dict[str, Any]) -> list[Target]:
                 detail=" ".join(_fmt(v) for v in p99),
             )
         )
+    pairs = results.get("policy") or []
+    for case in ("abbreviated", "full"):
+        ratios_of = [p["ratio"] for p in pairs if p["case"] == case]
+        if ratios_of:
+            targets.append(
+                Target(
+                    f"{case} packument rps, filtered by a policy / unfiltered",
+                    _worst(ratios_of, True),
+                    0.8,
+                    True,
+                    detail=" ".join(_fmt(v) for v in ratios_of),
+                )
+            )
     for hub in ("hub-proxy", "hub-local") if "tarball" in cases else ():
         vs_verdaccio = ratios("tarball", hub, "verdaccio", "bytes_per_sec")
         vs_nginx = ratios("tarball", hub, "nginx", "bytes_per_sec")
@@ -242,7 +255,8 @@ def markdown(results: dict[str, Any]) -> list[str]:
         rows = [r for r in load if r["case"] == case]
         if not rows:
             continue
-        servers = [s for s in ("hub-proxy", "hub-local", "verdaccio", "nginx") if any(r["server"] == s for r in rows)]
+        known = ("hub-proxy", "hub-filtered", "hub-local", "verdaccio", "nginx")
+        servers = [s for s in known if any(r["server"] == s for r in rows)]
         peers = [p for p in ("verdaccio", "nginx") if p in servers]
         head = ["conc", *[f"{s} req/s (p99 ms)" for s in servers]]
         head += [f"{h}/{p} req/s" for h in ("hub-proxy", "hub-local") for p in peers]
@@ -261,7 +275,7 @@ def markdown(results: dict[str, Any]) -> list[str]:
                         cells.append(_fmt(_ratio(got[p] and got[p]["p99_ms"], got[h] and got[h]["p99_ms"])))
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
-    cpu_servers = ["hub-proxy", "hub-local", "verdaccio", "nginx"]
+    cpu_servers = ["hub-proxy", "hub-filtered", "hub-local", "verdaccio", "nginx"]
     out += ["**Requests per CPU-second of the server's own processes** (highest concurrency)", ""]
     out += ["| case | " + " | ".join(cpu_servers) + " |", "|" + "---|" * (len(cpu_servers) + 1)]
     top = max((r["connections"] for r in load), default=0)

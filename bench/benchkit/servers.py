@@ -209,6 +209,8 @@ class HubRegistry:
     mode: str
     upstreams: tuple[str, ...] = ()
     type: str = "npm"
+    policy: str = ""
+    """TOML lines of its `[registries.policy]` (tables included), or "" for none."""
 
 
 class BenchHub:
@@ -272,6 +274,8 @@ class BenchHub:
             lines.append(f'mode = "{registry.mode}"')
             if registry.upstreams:
                 lines.append(f"upstreams = {json.dumps(list(registry.upstreams))}")
+            if registry.policy:
+                lines.append(registry.policy)
         return "\n".join(lines) + "\n"
 
     @property

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from batlehub.api import PackagePage, Registry, RegistryFormatType, hookimpl
+from batlehub.api import PackagePage, Registry, RegistryFormatType, hookimpl, semver_range
 from batlehub_npm import defaults
 from batlehub_npm.names import normalize_name, redact_path, scope_of
 from batlehub_npm.options import NpmOptions
@@ -32,6 +32,7 @@ def register_registry_formats() -> list[RegistryFormatType]:
             redact_path=redact_path,
             default_registry=defaults.default_registry,
             usage=defaults.usage,
+            version_range=semver_range,
         )
     ]
 

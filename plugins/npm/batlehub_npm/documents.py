@@ -25,7 +25,7 @@ from batlehub.api import (
     package_of,
     repair_json,
 )
-from batlehub_npm.names import PackageName, latest_version
+from batlehub_npm.names import PackageName, latest_version, version_sort_key
 
 ABBREVIATED_TYPE = "application/vnd.npm.install-v1+json"
 FULL_TYPE = "application/json"
@@ -233,11 +233,14 @@ def _check_shape(data: Any) -> None:
         raise ValueError("the answer is not a packument")
 
 
-def render_local(rows: PackageRows, registry_url: str, abbreviated: bool) -> tuple[bytes, bytes | None]:
-    """A local packument as this hub serves it: its bytes and their gzip form (pure: a worker
-    process renders a big one)."""
-    rendered = serialize(local_packument(package_of(rows), registry_url, abbreviated=abbreviated))
-    return rendered, gzipped(rendered)
+def render_local(
+    rows: PackageRows, registry_url: str, abbreviated: bool, withheld: tuple[str, ...] = (), view: str = ""
+) -> tuple[bytes, bytes | None, str]:
+    """A local packument as this hub serves it (without what policies withhold): its bytes, their
+    gzip form and the stamp of what they show (pure: a worker process renders a big one)."""
+    package = package_of(rows, withheld, view)
+    rendered = serialize(local_packument(package, registry_url, abbreviated=abbreviated))
+    return rendered, gzipped(rendered), package.stamp
 
 
 def render_proxied(body: bytes, name: str, registry_url: str, abbreviated: bool) -> tuple[bytes, bytes | None, str]:
@@ -264,3 +267,34 @@ def upstream_dist(body: bytes, version: str) -> dict[str, Any] | None:
 def upstream_tags(body: bytes) -> dict[str, str]:
     tags = json.loads(body).get("dist-tags")
     return {k: v for k, v in tags.items() if isinstance(v, str)} if isinstance(tags, dict) else {}
+
+
+def published_times(body: bytes) -> dict[str, float | None]:
+    """Each version of a packument and its publish time at the upstream (`time`), for policies."""
+    data = json.loads(body)
+    times = data.get("time") if isinstance(data.get("time"), dict) else {}
+    out: dict[str, float | None] = {}
+    for version in data.get("versions") or {}:
+        try:
+            out[version] = datetime.fromisoformat(times[version]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            out[version] = None
+    return out
+
+
+def without_versions(body: bytes, withheld: tuple[str, ...]) -> bytes:
+    """A packument without `withheld` versions (and their `time`): `latest` moves to the newest
+    version left not above it, other tags on a withheld version are dropped."""
+    data, gone = json.loads(body), set(withheld)
+    versions = {v: m for v, m in (data.get("versions") or {}).items() if v not in gone}
+    data["versions"] = versions
+    if isinstance(data.get("time"), dict):
+        data["time"] = {k: t for k, t in data["time"].items() if k not in gone}
+    tags = {t: v for t, v in (data.get("dist-tags") or {}).items() if isinstance(v, str)}
+    latest = tags.get("latest")
+    data["dist-tags"] = tags = {t: v for t, v in tags.items() if v not in gone}
+    if latest in gone:
+        below = [v for v in versions if version_sort_key(v) <= version_sort_key(latest)]
+        newest = latest_version(below) or latest_version(list(versions))
+        tags.update({"latest": newest} if newest else {})
+    return serialize(data)

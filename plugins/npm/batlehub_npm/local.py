@@ -22,6 +22,7 @@ from batlehub.api import (
     Package,
     PackageStore,
     PackageWrite,
+    RegistryPolicy,
     StoredBlob,
 )
 from batlehub_npm.documents import make_rev
@@ -35,18 +36,25 @@ _EXTRA_FROM_MANIFEST = ("description", "keywords", "license", "homepage", "repos
 class LocalPackages:
     """The local packages of one npm registry."""
 
-    def __init__(self, store: PackageStore) -> None:
+    def __init__(self, store: PackageStore, policy: RegistryPolicy) -> None:
         self.store = store
+        self.policy = policy
         self.registry = store.name
         self.none_here = False
         """Set by a proxy registry with nothing published: no lookup can find anything."""
 
     async def stamp(self, name: str) -> str | None:
-        """The package's revision stamp, or None when it is not published here (one cache read)."""
-        return None if self.none_here else await self.store.stamp(name)
+        """The revision stamp of the package as clients may see it, or None when it is not
+        published here (one cache read)."""
+        if self.none_here:
+            return None
+        stamp = await self.store.stamp(name)
+        return stamp if stamp is None else await self.policy.local_stamp(name, stamp)
 
-    async def load(self, package: PackageName) -> Package | None:
-        return await self.store.load(package.name)
+    async def load(self, package: PackageName, *, everything: bool = False) -> Package | None:
+        """The package as clients may see it (policies applied), or `everything` to edit it."""
+        found = await self.store.load(package.name)
+        return found if found is None or everything else await self.policy.visible_package(found)
 
     async def tarball_key(self, package: PackageName, version: str) -> str | None:
         found = await self.store.file(package.name, version=version)

@@ -76,7 +76,7 @@ class NpmRegistry:
         self.services = services
         self.options = settings.validated_options(NpmOptions)
         self.mode = self.options.mode
-        self.local = LocalPackages(services.packages)
+        self.local = LocalPackages(services.packages, services.policy)
         self.artifacts = services.artifacts
         self.rendered = services.rendered_cache()
         self.proxy: UpstreamProxy | None = None
@@ -192,7 +192,9 @@ class NpmRegistry:
         stamp = await self.local.stamp(package.name)
         if stamp is not None:
             if write:  # the CLI is about to edit: straight from the database
-                body, _, _ = await self._render_local(package, registry_url(request), abbreviated=False)
+                body, _, _ = await self._render_local(
+                    package, registry_url(request), abbreviated=False, everything=True
+                )
                 return web.Response(body=body, content_type=content_type, headers={"Cache-Control": "no-store"})
             etag = revision_etag(stamp, variant, base)
             if etag_matches(request.headers.get("If-None-Match"), etag):
@@ -227,14 +229,17 @@ class NpmRegistry:
         return respond(request, rendered, {"Vary": VARY, **extra})
 
     async def _render_local(
-        self, package: PackageName, url: str, *, abbreviated: bool
+        self, package: PackageName, url: str, *, abbreviated: bool, everything: bool = False
     ) -> tuple[bytes, bytes | None, str]:
-        """A local packument's bytes, their gzip form and the revision they are of."""
+        """A local packument's bytes, their gzip form and the stamp of what they show: as clients
+        may see it, or `everything` (to edit it)."""
         rows = await self.local.store.load_rows(package.name)
         if rows is None:
             raise self._not_found(package)
-        body, body_gzip = await self.services.offload.run(rows.size, documents.render_local, rows, url, abbreviated)
-        return body, body_gzip, rows.stamp
+        view = None if everything else await self.services.policy.local_view(package.name, rows.stamp)
+        withheld, digest = (view.hidden, view.digest) if view else ((), "")
+        run = self.services.offload.run
+        return await run(rows.size, documents.render_local, rows, url, abbreviated, withheld, digest)
 
     async def package_page(self, request: web.Request, name: str, version: str | None) -> PackagePage:
         """The web UI's page of a package (core checked the caller may read this registry)."""
@@ -257,6 +262,7 @@ class NpmRegistry:
         require(request, "releases:read")
         package = _package(route)
         assert route.version is not None
+        await self.services.policy.require_visible(package.name, route.version, actor(request))
         url = registry_url(request)
         if await self.local.stamp(package.name) is not None:
             local = await self.local.load(package)
@@ -279,6 +285,7 @@ class NpmRegistry:
         package = _package(route)
         assert route.version is not None
         version = route.version
+        await self.services.policy.require_visible(package.name, version, actor(request))
         filename = route.filename or package.tarball_filename(version)
         stamp = await self.local.stamp(package.name)
         if stamp is None:

@@ -23,7 +23,14 @@ from batlehub.api import (
     UpstreamDocument,
     UpstreamError,
 )
-from batlehub_npm.documents import check_packument, summarize_packument, upstream_dist, upstream_tags
+from batlehub_npm.documents import (
+    check_packument,
+    published_times,
+    summarize_packument,
+    upstream_dist,
+    upstream_tags,
+    without_versions,
+)
 from batlehub_npm.integrity import expected_digests
 from batlehub_npm.names import split_spec
 
@@ -62,6 +69,9 @@ PACKUMENT = DocumentFormat(
     variant_of=_variant_of,
     answers={ABBREVIATED: (ABBREVIATED, FULL)},  # whatever the full form says, the abbreviated one says too
     summarize=summarize_packument,
+    versions=published_times,
+    without=without_versions,
+    timed_variant=FULL,  # only the full form has `time`
 )
 
 

@@ -64,7 +64,7 @@ def test_every_problem_is_named_by_its_key(npm_type: RegistryFormatType) -> None
         "registries[0].cache.warm_packages[1]: invalid version '1': expected a semver version such as 1.2.3",
         "registries[0].cache.foo: unknown key (known: metadata_ttl_secs, serve_stale, warm_packages)",
         "registries[0].colour: unknown key for type 'npm'"
-        " (known: cache, mode, name, quota, rate_limit, rbac, retention, type, upstreams)",
+        " (known: cache, mode, name, policy, quota, rate_limit, rbac, retention, type, upstreams)",
     ]
 
 
