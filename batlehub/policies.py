@@ -352,6 +352,9 @@ class RegistryPolicy:
         not know the version: the format then answers as for any unknown version)."""
         if not self.policies:
             return None
+        await self.revision()
+        if not self._concerned(name, True) and not self._concerned(name, False):
+            return None  # no policy has an opinion on this package: nothing to read
         stamp = await self.packages.stamp(name)
         if stamp is not None:
             return (await self.local_view(name, stamp)).withheld.get(version)
