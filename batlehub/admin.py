@@ -157,6 +157,7 @@ async def set_banner(request: web.Request, admin: Identity, data: Mapping[str, A
         raise BadRequest(f"level: expected one of {', '.join(BANNER_LEVELS)}")
     banner = Banner(message=message, level=level)
     await request.app[appkeys.CACHE].set_banner(banner)
+    request.app[appkeys.FAIL_OPEN_CACHE].remember_banner(banner)
     await _audit(request, "banner.set", admin, target=message)
     return banner
 
@@ -168,6 +169,7 @@ async def delete_banner(request: web.Request) -> web.Response:
 
 async def clear_banner(request: web.Request, admin: Identity) -> None:
     await request.app[appkeys.CACHE].set_banner(None)
+    request.app[appkeys.FAIL_OPEN_CACHE].remember_banner(None)
     await _audit(request, "banner.clear", admin)
 
 

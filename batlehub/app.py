@@ -308,6 +308,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
             http=http.session,
             pm=pm,
             offload=offload,
+            fail_open=app[appkeys.FAIL_OPEN_CACHE],
             share=share,
             rules=rules,
             policy_types=types.policies,

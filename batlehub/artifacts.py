@@ -141,12 +141,15 @@ class ArtifactStore:
         stats: UpstreamStats | None = None,
         origins: UpstreamOrigins | None = None,
         uses: UseLog | None = None,
+        shared_cache: bool = False,
     ) -> None:
         self.format_name = format_name
         self.registry = registry
         self.storage = storage
         self.db = db
         self.cache = cache
+        self._shared = shared_cache
+        """Whether other replicas wait on this one's downloads (a shared cache backend holds the leases)."""
         self.http = http
         self.spool_dir = spool_dir
         self.max_size = max_size
@@ -349,10 +352,15 @@ class ArtifactStore:
             raise UpstreamError(
                 f"cannot fetch {what} from the upstream registry {origin_of(url)} ({failure_reason(exc)})"
             ) from exc
-        # The row is written after answering (awaited by `close`): until the sweep's grace period
-        # has passed, a fresh blob is safe without it, and this process remembers the key as
+        # Alone, the row is written after answering (awaited by `close`): until the sweep's grace
+        # period has passed, a fresh blob is safe without it, and this process remembers the key as
         # stored. If the write fails, the sweep may collect the blob later; it is fetched again.
-        self.writes.spawn(self._record(blob, url, what))
+        # With replicas, it is written before the lease is let go: a replica waiting on this download
+        # finds the artifact ready (`ready` reads the row) instead of downloading it again.
+        if self._shared:
+            await self._record(blob, url, what)
+        else:
+            self.writes.spawn(self._record(blob, url, what))
         log.info("registry %s: stored %s (%d bytes) from %s", self.registry, what, blob.size, url)
         return key
 

@@ -58,6 +58,12 @@ class LogThrottle:
         return refused
 
 
+BANNER_SECS = 0.5
+"""How long a process shows the banner it read before asking the cache again: the banner rides on
+every npm response, and one cache round trip per request for it would double Redis's load. A
+change on another replica shows within this; on the replica that made it, at once."""
+
+
 class FailOpenCache:
     """A `CacheBackend` whose failures never fail the caller (see the module docstring).
 
@@ -68,6 +74,7 @@ class FailOpenCache:
     def __init__(self, backend: CacheBackend, throttle: LogThrottle | None = None) -> None:
         self.backend = backend
         self._throttle = throttle or LogThrottle()
+        self._banner: tuple[float, Banner | None] | None = None
 
     def _failed(self, exc: BaseException, what: str, operation: str) -> None:
         metrics.count_cache_error(operation)
@@ -136,11 +143,21 @@ class FailOpenCache:
             return None
 
     async def get_banner(self) -> Banner | None:
+        """The banner, as read at most `BANNER_SECS` ago."""
+        now = time.monotonic()
+        if self._banner is not None and now - self._banner[0] < BANNER_SECS:
+            return self._banner[1]
         try:
-            return await self.backend.get_banner()
+            banner = await self.backend.get_banner()
         except Exception as exc:
             self._failed(exc, "the banner is not shown until it answers again", "get_banner")
             return None
+        self._banner = (now, banner)
+        return banner
+
+    def remember_banner(self, banner: Banner | None) -> None:
+        """The banner this process just set (or cleared, None): shown from now on, here."""
+        self._banner = (time.monotonic(), banner)
 
     async def acquire_lease(self, key: str, owner: str, ttl_secs: float) -> bool:
         try:

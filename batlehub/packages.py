@@ -58,6 +58,11 @@ could serve an old document if the cache backend lost a write's update."""
 RESERVED_REFRESH_SECS = 1.0
 """How stale a process's view of the reserved names may be: a reservation made on any replica
 holds everywhere within this."""
+ABSENT_MEMO_SECS = 1.0
+"""How long a process trusts "not published here" without the cache: a hybrid registry asks it on
+every request for an upstream package. A publish on another replica shows within this; on the
+replica that made it, at once."""
+ABSENT_MEMO_ENTRIES = 50_000
 _ABSENT = b"-"
 
 Event = Callable[..., Awaitable[None]]
@@ -88,6 +93,7 @@ class PackageStore:
         published here."""
         self._reserved: tuple[float, frozenset[str]] = (float("-inf"), frozenset())
         self._reserved_flight = SingleFlight()
+        self._absent: dict[str, float] = {}
 
     @property
     def name(self) -> str:
@@ -109,10 +115,21 @@ class PackageStore:
 
         One cache read; on a miss (or a cache failure) the database answers and the cache is set.
         """
+        seen = self._absent.get(name)
+        if seen is not None and time.monotonic() - seen < ABSENT_MEMO_SECS:
+            return None
         cached = await self.cache.get(self._stamp_key(name))
-        if cached is not None:
-            return None if cached == _ABSENT else cached.decode()
-        return await self.sync_stamp(name)
+        if cached is None:
+            stamp = await self.sync_stamp(name)
+        elif cached == _ABSENT:
+            stamp = None
+        else:
+            return cached.decode()
+        if stamp is None:
+            if len(self._absent) >= ABSENT_MEMO_ENTRIES:
+                self._absent.clear()
+            self._absent[name] = time.monotonic()
+        return stamp
 
     async def sync_stamp(self, name: str) -> str | None:
         """Mirror the database's stamp into the cache, and make sure it stays the newest.
@@ -121,6 +138,7 @@ class PackageStore:
         every writer (and every reader that fills a miss) does the same, the last value written to
         the cache is always one the database confirmed afterwards.
         """
+        self._absent.pop(name, None)
         stamp = await self._db_stamp(name)
         for _ in range(5):
             if not await self.cache.set(self._stamp_key(name), stamp.encode() if stamp else _ABSENT, STAMP_TTL_SECS):

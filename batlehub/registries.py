@@ -84,11 +84,13 @@ class RegistryServices:
         rules: RuleBook | None = None,
         policy_types: list[PolicyType] | None = None,
         policy_stats: PolicyStats | None = None,
+        fail_open: FailOpenCache | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.format_type = format_type
-        self.cache = FailOpenCache(cache)
+        self.cache = fail_open or FailOpenCache(cache)
+        """Shared by the app's registries (`appkeys.FAIL_OPEN_CACHE`): one banner memory, one throttle."""
         self.cache_type = cache_type
         self.storage_type = storage_type
         self.tokens = tokens
@@ -125,6 +127,7 @@ class RegistryServices:
             stats=self.stats,
             origins=self.origins,
             uses=self.uses,
+            shared_cache=cache_type.shared,
         )
         self._documents: list[UpstreamDocuments] = []
         self.retention = Retention(

@@ -39,6 +39,7 @@ import pytest
 from batlehub_npm_testing.clients import make_package, npm_env, run_npm
 from batlehub_npm_testing.clients import output as npm_output
 
+from batlehub.coordination import BANNER_SECS
 from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
 from batlehub.testing.services import run_coroutine_sync
 
@@ -825,6 +826,7 @@ async def test_banner_set_on_one_replica_shows_on_the_other_and_in_npm_install(
     async with client() as session:
         _, _, shown = await call(session, "GET", f"{cluster.a.url}/api/v1/banner", expect=200)
         assert shown == {"message": None}
+        await asyncio.sleep(BANNER_SECS)  # how long a replica may show the banner it last read
         status, headers, _ = await call(session, "GET", f"{cluster.a.url}/registries/npm/ops-banner-pkg")
         assert status == 200 and "npm-notice" not in {k.lower() for k in headers}
     assert "npm notice" not in install(cluster.a, fresh_project("after-banner"))
