@@ -168,10 +168,10 @@ async def stall(hub: HubFactory, upstream: str) -> float:
 
 @pytest.mark.slow
 async def test_eight_clients_of_a_20mb_document_do_not_stall_anyone_else(hub: HubFactory, upstream: str) -> None:
-    # A second measurement on a fresh hub only when the first is over budget: a hub that does the
-    # work on its event loop is over it every time (about 400 ms), while a shared 2-core CI machine
-    # can be busy elsewhere for one run.
+    # Another measurement on a fresh hub only while the last is over budget (three at most): a hub
+    # that does the work on its event loop is over it every time (about 400 ms), while a shared
+    # 2-core machine can be busy elsewhere for a run (seen at 50-62 ms with a load average of 8).
     delays = [await stall(hub, upstream)]
-    if delays[0] > STALL_BUDGET_MS:
+    while delays[-1] > STALL_BUDGET_MS and len(delays) < 3:
         delays.append(await stall(hub, upstream))
     assert min(delays) <= STALL_BUDGET_MS, delays
