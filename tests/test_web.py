@@ -371,7 +371,15 @@ async def test_admin_pages_are_for_admins(client: TestClient) -> None:
     anonymous = await client.get("/admin/tokens", allow_redirects=False)
     assert anonymous.status == 303 and URL(anonymous.headers["Location"]).query["next"] == "/admin/tokens"
     await sign_in(client, ALICE)
-    for path in ("/admin", "/admin/banner", "/admin/ip-blocks", "/admin/tokens", "/admin/quota", "/admin/audit"):
+    for path in (
+        "/admin",
+        "/admin/banner",
+        "/admin/ip-blocks",
+        "/admin/tokens",
+        "/admin/quota",
+        "/admin/audit",
+        "/admin/policies",
+    ):
         assert (await client.get(path)).status == 403, path
     assert "Admin" not in text_of(await (await client.get("/")).text()).replace("Admin:", "")
 
@@ -435,6 +443,192 @@ async def test_an_admin_creates_and_revokes_a_token_for_a_user(client: TestClien
     revoke = re.search(r'action="(/admin/tokens/\w+/revoke)"', body).group(1)
     await client.post(revoke, data={"csrf_token": csrf_of(body)})
     assert (await client.get("/api/v1/tokens", headers=bearer(token))).status == 401
+
+
+async def policy_rules(client: TestClient, registry: str = "npm") -> list[dict[str, Any]]:
+    found = await client.get(f"/api/v1/admin/policies/blocks?registry={registry}", headers=bearer(ADMIN))
+    return (await found.json())["rules"]
+
+
+async def test_an_admin_blocks_a_version_asks_why_and_deletes_the_rule_in_the_ui(client: TestClient) -> None:
+    await publish(client, "left-pad", "1.0.0")
+    await publish(client, "left-pad", "1.1.0")
+    await sign_in(client, ADMIN)
+    page = await (await client.get("/admin/policies")).text()
+    assert 'href="/admin/policies" aria-current="page"' in page
+    shown = text_of(page)
+    assert "Registry npm npm" in shown and "Policies lists" in shown and "No rules." in shown
+    assert "has hidden or blocked nothing in npm" in shown
+
+    added = await client.post(
+        "/admin/policies/rules",
+        data={
+            "csrf_token": csrf_of(page, "/admin/policies/rules"),
+            "registry": "npm",
+            "kind": "block",
+            "package": "left-pad",
+            "versions": "1.1.0",
+            "reason": "compromised release",
+            "expires_in_days": "",
+            "expires": "",
+        },
+        allow_redirects=False,
+    )
+    assert added.status == 303, await added.text()
+    (rule,) = await policy_rules(client)  # the admin API sees the very rule, author and all
+    assert (rule["package"], rule["versions"], rule["author"], rule["expires"]) == ("left-pad", "1.1.0", "admin", None)
+    listed = await client.get(added.headers["Location"])
+    listed_text = text_of(await listed.text())
+    assert f"Rule {rule['rule']} added" in listed_text
+    assert f"block left-pad 1.1.0 compromised release {rule['rule']} admin" in listed_text
+    refused = await client.get("/registries/npm/left-pad/-/left-pad-1.1.0.tgz", headers=bearer(ALICE))
+    assert refused.status == 403 and rule["rule"] in refused.headers["X-BatleHub-Policy"]
+    after = text_of(await (await client.get("/admin/policies")).text())
+    assert "versions withheld blocked block" in after  # the counters of this process
+
+    why = await client.get("/admin/policies", params={"registry": "npm", "package": "left-pad", "version": "1.1.0"})
+    assert why.status == 200
+    why_text = text_of(await why.text())
+    assert f"left-pad@1.1.0 in npm is blocked by rule {rule['rule']} (policy lists)" in why_text
+    assert f"lists block {rule['rule']}" in why_text
+    other = text_of(await (await client.get("/admin/policies?registry=npm&package=left-pad&version=1.0.0")).text())
+    assert "left-pad@1.0.0 in npm is visible" in other and "No policy has an opinion on this version" in other
+    audit = text_of(await (await client.get("/admin/audit?action=policy.block.add")).text())
+    assert "1 entry" in audit and "left-pad@1.1.0" in audit
+
+    exempted = await client.post(
+        "/admin/policies/rules",
+        data={
+            "csrf_token": csrf_of(page, "/admin/policies/rules"),
+            "registry": "npm",
+            "kind": "exempt",
+            "package": "left-pad",
+            "versions": "1.1.0",
+            "reason": "reviewed, needed for the hotfix",
+            "expires_in_days": "7",
+        },
+    )
+    assert exempted.status == 200  # after the redirect
+    exemption_text = text_of(await exempted.text())
+    assert "exemption left-pad 1.1.0 reviewed, needed for the hotfix" in exemption_text
+    expiry = re.search(r"reviewed, needed for the hotfix exempt/\w+ admin [\d-]+ [\d:]+ UTC (\S+)", exemption_text)
+    assert expiry is not None and expiry.group(1) != "never", exemption_text  # in 7 days
+    why_now = text_of(await (await client.get("/admin/policies?registry=npm&package=left-pad&version=1.1.0")).text())
+    assert "left-pad@1.1.0 in npm is visible by rule exempt/" in why_now
+    ids = re.findall(r'action="(/admin/policies/rules/\w+/delete)"', await exempted.text())
+    exemption_delete = [path for path in ids if rule["id"] not in path]
+    assert len(exemption_delete) == 1
+    dropped = await client.post(exemption_delete[0], data={"csrf_token": csrf_of(page, "/admin/policies/rules")})
+    assert dropped.status == 200 and "exemption left-pad" not in text_of(await dropped.text())
+
+    body = await listed.text()
+    delete = f"/admin/policies/rules/{rule['id']}/delete"
+    assert f'action="{delete}"' in body
+    gone = await client.post(delete, data={"csrf_token": csrf_of(body, delete)})
+    assert gone.status == 200 and "No rules." in text_of(await gone.text())
+    assert await policy_rules(client) == []
+    assert (await client.get("/registries/npm/left-pad/-/left-pad-1.1.0.tgz", headers=bearer(ALICE))).status == 200
+    again = await client.post(delete, data={"csrf_token": csrf_of(body, delete)})
+    assert again.status == 404 and "no policy rule" in await again.text()
+
+
+async def test_bad_policy_input_is_a_clear_4xx_on_the_page(client: TestClient) -> None:
+    await publish(client, "left-pad", "1.0.0")
+    await sign_in(client, ADMIN)
+    page = await (await client.get("/admin/policies")).text()
+    csrf = csrf_of(page, "/admin/policies/rules")
+    base = {"csrf_token": csrf, "registry": "npm", "kind": "block", "package": "left-pad", "reason": "bad"}
+    cases = [
+        ({"versions": ">>1"}, 400, "versions: not a semver range"),
+        ({"versions": "1.0.0", "reason": ""}, 400, "reason: expected a single line"),
+        ({"kind": "exempt", "versions": "1.0.0"}, 400, "expires: an exemption needs an expiry"),
+        ({"expires": "yesterday"}, 400, "expires: expected an ISO 8601 time"),
+        ({"expires": "2000-01-01"}, 400, "is in the past"),
+        ({"expires": "2090-01-01", "expires_in_days": "7"}, 400, "give one of them, not both"),
+        ({"kind": "obliterate"}, 400, "kind: expected one of block, allow, exempt"),
+        ({"registry": "nope"}, 400, "registry: expected the name of a registry"),
+        ({"package": ""}, 400, "package:"),
+        ({"package": "a" * 5000}, 400, "package:"),
+    ]
+    for change, status, message in cases:
+        answer = await client.post("/admin/policies/rules", data={**base, **change})
+        body = await answer.text()
+        assert answer.status == status, (change, body)
+        shown = text_of(body)
+        assert message in shown, (change, shown)
+        assert 'role="alert" id="policy-error"' in body
+        if change.get("versions") == ">>1":
+            assert 'value="&gt;&gt;1"' in body  # the form keeps what was typed
+    assert await policy_rules(client) == []
+    for query, status, message in [
+        ({"registry": "npm", "package": "left-pad", "version": "9.9.9"}, 404, "left-pad has no version 9.9.9"),
+        ({"registry": "npm", "package": "nothing-here", "version": "1.0.0"}, 404, "package nothing-here not found"),
+        ({"registry": "nope", "package": "left-pad", "version": "1.0.0"}, 404, "no registry named 'nope'"),
+        ({"registry": "npm", "package": "left-pad", "version": ""}, 400, "give the registry, the package and"),
+        ({"registry": "npm", "package": "left-pad", "version": "\x00\u202e" * 300}, 400, "invalid version"),
+        ({"registry": "npm", "package": "Left\x00Pad", "version": "1.0.0"}, 400, "name"),
+    ]:
+        answer = await client.get("/admin/policies", params=query)
+        assert answer.status == status, (query, await answer.text())
+        assert message in text_of(await answer.text()), query
+
+
+async def test_policy_forms_need_an_admin_and_the_csrf_token(client: TestClient) -> None:
+    await publish(client, "left-pad", "1.0.0")
+    await sign_in(client, ADMIN)
+    page = await (await client.get("/admin/policies")).text()
+    csrf = csrf_of(page, "/admin/policies/rules")
+    rule = {"registry": "npm", "kind": "block", "package": "left-pad", "versions": "*", "reason": "no"}
+    expired, elsewhere = "the form has expired or did not come from this site", "must be sent from the hub's own"
+    for data, headers, message in (
+        (rule, {}, expired),
+        ({**rule, "csrf_token": "forged-" + csrf}, {}, expired),
+        ({**rule, "csrf_token": csrf}, {"Origin": "http://evil.example"}, elsewhere),
+        ({**rule, "csrf_token": csrf}, {"Sec-Fetch-Site": "cross-site"}, elsewhere),
+    ):
+        refused = await client.post("/admin/policies/rules", data=data, headers=headers)
+        assert refused.status == 403 and message in text_of(await refused.text()), (data, headers)
+    assert await policy_rules(client) == []
+    made = await client.post(
+        "/api/v1/admin/policies/blocks",
+        json={"registry": "npm", "package": "left-pad", "reason": "kept"},
+        headers=bearer(ADMIN),
+    )
+    rule_id = (await made.json())["id"]
+    no_token = await client.post(f"/admin/policies/rules/{rule_id}/delete", data={})
+    assert no_token.status == 403
+    assert len(await policy_rules(client)) == 1
+
+    client.session.cookie_jar.clear()
+    await sign_in(client, ALICE)
+    assert (await client.get("/admin/policies")).status == 403
+    alice_csrf = csrf_of(await (await client.get("/account/tokens")).text())
+    for path in ("/admin/policies/rules", f"/admin/policies/rules/{rule_id}/delete"):
+        refused = await client.post(path, data={**rule, "csrf_token": alice_csrf})
+        assert refused.status == 403, path
+    assert (await client.get("/admin/policies?registry=npm&package=left-pad&version=1.0.0")).status == 403
+    assert len(await policy_rules(client)) == 1
+
+
+async def test_rules_from_the_configuration_are_listed_but_not_deleted_in_the_ui(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    raw = settings_raw()
+    raw["registries"][0]["policy"] = {
+        "min_release_age": "3d",
+        "block": [{"package": "@evil", "versions": "*", "reason": "a hostile scope"}],
+    }
+    client = await aiohttp_client(create_app(parse_settings(raw, data_dir=tmp_path / "data")))
+    await sign_in(client, ADMIN)
+    page = await (await client.get("/admin/policies")).text()
+    shown = text_of(page)
+    assert "min_release_age 3d" in shown and "release-age" in shown
+    assert "block @evil * a hostile scope" in shown and "in the configuration" in shown
+    assert "/delete" not in page
+    forged = await client.post(
+        "/admin/policies/rules/config-npm-block-0/delete", data={"csrf_token": csrf_of(page, "/admin/policies/rules")}
+    )
+    assert forged.status == 409 and "remove it there" in text_of(await forged.text())
 
 
 async def test_a_static_dir_still_replaces_the_built_in_ui(aiohttp_client: Any, tmp_path: Path) -> None:

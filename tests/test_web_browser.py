@@ -1,7 +1,7 @@
 """The web UI in a real browser: Debian's headless Chromium, driven by selenium through Debian's
 chromedriver, against a real `batlehub serve` with an npm registry whose packages were published
 over HTTP. A person would search, open a package, read its README, sign in, make and revoke a
-token, set a banner and lift an IP block; so does this test. A README carrying `<script>`,
+token, set a banner, lift an IP block, block a version and ask why; so does this test. A README carrying `<script>`,
 `onerror=` and `javascript:` payloads must run nothing: a hook installed before any page script
 records every JS dialog, and the page title is what those payloads would change.
 
@@ -210,6 +210,11 @@ def no_dialogs(driver: Any) -> None:
     assert driver.execute_script("return window.__dialogs") == []
 
 
+def status(driver: Any) -> int:
+    """The HTTP status of the page the browser shows (as Chromium's navigation timing has it)."""
+    return int(driver.execute_script("return performance.getEntriesByType('navigation')[0].responseStatus"))
+
+
 def sign_in(driver: Any, url: str, token: str) -> None:
     driver.get(url + "/login")
     field = driver.find_element(By.ID, "token")
@@ -306,6 +311,9 @@ async def test_a_person_finds_reads_signs_in_and_manages_the_hub(hub: HubFactory
         async with session.get(server.url + "/api/v1/tokens", headers={"Authorization": f"Bearer {token}"}) as r:
             assert r.status == 401
     assert not driver.find_elements(By.LINK_TEXT, "Admin")
+    driver.get(server.url + "/admin/policies")
+    wait_for(driver, "these pages are for admins")
+    assert status(driver) == 403
     sign_out(driver)
 
     # An admin: health, a banner everyone sees, an IP block lifted, the audit log.
@@ -342,4 +350,49 @@ async def test_a_person_finds_reads_signs_in_and_manages_the_hub(hub: HubFactory
     assert len(rows) == 1 and "admin ip_block.remove" in rows[0] and "203.0.113.9" in rows[0], rows
     driver.get(server.url + "/admin/audit")
     shot(driver, "admin-audit")
+    no_dialogs(driver)
+
+    # Policies: block a version, see it listed and refused, ask why, mistype a range, delete it.
+    driver.find_element(By.LINK_TEXT, "Policies").click()
+    wait_for(driver, "Add a rule")
+    assert driver.title == "Admin: policies · BatleHub"
+    driver.find_element(By.CSS_SELECTOR, "#rule-kind option[value='block']").click()
+    driver.find_element(By.ID, "rule-package").send_keys("left-pad")
+    driver.find_element(By.ID, "rule-versions").send_keys("1.3.0")
+    driver.find_element(By.ID, "rule-reason").send_keys("compromised release, see incident 42")
+    driver.find_element(By.XPATH, "//button[text()='Add rule']").click()
+    shown = wait_for(driver, "added: left-pad 1.3.0 in npm")
+    rows = [row.text for row in driver.find_elements(By.CSS_SELECTOR, "table.rules tbody tr")]
+    assert len(rows) == 1 and rows[0].startswith("block left-pad 1.3.0 compromised release, see incident 42"), rows
+    assert "admin" in rows[0] and "never" in rows[0], rows
+    rule = driver.find_element(By.CSS_SELECTOR, "#policy-added code").text
+    assert rule.startswith("block/") and rule in shown
+    async with aiohttp.ClientSession() as session:
+        tarball_url = server.url + "/registries/npm/left-pad/-/left-pad-1.3.0.tgz"
+        async with session.get(tarball_url, headers={"Authorization": f"Bearer {ALICE}"}) as r:
+            assert r.status == 403 and rule in r.headers["X-BatleHub-Policy"]
+    driver.find_element(By.ID, "why-package").send_keys("left-pad")
+    driver.find_element(By.ID, "why-version").send_keys("1.3.0")
+    driver.find_element(By.XPATH, "//button[text()='Explain']").click()
+    wait_for(driver, "What each policy said")
+    answer = driver.find_element(By.ID, "why-answer").text
+    assert f"left-pad@1.3.0 in npm is blocked by rule {rule} (policy lists)." in answer, answer
+    opinions = [row.text for row in driver.find_elements(By.CSS_SELECTOR, "table.opinions tbody tr")]
+    assert opinions[0].startswith(f"lists block {rule}"), opinions
+    driver.execute_script("window.scrollTo(0, 0)")  # the answer's anchor scrolled the page
+    shot(driver, "admin-policies")
+    driver.find_element(By.ID, "rule-package").send_keys("left-pad")
+    driver.find_element(By.ID, "rule-versions").send_keys(">>1")
+    driver.find_element(By.ID, "rule-reason").send_keys("a typo")
+    driver.find_element(By.XPATH, "//button[text()='Add rule']").click()
+    error = wait_for(driver, "not a semver range")
+    assert status(driver) == 400 and "Something went wrong" not in error
+    assert driver.find_element(By.ID, "rule-versions").get_attribute("value") == ">>1"  # kept to fix
+    assert len(driver.find_elements(By.CSS_SELECTOR, "table.rules tbody tr[id]")) == 1
+    driver.find_element(By.CSS_SELECTOR, "button[aria-label='Delete the block rule left-pad 1.3.0']").click()
+    wait_for(driver, "No rules.")
+    assert status(driver) == 200
+    async with aiohttp.ClientSession() as session:
+        async with session.get(tarball_url, headers={"Authorization": f"Bearer {ALICE}"}) as r:
+            assert r.status == 200
     no_dialogs(driver)

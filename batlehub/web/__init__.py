@@ -8,7 +8,7 @@ package, nothing loaded from elsewhere and no build step.
 - `/login`, `/logout`: sign in with a token (a session cookie, see `sessions`).
 - `/account/tokens`: a signed-in user's own tokens: create, revoke.
 - `/login/cli/{id}`: approve a command-line client's sign-in (`npm login`, see `batlehub.cli_login`).
-- `/admin/...`: health, banner, IP blocks, tokens, quota usage, audit log, plugins.
+- `/admin/...`: health, banner, IP blocks, tokens, quota usage, audit log, policies, plugins.
 
 Reading works without JavaScript and without signing in (as far as each registry's RBAC lets
 anonymous callers read). Errors are HTML pages with the status the API would answer.
@@ -82,6 +82,9 @@ def add_routes(app: web.Application) -> None:
         ("POST", "/admin/tokens/{id}/revoke", admin_pages.revoke_token),
         ("GET", "/admin/quota", admin_pages.quota_page),
         ("GET", "/admin/audit", admin_pages.audit_page),
+        ("GET", "/admin/policies", admin_pages.policies_page),
+        ("POST", "/admin/policies/rules", admin_pages.add_policy_rule),
+        ("POST", "/admin/policies/rules/{id}/delete", admin_pages.delete_policy_rule),
         ("GET", "/admin/plugins", admin_pages.plugins_page),
     ]
     for method, path, handler in routes:

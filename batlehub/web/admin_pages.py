@@ -1,6 +1,6 @@
 """The web UI's admin pages: health of each backend, the banner, IP blocks, tokens, quota usage,
-the audit log and the plugins. Every change goes through the same function as the admin API
-(`batlehub.admin`), so it is checked and audited the same way."""
+the audit log, the policies and the plugins. Every change goes through the same function as the
+admin API (`batlehub.admin`, `batlehub.policy_rules`), so it is checked and audited the same way."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from batlehub import admin, appkeys, quota
-from batlehub.errors import Forbidden
+from batlehub.errors import BadRequest, BatleHubError, Forbidden, NotFound
 from batlehub.guide import registry_guides
 from batlehub.plugins import describe_plugins
-from batlehub.requests import base_url
+from batlehub.policy_config import format_duration
+from batlehub.policy_rules import KINDS, new_rule
+from batlehub.requests import actor, base_url
 from batlehub.web import sessions
 from batlehub.web.pages import TOKEN_LIFETIMES, signed_in
 from batlehub.web.render import page
@@ -197,3 +199,127 @@ async def plugins_page(request: web.Request) -> web.Response:
     await _admin(request)
     infos = describe_plugins(request.app[appkeys.PLUGIN_MANAGER])
     return await page(request, "admin/plugins.html", section="plugins", plugins=infos)
+
+
+# --- policies --------------------------------------------------------------------------------------
+
+RULE_LIFETIMES = (("", "never"), ("1", "1 day"), ("7", "7 days"), ("30", "30 days"), ("90", "90 days"))
+
+
+def _registry_policies(request: web.Request) -> list[dict[str, Any]]:
+    """Each registry's policies and gate settings, as the admin API's overview reports them."""
+    found = []
+    for name, services in request.app[appkeys.REGISTRY_SERVICES].items():
+        config = services.registry.policy
+        found.append(
+            {
+                "name": name,
+                "format": services.format_type.name,
+                "policies": [p.name for p in services.policy.policies],
+                "min_release_age": format_duration(config.min_release_age) if config else None,
+                "missing_time": config.missing_time if config else None,
+                "gate_local": config.gate_local if config else None,
+                "age": [(o.package, format_duration(o.min_release_age)) for o in (config.age if config else ())],
+            }
+        )
+    return found
+
+
+async def policies(
+    request: web.Request,
+    *,
+    status: int = 200,
+    error: str | None = None,
+    form: dict[str, str] | None = None,
+    why: dict[str, Any] | None = None,
+    why_error: str | None = None,
+) -> web.Response:
+    await _admin(request)
+    book = request.app[appkeys.POLICY_RULES]
+    revision = await book.revision()
+    registries = _registry_policies(request)
+    rules = book.list()
+    query = {k: request.query.get(k, "") for k in ("registry", "package", "version")}
+    return await page(
+        request,
+        "admin/policies.html",
+        section="policies",
+        status=status,
+        registries=registries,
+        rules={r["name"]: [rule for rule in rules if rule.registry == r["name"]] for r in registries},
+        revision=revision,
+        counters=request.app[appkeys.POLICY_STATS].snapshot(),
+        kinds=KINDS,
+        lifetimes=RULE_LIFETIMES,
+        error=error,
+        form=form or {},
+        why=why,
+        why_error=why_error,
+        why_query=query,
+        added_rule=book.find(request.query.get("added", "")) if request.query.get("added") else None,
+    )
+
+
+async def policies_page(request: web.Request) -> web.Response:
+    """The policies, and what the "why" form asked (a GET: it changes nothing, and its answer can
+    be linked to)."""
+    await _admin(request)
+    registry, package, version = (request.query.get(k, "").strip() for k in ("registry", "package", "version"))
+    if not (registry or package or version):
+        return await policies(request)
+    try:
+        if not (registry and package and version):
+            raise BadRequest("give the registry, the package and the version to explain")
+        if len(version) > 256 or not version.isprintable():
+            raise BadRequest(f"invalid version {version!r}")  # as the admin API's why answers
+        services = request.app[appkeys.REGISTRY_SERVICES].get(registry)
+        if services is None:
+            raise NotFound(f"no registry named {registry!r}")
+        normalize = services.format_type.normalize_name
+        answer = await services.policy.explain(normalize(package) if normalize else package, version)
+    except BatleHubError as exc:
+        if exc.status >= 500:
+            raise
+        return await policies(request, status=exc.status, why_error=exc.message)
+    return await policies(request, why=answer)
+
+
+async def add_policy_rule(request: web.Request) -> web.StreamResponse:
+    session = await _admin(request)
+    form = await _form(request)
+    book = request.app[appkeys.POLICY_RULES]
+    data: dict[str, Any] = {k: form.get(k, "") for k in ("registry", "package", "versions", "reason")}
+    data["versions"] = data["versions"].strip() or "*"
+    if form.get("expires", "").strip():
+        data["expires"] = form["expires"].strip()
+    if form.get("expires_in_days", "").isdigit():
+        data["expires_in_days"] = int(form["expires_in_days"])
+    try:
+        kind = form.get("kind", "")
+        if kind not in KINDS:
+            raise BadRequest(f"kind: expected one of {', '.join(KINDS)}")
+        # The admin API's own check and write: the same messages, the same audit entry.
+        rule = new_rule(data, kind=kind, formats=book.formats, author=session.identity.user_id, now=time.time())
+        await book.add(rule, actor(request))
+    except BatleHubError as exc:
+        if exc.status >= 500:
+            raise
+        return await policies(request, status=exc.status, error=exc.message, form=form)
+    raise web.HTTPSeeOther(f"/admin/policies?added={rule.id}#rules-{rule.registry}")
+
+
+async def delete_policy_rule(request: web.Request) -> web.StreamResponse:
+    await _admin(request)
+    await _form(request)
+    book = request.app[appkeys.POLICY_RULES]
+    await book.revision()
+    rule = book.find(request.match_info["id"])
+    try:
+        if rule is None:
+            raise NotFound(f"no policy rule {request.match_info['id']!r}; it may have been deleted already")
+        await book.remove(rule, actor(request))
+    except BatleHubError as exc:
+        if exc.status >= 500:
+            raise
+        return await policies(request, status=exc.status, error=exc.message)
+    raise web.HTTPSeeOther(f"/admin/policies#rules-{rule.registry}")
