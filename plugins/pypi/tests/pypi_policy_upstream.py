@@ -36,6 +36,8 @@ class PolicyIndex:
         """Project -> version -> upload time of its wheel (None: the page gives no time)."""
         self.requests: list[str] = []
         self.url = ""
+        self.html_only = False
+        """Answer with PEP 503 HTML whatever the client accepts (as pypiserver does)."""
         self._wheels: dict[tuple[str, str], tuple[str, bytes]] = {}
 
     def add(self, project: str, versions: dict[str, float | None]) -> None:
@@ -86,7 +88,7 @@ class PolicyIndex:
         if project not in self.projects:
             raise web.HTTPNotFound()
         files = self._files(project)
-        if JSON_V1 in request.headers.get("Accept", ""):
+        if JSON_V1 in request.headers.get("Accept", "") and not self.html_only:
             doc = {"meta": {"api-version": "1.1"}, "name": project, "versions": list(self.projects[project])}
             return web.json_response({**doc, "files": files}, content_type=JSON_V1)
         links = "".join(

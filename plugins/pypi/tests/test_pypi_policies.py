@@ -6,6 +6,7 @@ chosen upload times, and end to end with the real pip and uv against `batlehub s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,9 +25,11 @@ from batlehub_pypi_testing.clients import client_env, output, pip_install, uv_pi
 from batlehub_pypi_testing.packages import module_name
 from pypi_policy_upstream import DAY, HOUR, JSON_V1, PolicyIndex, running_index
 from pypi_testdata import basic, upload_form, wheel_bytes
+from yarl import URL
 
 from batlehub.app import create_app
 from batlehub.config import parse_settings
+from batlehub.errors import ConfigError
 from batlehub.testing.hub import HubFactory, token_auth_toml
 
 ADMIN = "policy-admin-token-0123456789"
@@ -256,6 +259,37 @@ async def test_a_blocked_pep_440_range_is_refused_at_once(make_hub: Hub, index: 
     assert "hijacked" in (await refused.json())["error"]
 
 
+async def test_an_html_upstream_tells_no_times_but_its_pages_are_filtered_too(
+    make_hub: Hub, index: PolicyIndex
+) -> None:
+    """PEP 503 HTML has no `upload-time`: "unknown" must not mean "old enough"."""
+    index.html_only = True
+    young_and_old(index)
+    strict = await make_hub({"min_release_age": "3d"})
+    assert versions_of(await page(strict, "gated")) == set()
+    lenient = await make_hub({"min_release_age": "3d", "missing_time": "allow"})
+    assert versions_of(await page(lenient, "gated")) == {"1.0", "1.1", "1.2", "2.0"}
+    await add_rule(lenient, "blocks", registry="mirror", package="gated", versions=">=1.2", reason="bad")
+    data = await page(lenient, "gated")
+    assert versions_of(data) == {"1.0", "1.1"}
+    # The page written back keeps the upstream's relative links and digests: its files still come.
+    response = await lenient.get(URL(data["files"][0]["url"]).path)
+    assert response.status == 200 and await response.read() == index.wheel("gated", "1.0")[1]
+    assert data["files"][0]["hashes"] == {"sha256": hashlib.sha256(index.wheel("gated", "1.0")[1]).hexdigest()}
+
+
+async def test_config_block_rules_take_pep_440_ranges(make_hub: Hub, index: PolicyIndex, tmp_path: Path) -> None:
+    now = time.time()
+    index.add("evil", {"1.0": now - 90 * DAY, "2.0": now - 60 * DAY, "3.0": now - 40 * DAY})
+    client = await make_hub({"block": [{"package": "evil", "versions": "~=2.0", "reason": "in the config"}]})
+    assert versions_of(await page(client, "evil")) == {"1.0", "3.0"}
+    raw = {"registries": [{"type": "pypi", "name": "p", "mode": "local", "policy": {"block": [
+        {"package": "x", "versions": ">=1.2.0 <2", "reason": "an npm range"}]}}]}  # fmt: skip
+    with pytest.raises(ConfigError) as info:
+        create_app(parse_settings(raw, data_dir=tmp_path / "bad"))
+    assert info.value.problems == ["registries[0].policy.block[0].versions: not a PEP 440 version range: '>=1.2.0 <2'"]
+
+
 async def test_blocks_reach_local_projects_and_local_projects_are_not_gated_unless_asked(make_hub: Hub) -> None:
     async def upload(client: TestClient, version: str) -> None:
         filename, data = wheel_bytes("mine", version)
@@ -382,3 +416,45 @@ async def test_pip_and_uv_install_the_previous_release_until_an_exemption(
     target, result = await pip(["fresh-lib==1.2"], "pip-exempted")
     assert result.returncode == 0, output(result)
     assert installed(target, "fresh-lib") == "1.2"
+
+
+@pytest.mark.pypi_cli
+@pytest.mark.slow
+async def test_a_blocked_range_holds_on_another_replica_within_a_second(
+    tmp_path: Path, hub: HubFactory, index: PolicyIndex, fresh_postgres_url: str, redis_url: str
+) -> None:
+    now = time.time()
+    index.add("shared-lib", {"1.0": now - 90 * DAY, "2.0": now - 30 * DAY, "2.1rc1": now - 20 * DAY})
+    shared = f"""
+[database]
+type = "postgresql"
+url = "{fresh_postgres_url}"
+[cache]
+type = "redis"
+url = "{redis_url}"
+"""
+    config = shared + served_config(index.url).replace('min_release_age = "3d"', "")
+    first = await hub(config)
+    second = await hub(config)
+    wheel_url = f"{second.url}/registries/pypi/files/shared-lib/{wheel('shared-lib', '2.0')}"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(wheel_url) as response:
+            assert response.status == 200  # cached on the second replica before the rule
+        block = {"registry": "pypi", "package": "shared-lib", "versions": ">=2,<3", "reason": "hijacked release"}
+        async with session.post(f"{first.url}/api/v1/admin/policies/blocks", json=block, headers=ADMIN_HEADERS) as r:
+            assert r.status == 201, await r.text()
+        answered = time.monotonic()
+        while True:
+            async with session.get(wheel_url) as response:
+                if response.status == 403:
+                    assert "hijacked release" in (await response.json())["error"]
+                    break
+            assert time.monotonic() - answered < 1.0, "the block did not reach the other replica within a second"
+            await asyncio.sleep(0.05)
+
+    # pip on the second replica resolves the release left (the prerelease in the range is blocked too).
+    target = tmp_path / "replica"
+    simple = f"{second.url}/registries/pypi/simple/"
+    result = await asyncio.to_thread(pip_install, simple, ["shared-lib", "--pre"], target, client_env(tmp_path))
+    assert result.returncode == 0, output(result)
+    assert installed(target, "shared-lib") == "1.0"
