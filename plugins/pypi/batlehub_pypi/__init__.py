@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from batlehub.api import RegistryFormatType, hookimpl
 from batlehub_pypi import defaults
-from batlehub_pypi.names import normalize_name
+from batlehub_pypi.names import normalize_name, pep440_range
 from batlehub_pypi.options import PypiOptions
 from batlehub_pypi.registry import PypiRegistry
 
@@ -29,5 +29,6 @@ def register_registry_formats() -> list[RegistryFormatType]:
             normalize_name=normalize_name,
             default_registry=defaults.default_registry,
             usage=defaults.usage,
+            version_range=pep440_range,
         )
     ]

@@ -22,6 +22,7 @@ from batlehub.api import (
     NotFound,
     Package,
     PackageStore,
+    RegistryPolicy,
     StoredBlob,
 )
 
@@ -52,14 +53,20 @@ class Upload:
 class LocalProjects:
     """The local projects of one PyPI registry."""
 
-    def __init__(self, store: PackageStore) -> None:
+    def __init__(self, store: PackageStore, policy: RegistryPolicy) -> None:
         self.store = store
+        self.policy = policy
 
     async def stamp(self, project: str) -> str | None:
-        return await self.store.stamp(project)
+        """The revision stamp of the project as clients may see it (extended by what the
+        registry's policies withhold), or None when it is not published here."""
+        stamp = await self.store.stamp(project)
+        return stamp if stamp is None else await self.policy.local_stamp(project, stamp)
 
     async def load(self, project: str) -> Package | None:
-        return await self.store.load(project)
+        """The project as clients may see it: without the releases the policies withhold."""
+        found = await self.store.load(project)
+        return found if found is None else await self.policy.visible_package(found)
 
     async def file_key(self, project: str, filename: str) -> str | None:
         found = await self.store.file(project, filename=filename)

@@ -9,9 +9,11 @@ a file is accepted only when its name and version are the project's and the vers
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import (
     InvalidName,
     InvalidSdistFilename,
@@ -100,6 +102,74 @@ def parse_filename(filename: str) -> DistFile:
     except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion) as exc:
         raise BadRequest(f"invalid distribution file name {filename!r}: {exc}") from None
     raise BadRequest(f"unsupported file type {filename!r}: upload wheels (.whl) and sdists (.tar.gz)")
+
+
+_OLDER_ARCHIVES = (".tar.bz2", ".tar.xz", ".tar.lz", ".tbz", ".tbz2", ".tgz", ".txz", ".tar", ".egg")
+"""Distribution files of older formats that pip still installs (sdists in other archives, eggs),
+whose names packaging's parsers refuse: `name-version` before the suffix (eggs: `-pyX.Y` after)."""
+
+
+def file_version(filename: str) -> str | None:
+    """The version a distribution file belongs to (PEP 440 normal form), as far as its name tells:
+    wheels and sdists by packaging's rules, older archives (`.tar.bz2`, `.egg`, ...) by the first
+    `-`-separated run of the name that is a valid version. None for a name that tells none (such a
+    file cannot be resolved by an installer either). Policies decide by it."""
+    try:
+        return parse_filename(filename).version
+    except BadRequest:
+        pass
+    lowered = filename.lower()
+    suffix = next((s for s in _OLDER_ARCHIVES if lowered.endswith(s)), None)
+    if suffix is None:
+        return None
+    parts = filename[: -len(suffix)].split("-")
+    for start in range(1, len(parts)):
+        for end in range(len(parts), start, -1):
+            try:
+                return str(Version("-".join(parts[start:end])))
+            except InvalidVersion:
+                continue
+    return None
+
+
+def version_id(version: str) -> str:
+    """The PEP 440 normal form of a version, or the text itself when it is not valid (an
+    upstream may list such versions)."""
+    try:
+        return str(Version(version))
+    except InvalidVersion:
+        return version
+
+
+def pep440_range(text: str) -> Callable[[str], bool]:
+    """A rule's version range for PyPI projects: PEP 440 specifiers (`>=2,<3`, `~=1.4`,
+    `==1.2.*`, `!=1.3.1`), or a bare version for that version alone, with `||` between
+    alternatives. Prereleases inside the range match too: a rule about `>=2,<3` is meant for
+    `2.1b1` as much as for `2.1`. A version that is not PEP 440 matches no range. `ValueError`
+    for a bad range."""
+    alternatives: list[SpecifierSet] = []
+    for part in text.split("||"):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"not a PEP 440 version range: {text!r} (an empty alternative)")
+        try:
+            alternatives.append(SpecifierSet(f"=={Version(part)}"))
+            continue
+        except InvalidVersion:
+            pass
+        try:
+            alternatives.append(SpecifierSet(part))
+        except InvalidSpecifier:
+            raise ValueError(f"not a PEP 440 version range: {text!r}") from None
+
+    def test(version: str) -> bool:
+        try:
+            parsed = Version(version)
+        except InvalidVersion:
+            return False
+        return any(spec.contains(parsed, prereleases=True) for spec in alternatives)
+
+    return test
 
 
 def check_filename(filename: str, project: str, version: str) -> DistFile:

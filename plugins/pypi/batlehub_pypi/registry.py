@@ -44,7 +44,13 @@ from batlehub.api import (
 )
 from batlehub_pypi import pages, simple
 from batlehub_pypi.local import METADATA_SUFFIX, LocalProjects, Upload, file_exists
-from batlehub_pypi.names import check_safe_filename, normalize_name, normalize_version, parse_filename
+from batlehub_pypi.names import (
+    check_safe_filename,
+    file_version,
+    normalize_name,
+    normalize_version,
+    parse_filename,
+)
 from batlehub_pypi.options import PypiOptions
 from batlehub_pypi.upload import check_upload, read_form
 from batlehub_pypi.upstream import UpstreamIndex
@@ -65,7 +71,7 @@ class PypiRegistry:
         self.services = services
         self.options = settings.validated_options(PypiOptions)
         self.mode = self.options.mode
-        self.local = LocalProjects(services.packages)
+        self.local = LocalProjects(services.packages, services.policy)
         self.artifacts = services.artifacts
         self.rendered = services.rendered_cache()
         self._file_keys: dict[tuple[str, str, str], str] = {}
@@ -202,6 +208,11 @@ class PypiRegistry:
         dist_name = filename[: -len(METADATA_SUFFIX)] if metadata else filename
         check_safe_filename(dist_name)  # refuses odd names before they reach a lookup
         content_type = METADATA_TYPE if metadata else "application/octet-stream"
+        version = file_version(dist_name)
+        if version is not None:
+            # Before any lookup: a withheld release's files are refused with the rule and reason,
+            # never fetched from the upstream.
+            await self.services.policy.require_visible(project, version, actor(request))
         stamp = await self.local.stamp(project)
         if stamp is not None:
             # The stamp changes with every write on any replica, so a remembered key is as good
@@ -241,6 +252,8 @@ class PypiRegistry:
     async def _json(self, request: web.Request, version: str | None) -> web.StreamResponse:
         require(request, "releases:read")
         project = normalize_name(request.match_info["project"])
+        if version is not None:
+            await self.services.policy.require_visible(project, version, actor(request))
         package = await self._local_package(project)
         url = registry_url(request)
         if package is not None:

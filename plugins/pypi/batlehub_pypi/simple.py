@@ -97,7 +97,9 @@ def _metadata_attr(value: Any) -> str | None:
     return None
 
 
-def render_html(page: Mapping[str, Any]) -> bytes:
+def render_html(page: Mapping[str, Any], *, any_digest: bool = False) -> bytes:
+    """The PEP 503 page. A link's `#fragment` is its sha256, or with `any_digest` whichever one
+    digest the file has (to write back an upstream's page as it was read)."""
     name = html.escape(str(page["name"]))
     lines = [
         "<!DOCTYPE html>",
@@ -114,6 +116,9 @@ def render_html(page: Mapping[str, Any]) -> bytes:
         hashes = item.get("hashes") or {}
         if "sha256" in hashes:
             url += "#sha256=" + hashes["sha256"]
+        elif any_digest and hashes:
+            algorithm, digest = next(iter(hashes.items()))
+            url += f"#{algorithm}={digest}"
         attrs = [f'href="{html.escape(url)}"']
         if item.get("requires-python"):
             attrs.append(f'data-requires-python="{html.escape(item["requires-python"])}"')

@@ -9,9 +9,12 @@ file) is verified against the page before it is stored or served.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
+from packaging.version import InvalidVersion, Version
 from yarl import URL
 
 from batlehub.api import (
@@ -21,8 +24,8 @@ from batlehub.api import (
     RegistryServices,
     UpstreamDocument,
 )
-from batlehub_pypi.names import normalize_name
-from batlehub_pypi.simple import UPSTREAM_ACCEPT, parse_project_page
+from batlehub_pypi.names import file_version, normalize_name, version_id
+from batlehub_pypi.simple import UPSTREAM_ACCEPT, parse_project_page, render_html
 
 PAGE = "page"
 VERIFIED_DIGESTS = ("sha256", "sha512", "sha1")
@@ -40,7 +43,84 @@ def check_project_page(body: bytes) -> bytes:
     return body
 
 
-PROJECT_PAGE = DocumentFormat(path=page_path, accept={PAGE: UPSTREAM_ACCEPT}, check=check_project_page)
+def upload_time(value: Any) -> float | None:
+    """PEP 700's `upload-time` (ISO 8601; without a zone it is UTC) as epoch seconds, or None
+    when it is missing or unreadable."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def published_times(body: bytes) -> dict[str, float | None]:
+    """Policies: the versions a project page names (by its files' names, and PEP 700's `versions`),
+    each published at the earliest `upload-time` of its files; None for a version none of whose
+    files tells a time (an HTML page never does). Files whose names tell no version count for none.
+
+    A release written in several equal forms (`2.0` and `2.0.0`) is one release: each form is
+    listed, with the release's time, so that every form gets the same decision and a download
+    names its version as its file name writes it."""
+    page = parse_project_page(body)
+    times: dict[str, float | None] = {version_id(v): None for v in page.get("versions") or ()}
+    for item in page["files"]:
+        version = file_version(item["filename"])
+        if version is None:
+            continue
+        times[version] = _earliest(times.get(version), upload_time(item.get("upload-time")))
+    releases: dict[Version, float | None] = {}
+    for form, published in times.items():
+        try:
+            release = Version(form)
+        except InvalidVersion:
+            continue
+        releases[release] = _earliest(releases.get(release), published)
+    for form in times:
+        try:
+            times[form] = releases[Version(form)]
+        except InvalidVersion:
+            pass
+    return times
+
+
+def _earliest(known: float | None, other: float | None) -> float | None:
+    return other if known is None else known if other is None else min(known, other)
+
+
+def without_versions(body: bytes, withheld: tuple[str, ...]) -> bytes:
+    """Policies: the project page without the files of the `withheld` versions (and without them
+    in PEP 700's `versions`), in the form it came in. A JSON page keeps everything else as the
+    upstream wrote it (`upload-time` too); an HTML page is written back with every link
+    attribute this hub reads. Files whose names tell no version stay: installers skip them too."""
+    gone = set(withheld)
+
+    def kept(filename: Any) -> bool:
+        return not isinstance(filename, str) or file_version(filename) not in gone
+
+    if body.lstrip()[:1] == b"{":
+        data = json.loads(body)
+        data["files"] = [f for f in data["files"] if not isinstance(f, Mapping) or kept(f.get("filename"))]
+        if isinstance(data.get("versions"), list):
+            data["versions"] = [v for v in data["versions"] if not isinstance(v, str) or version_id(v) not in gone]
+        # ASCII escapes: an upstream's lone surrogate (`\ud800`) must not break the encoding.
+        return json.dumps(data, separators=(",", ":")).encode()
+    page = parse_project_page(body)
+    page["files"] = [f for f in page["files"] if kept(f["filename"])]
+    return render_html(page, any_digest=True)
+
+
+PROJECT_PAGE = DocumentFormat(
+    path=page_path,
+    accept={PAGE: UPSTREAM_ACCEPT},
+    check=check_project_page,
+    # One variant: the hub asks for PEP 691 JSON (which carries `upload-time`) first anyway.
+    versions=published_times,
+    without=without_versions,
+)
 
 
 class UpstreamIndex:
