@@ -129,19 +129,25 @@ async def delete_rule(request: web.Request) -> web.Response:
 
 async def why(request: web.Request) -> web.Response:
     require_admin(request)
-    services = _services(request)
-    raw = unquote(request.match_info["package"])
-    normalize = services.format_type.normalize_name
-    package = normalize(raw) if normalize is not None else raw
-    version = unquote(request.match_info["version"])
+    match = request.match_info
+    return _json(await explain(request.app, match["registry"], unquote(match["package"]), unquote(match["version"])))
+
+
+async def explain(app: web.Application, registry: str, package: str, version: str) -> dict[str, Any]:
+    """Which rule decides `package@version` in `registry` (the why endpoint and the admin page)."""
     if not version or len(version) > 256 or not version.isprintable():
         raise BadRequest(f"invalid version {version!r}")
-    return _json(await services.policy.explain(package, version))
+    services = _registry_services(app, registry)
+    normalize = services.format_type.normalize_name
+    return await services.policy.explain(normalize(package) if normalize is not None else package, version)
 
 
 def _services(request: web.Request) -> RegistryServices:
-    name = request.match_info["registry"]
-    services = request.app[appkeys.REGISTRY_SERVICES].get(name)
+    return _registry_services(request.app, request.match_info["registry"])
+
+
+def _registry_services(app: web.Application, name: str) -> RegistryServices:
+    services = app[appkeys.REGISTRY_SERVICES].get(name)
     if services is None:
         raise NotFound(f"no registry named {name!r}")
     return services

@@ -10,7 +10,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from batlehub import admin, appkeys, quota
+from batlehub import admin, appkeys, policy_admin, quota
 from batlehub.errors import BadRequest, BatleHubError, Forbidden, NotFound
 from batlehub.guide import registry_guides
 from batlehub.plugins import describe_plugins
@@ -270,13 +270,7 @@ async def policies_page(request: web.Request) -> web.Response:
     try:
         if not (registry and package and version):
             raise BadRequest("give the registry, the package and the version to explain")
-        if len(version) > 256 or not version.isprintable():
-            raise BadRequest(f"invalid version {version!r}")  # as the admin API's why answers
-        services = request.app[appkeys.REGISTRY_SERVICES].get(registry)
-        if services is None:
-            raise NotFound(f"no registry named {registry!r}")
-        normalize = services.format_type.normalize_name
-        answer = await services.policy.explain(normalize(package) if normalize else package, version)
+        answer = await policy_admin.explain(request.app, registry, package, version)
     except BatleHubError as exc:
         if exc.status >= 500:
             raise
