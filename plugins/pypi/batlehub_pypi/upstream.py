@@ -15,6 +15,7 @@ from typing import Any
 from yarl import URL
 
 from batlehub.api import (
+    VERIFIABLE,
     DocumentFormat,
     IntegrityError,
     NotFound,
@@ -25,8 +26,6 @@ from batlehub_pypi.names import normalize_name
 from batlehub_pypi.simple import UPSTREAM_ACCEPT, parse_project_page
 
 PAGE = "page"
-VERIFIED_DIGESTS = ("sha256", "sha512", "sha1")
-"""What `ArtifactStore.fetch` can check. An md5 alone proves nothing against a hostile upstream."""
 
 
 def page_path(name: str) -> str:
@@ -88,7 +87,8 @@ class UpstreamIndex:
     async def file_key(self, project: str, filename: str) -> str:
         """The storage key of the verified upstream file, downloading it first if need be."""
         doc, item = await self._find(project, filename)
-        expected = {k: v for k, v in (item.get("hashes") or {}).items() if k in VERIFIED_DIGESTS}
+        # Only what `ArtifactStore.fetch` can check: an md5 alone proves nothing against a hostile upstream.
+        expected = {k: v for k, v in (item.get("hashes") or {}).items() if k in VERIFIABLE}
         if not expected:
             raise IntegrityError(
                 f"cannot verify {filename}: the upstream index announces no sha256 for it, so it is not served"
@@ -99,7 +99,7 @@ class UpstreamIndex:
         """The storage key of the verified upstream `.metadata` file of `filename`."""
         doc, item = await self._find(project, filename)
         hashes = item.get("core-metadata")
-        expected = {k: v for k, v in hashes.items() if k in VERIFIED_DIGESTS} if isinstance(hashes, Mapping) else {}
+        expected = {k: v for k, v in hashes.items() if k in VERIFIABLE} if isinstance(hashes, Mapping) else {}
         if not expected:
             raise NotFound(f"the upstream index has no verifiable core metadata file for {filename}")
         url = file_url(doc.upstream, project, item) + ".metadata"
