@@ -6,15 +6,17 @@ docs/plugins/registry-formats.md; what is not here may change without notice.
 
 - Registering: `hookimpl`, `RegistryFormatType`, the `Registry` protocol, `ClientConfig` (the
   embedded default's upstream, read from the user's own client), and for the format's
-  `config_model`: `ConfigModel` (its base), `ConfigList` (a TOML array), `core_settings`; `ProxyOptions` and
-  `ProxyCacheOptions` (mode, upstreams, cache: what a proxying format's entry shares), `HttpUrl`.
+  `config_model`: `ConfigModel` (its base), `ConfigList` (a TOML array), `core_settings`;
+  `ProxyOptions` and `ProxyCacheOptions` (mode, upstreams, cache: what a proxying format's entry
+  shares), `HttpUrl`.
 - Per registry (`RegistryServices`, handed to the format's factory): the package store, the
   artifact store, upstream documents, where downloads may come from (`UpstreamOrigins`), the
   fail-open cache, tokens.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
-  `registry_url`, bounded body readers (and `gunzip`, bounded too), path checks for raw paths
-  (`decode_path_segment`, `refuse_path_escape`), `label_route` (the route's
-  name in metrics and traces); `banner_header`, a middleware that puts the banner on responses.
+  `registry_url`, bounded body readers (and `gunzip`, bounded too), `label_route` (the route's
+  name in metrics and traces); for formats that parse their raw paths, `decode_path_segment`,
+  `refuse_path_escape` and `route_handler` (their own route table); `banner_header`, a
+  middleware that puts the banner on responses.
 - `JsonStream`: reads a JSON request body incrementally, streaming one big base64 member out.
 - Policies: `RegistryServices.policy` (upstream documents come filtered; call
   `require_visible` before serving a version), and for policy plugins `PolicyType`, `Policy`,
@@ -123,6 +125,7 @@ from batlehub.requests import (
     registry_subpath,
     registry_url,
     require,
+    route_handler,
 )
 from batlehub.sri import hex_to_sri, sri_to_hex
 from batlehub.upstream import DocumentFormat, DocumentSummary, UpstreamDocument, UpstreamDocuments, UpstreamStats
@@ -238,6 +241,7 @@ __all__ = [
     "require",
     "respond",
     "revision_etag",
+    "route_handler",
     "semver_range",
     "sri_to_hex",
     "warm_up",

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -27,6 +27,8 @@ from batlehub.errors import (
     BatleHubError,
     Forbidden,
     InvalidKey,
+    MethodNotAllowed,
+    NotFound,
     PayloadTooLarge,
     RequestTimeout,
     Unauthorized,
@@ -35,6 +37,8 @@ from batlehub.net import is_trusted
 
 if TYPE_CHECKING:
     from batlehub.coordination import FailOpenCache
+
+H = TypeVar("H")
 
 REGISTRY_MOUNT = "/registries/{name}/"
 """Where each registry's routes are mounted (the only place the prefix is spelled)."""
@@ -156,6 +160,22 @@ def registry_url(request: web.Request, name: str | None = None) -> str:
             raise RuntimeError("registry_url() called outside a registry's routes")
         name = registry.name
     return base_url(request) + registry_path(name).rstrip("/")
+
+
+def route_handler(routes: Mapping[tuple[str, str], H], kind: str, request: web.Request, path: str, what: str) -> H:
+    """The handler of a format's own route table, keyed by (route kind, method), for this
+    request (HEAD is served as GET): 404 naming `what` for a kind the table lacks, 405 with the
+    `Allow` header for a method it lacks. For formats that parse their raw paths themselves."""
+    handler = routes.get((kind, "GET" if request.method == "HEAD" else request.method))
+    if handler is not None:
+        return handler
+    allowed = sorted({method for known, method in routes if known == kind})
+    if not allowed:
+        raise NotFound(f"no such {what}: {request.method} {path}")
+    raise MethodNotAllowed(
+        f"{request.method} is not supported here (allowed: {', '.join(allowed)})",
+        headers={"Allow": ", ".join(allowed)},
+    )
 
 
 def refuse_path_escape(text: str, what: str) -> None:

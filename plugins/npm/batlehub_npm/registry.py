@@ -49,6 +49,7 @@ from batlehub.api import (
     require,
     respond,
     revision_etag,
+    route_handler,
 )
 from batlehub_npm import accounts, documents, page
 from batlehub_npm.documents import json_response
@@ -142,16 +143,7 @@ class NpmRegistry:
                 raw = raw[len(mount) - 1 :]
         route = parse_route(raw)
         label_route(request, route.kind)
-        method = "GET" if request.method == "HEAD" else request.method
-        handler = self._routes.get((route.kind, method))
-        if handler is None:
-            if route.kind == "unknown" or not any(kind == route.kind for kind, _ in self._routes):
-                raise NotFound(f"no such npm endpoint: {request.method} {raw}")
-            allowed = sorted({m for kind, m in self._routes if kind == route.kind})
-            raise MethodNotAllowed(
-                f"{request.method} is not supported here (allowed: {', '.join(allowed)})",
-                headers={"Allow": ", ".join(allowed)},
-            )
+        handler = route_handler(self._routes, route.kind, request, raw, "npm endpoint")
         return await handler(request, route)
 
     def _refuse_writes_in_proxy_mode(self) -> None:
