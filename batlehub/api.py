@@ -4,18 +4,26 @@ A format imports from `batlehub.api` and nothing else in `batlehub` (backends al
 `batlehub.interfaces` and `batlehub.storage`, see their guides). What is here is documented in
 docs/plugins/registry-formats.md; what is not here may change without notice.
 
-- Registering: `hookimpl`, `RegistryFormatType`, the `Registry` protocol, and for the format's
-  `config_model`: `ConfigModel` (its base), `ConfigList` (a TOML array), `core_settings`.
+- Registering: `hookimpl`, `RegistryFormatType`, the `Registry` protocol, `ClientConfig` (the
+  embedded default's upstream, read from the user's own client), and for the format's
+  `config_model`: `ConfigModel` (its base), `ConfigList` (a TOML array), `core_settings`;
+  `ProxyOptions` and `ProxyCacheOptions` (mode, upstreams, cache: what a proxying format's entry
+  shares), `HttpUrl`.
 - Per registry (`RegistryServices`, handed to the format's factory): the package store, the
   artifact store, upstream documents, where downloads may come from (`UpstreamOrigins`), the
   fail-open cache, tokens.
 - Per request: `identity`, `client_ip`, `actor`, `require` (RBAC), `registry_of`, `base_url`,
-  `registry_url`, bounded body readers, `label_route` (the route's name in metrics and traces).
+  `registry_url`, bounded body readers (and `gunzip`, bounded too), `label_route` (the route's
+  name in metrics and traces); for formats that parse their raw paths, `decode_path_segment`,
+  `refuse_path_escape` and `route_handler` (their own route table); `banner_header`, a
+  middleware that puts the banner on responses.
 - `JsonStream`: reads a JSON request body incrementally, streaming one big base64 member out.
 - Policies: `RegistryServices.policy` (upstream documents come filtered; call
   `require_visible` before serving a version), and for policy plugins `PolicyType`, `Policy`,
   `PolicySetup`, `PolicySubject`, `Verdict` and its actions; `semver_range` for formats whose
   versions are semver.
+- Digests: `sri_to_hex` and `hex_to_sri` (Subresource Integrity strings, `sha512-<base64>`).
+- `warm_up`: fetch configured entries at start, once across all replicas.
 - Domain errors: raise them; core turns them into JSON errors with the right status.
 - The web UI: `PackagePage` (with `VersionInfo`, `FileInfo`, `Dependency`), what a format's
   `package_page` hook returns; `DocumentSummary`, what its `DocumentFormat.summarize` returns.
@@ -23,12 +31,13 @@ docs/plugins/registry-formats.md; what is not here may change without notice.
 
 from __future__ import annotations
 
-from batlehub.artifacts import VERIFIABLE, ArtifactStore, BlobMissing, SpooledBlob, blob_key
+from batlehub.artifacts import VERIFIABLE, ArtifactStore, BlobMissing, IncomingBlob, SpooledBlob, blob_key
 from batlehub.auth import ANONYMOUS, Identity
 from batlehub.cli_login import CliLogins
+from batlehub.client_config import ClientConfig
 from batlehub.config import RegistrySettings, Settings
 from batlehub.configmodel import ConfigList, ConfigModel, core_settings
-from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight
+from batlehub.coordination import BackgroundWrites, FailOpenCache, LogThrottle, SingleFlight, warm_up
 from batlehub.errors import (
     AlreadyExists,
     BadRequest,
@@ -84,25 +93,41 @@ from batlehub.packages import (
 from batlehub.plugins import hookimpl
 from batlehub.policies import PolicyRefused, RegistryPolicy
 from batlehub.policy_config import semver_range
+from batlehub.proxy_options import HttpUrl, Mode, ProxyCacheOptions, ProxyOptions
 from batlehub.registries import RegistryServices
-from batlehub.rendering import Rendered, RenderedCache, content_etag, etag_matches, gzipped, respond, revision_etag
+from batlehub.rendering import (
+    Rendered,
+    RenderedCache,
+    accepts,
+    content_etag,
+    etag_matches,
+    gzipped,
+    respond,
+    revision_etag,
+)
 from batlehub.requests import (
     Actor,
     actor,
+    banner_header,
     base_url,
     body_reader,
     client_ip,
+    decode_path_segment,
+    gunzip,
     identity,
     label_route,
     parse_json,
     read_body,
     read_json,
+    refuse_path_escape,
     registry_of,
     registry_path,
     registry_subpath,
     registry_url,
     require,
+    route_handler,
 )
+from batlehub.sri import hex_to_sri, sri_to_hex
 from batlehub.upstream import DocumentFormat, DocumentSummary, UpstreamDocument, UpstreamDocuments, UpstreamStats
 
 __all__ = [
@@ -121,6 +146,7 @@ __all__ = [
     "BatleHubError",
     "BlobMissing",
     "CliLogins",
+    "ClientConfig",
     "ConfigList",
     "ConfigModel",
     "Conflict",
@@ -132,12 +158,15 @@ __all__ = [
     "FileInfo",
     "FileRecord",
     "Forbidden",
+    "HttpUrl",
     "Identity",
+    "IncomingBlob",
     "IntegrityError",
     "InvalidKey",
     "JsonStream",
     "LogThrottle",
     "MethodNotAllowed",
+    "Mode",
     "NewFile",
     "NotFound",
     "Package",
@@ -152,6 +181,8 @@ __all__ = [
     "PolicySetup",
     "PolicySubject",
     "PolicyType",
+    "ProxyCacheOptions",
+    "ProxyOptions",
     "RateLimited",
     "ReadChunk",
     "Registry",
@@ -177,7 +208,9 @@ __all__ = [
     "Verdict",
     "VersionInfo",
     "VersionRecord",
+    "accepts",
     "actor",
+    "banner_header",
     "base_url",
     "blob_key",
     "body_reader",
@@ -185,8 +218,11 @@ __all__ = [
     "client_ip",
     "content_etag",
     "core_settings",
+    "decode_path_segment",
     "etag_matches",
+    "gunzip",
     "gzipped",
+    "hex_to_sri",
     "hookimpl",
     "identity",
     "json_may_need_repair",
@@ -196,6 +232,7 @@ __all__ = [
     "points_at_this_hub",
     "read_body",
     "read_json",
+    "refuse_path_escape",
     "registry_of",
     "registry_path",
     "registry_subpath",
@@ -204,5 +241,8 @@ __all__ = [
     "require",
     "respond",
     "revision_etag",
+    "route_handler",
     "semver_range",
+    "sri_to_hex",
+    "warm_up",
 ]

@@ -22,7 +22,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -123,6 +123,10 @@ class SpooledBlob:
         self.path.unlink(missing_ok=True)
 
 
+LOCAL_KEY_MEMO_ENTRIES = 100_000
+"""(package, revision stamp, file) -> storage key entries a registry's process remembers (~200 bytes each)."""
+
+
 class ArtifactStore:
     """One format's artifacts in the storage backend (see the module docstring)."""
 
@@ -168,6 +172,7 @@ class ArtifactStore:
         self.uses = uses
         """Where served upstream artifacts are noted, for retention's least-recently-used order."""
         self._warn_allowed = LogThrottle()
+        self._local_keys: dict[tuple[str, str, str], str] = {}
 
     def key_for(self, digests: Mapping[str, str]) -> str:
         return blob_key(self.format_name, digests.get("sha512"), digests.get("sha1"), sha256_hex=digests.get("sha256"))
@@ -407,6 +412,102 @@ class ArtifactStore:
                 await response.write(chunk)
         await response.write_eof()
         return response
+
+    async def local_response(
+        self,
+        request: web.Request,
+        memo: tuple[str, str, str],
+        lookup: Callable[[], Awaitable[str | None]],
+        filename: str,
+        *,
+        not_found: str,
+        what: str = "file",
+        content_type: str = "application/octet-stream",
+    ) -> web.StreamResponse:
+        """Serve a local file whose storage key `lookup()` reads from the package store (None:
+        404 with `not_found`). `memo` is (package, revision stamp, file): the stamp is the shared
+        revision, which every write changes, so a key remembered under it is as good as a query
+        (an install asks for every file once per client)."""
+        key = self._local_keys.get(memo)
+        if key is not None:
+            try:
+                return await self.response(request, key, filename, content_type)
+            except BlobMissing:
+                del self._local_keys[memo]  # gone from storage under us: ask the database again
+        key = await lookup()
+        if key is None:
+            raise NotFound(not_found)
+        if len(self._local_keys) >= LOCAL_KEY_MEMO_ENTRIES:
+            self._local_keys.clear()
+        self._local_keys[memo] = key
+        try:
+            return await self.response(request, key, filename, content_type)
+        except BlobMissing:
+            raise NotFound(f"{what} {filename} is missing from storage") from None
+
+    async def fetched_response(
+        self,
+        request: web.Request,
+        fetch: Callable[[], Awaitable[str]],
+        filename: str,
+        *,
+        what: str = "file",
+        content_type: str = "application/octet-stream",
+    ) -> web.StreamResponse:
+        """Serve an upstream file whose storage key `fetch()` gives (downloading it first if need
+        be, see `fetch`). A key remembered as stored that the sweep (or an operator) removed
+        since is forgotten and fetched once more."""
+        key = await fetch()
+        try:
+            return await self.response(request, key, filename, content_type)
+        except BlobMissing:
+            self.forget(key)
+        key = await fetch()
+        try:
+            return await self.response(request, key, filename, content_type)
+        except BlobMissing:
+            raise NotFound(f"{what} {filename} is missing from storage") from None
+
+
+class IncomingBlob:
+    """One upload's bytes, kept while they arrive: straight into storage under their content key
+    when the expected sha512 is known by then, else into a spool file until `finish` is told what
+    to verify them against (a client may announce the digests after the bytes)."""
+
+    def __init__(self, artifacts: ArtifactStore) -> None:
+        self.artifacts = artifacts
+        self._result: StoredBlob | SpooledBlob | None = None
+
+    async def receive(self, chunks: AsyncIterator[bytes], expected: Mapping[str, str]) -> StoredBlob | SpooledBlob:
+        """Take the bytes; with a sha512 in `expected` they are verified and stored now."""
+        if "sha512" in expected:
+            self._result = await self.artifacts.put(chunks, expected)
+        else:
+            self._result = await self.artifacts.spool(chunks)
+        return self._result
+
+    @property
+    def size(self) -> int | None:
+        """Bytes received, before `finish` too; None if none were."""
+        return None if self._result is None else self._result.size
+
+    async def finish(self, expected: Mapping[str, str]) -> StoredBlob | None:
+        """The stored blob, spooled bytes verified against `expected` first; None if no bytes
+        were received."""
+        result = self._result
+        if result is None or isinstance(result, StoredBlob):
+            return result
+        try:
+            blob = await self.artifacts.put_spooled(result, expected)
+        finally:
+            result.discard()
+        self._result = blob
+        return blob
+
+    def discard(self) -> None:
+        """The upload failed: drop what it received (see `ArtifactStore.discard`)."""
+        self.artifacts.discard(self._result)
+        self._result = None
 
 
 async def is_referenced(db: Connection, key: str) -> bool:

@@ -217,6 +217,31 @@ class Authenticator:
         )
         return revoked > 0
 
+    async def token_login(self, user_id: str, password: Any, *, elsewhere: str = "") -> str:
+        """A client's password login (`npm login`): BatleHub has no passwords, so the password
+        must be a live access token of `user_id`; the client then keeps it as its token. Returns
+        it, or raises `Unauthorized`; `elsewhere` ends that message with where else the client
+        takes a token (", or put the token in your .npmrc")."""
+        found = await self.identify(password) if isinstance(password, str) and password else None
+        if found is None or found.user_id is None:
+            raise Unauthorized(
+                "BatleHub has no passwords: log in with your user id and an access token as the password" + elsewhere
+            )
+        if found.user_id != user_id:
+            raise Unauthorized(f"that token belongs to another user; log in as {found.user_id!r}")
+        return str(password)
+
+    async def log_out(self, caller: Identity, token: str) -> None:
+        """A client's logout (`npm logout`): revoke the database token `caller` authenticated with,
+        and only that one, which the client names as `token`. Tokens from the configuration cannot
+        be revoked from outside: that is a 403, not a success while the token keeps working."""
+        if caller.anonymous:
+            raise Unauthorized("not logged in")
+        if caller.token_id is None:
+            raise Forbidden("this token comes from the server's configuration and cannot be revoked by logging out")
+        if not await self.revoke_presented(caller, token):
+            raise Forbidden("only the token used for this request can be revoked")
+
     async def ensure_first_start_token(self, data_dir: Path) -> Path | None:
         """With no tokens configured and no first-start token ever made, create an admin token and
         write it to `<data_dir>/admin.token` (mode 0600). Returns the path when one was created.

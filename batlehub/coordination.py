@@ -8,6 +8,7 @@
 - `under_lease`: the same across replicas, with a lease in the cache backend; a replica that finds
   the lease taken watches for the holder's result instead of doing the work too.
 - `BackgroundWrites`: writes made after answering, with `settle()` to wait for them.
+- `warm_up`: fetch a registry's configured entries at start, each once across all replicas.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -287,3 +288,50 @@ class BackgroundWrites:
         for task in list(self._tasks):
             task.cancel()
         await self.settle()
+
+
+WarmOne = Callable[[str], Awaitable["tuple[str, float] | str"]]
+"""Warms one entry: returns what it warmed (for the log, `name@1.2.3`) and for how many seconds
+that stays warm, or a reason (logged as a warning) when there was nothing to warm."""
+
+
+async def warm_up(cache: FailOpenCache, kind: str, registry: str, specs: Sequence[str], warm_one: WarmOne) -> None:
+    """Warm each of `specs` (a format's `warm_packages` entries) once across all replicas, with
+    `warm_one`. Meant to run in the background after start: logs progress and problems, never
+    raises for them. A replica that finds another one warming an entry leaves it to that one;
+    `kind` (the format's name) prefixes the cache keys of markers and leases."""
+    total = len(specs)
+    for index, spec in enumerate(specs, 1):
+        try:
+            await _warm_once(
+                cache,
+                f"{kind}:warmed:{registry}:{spec}",
+                f"{kind}:lease:warm:{registry}:{spec}",
+                spec,
+                warm_one,
+                f"warm-up {index}/{total}",
+            )
+        except Exception as exc:
+            log.warning("warm-up %d/%d: %s failed: %s", index, total, spec, exc)
+    if total:
+        log.info("registry %s: warm-up done (%d packages)", registry, total)
+
+
+async def _warm_once(cache: FailOpenCache, marker: str, lease: str, spec: str, warm_one: WarmOne, step: str) -> None:
+    if await cache.get(marker):
+        log.info("%s: %s already warm", step, spec)
+        return
+    owner = uuid.uuid4().hex
+    if not await cache.acquire_lease(lease, owner, LEASE_TTL_SECS):
+        log.info("%s: %s is being warmed by another replica", step, spec)
+        return
+    try:
+        warmed = await warm_one(spec)
+        if isinstance(warmed, str):
+            log.warning("%s: %s", step, warmed)
+            return
+        what, ttl = warmed
+        await cache.set(marker, what.encode(), ttl_secs=ttl)
+        log.info("%s: %s", step, what)
+    finally:
+        await cache.release_lease(lease, owner)

@@ -4,7 +4,7 @@ of `[],` become millions of Python lists), and a base64 string member can be str
 chunk by chunk, while it arrives. npm's publish body (a tarball inside as base64) is read with it.
 
 The format drives the reader member by member (`expect`, `key`, `value`, `after_member`,
-`base64_string`), so it decides which member is streamed and what the rest must look like.
+`members`, `base64_string`), so it decides which member is streamed and what the rest must look like.
 """
 
 from __future__ import annotations
@@ -196,6 +196,18 @@ class JsonStream:
             self.pos += 1
             return False
         raise self.malformed(f"expected ',' or {closing.decode()!r}")
+
+    async def members(self) -> AsyncIterator[str]:
+        """The keys of the object that starts here, one by one. The caller reads each member's
+        value (`value`, `base64_string`, or a nested `members`) before it asks for the next key."""
+        await self.expect(b"{")
+        if await self.peek() == ord("}"):
+            self.pos += 1
+            return
+        while True:
+            yield await self.key()
+            if not await self.after_member(b"}"):
+                return
 
     async def base64_string(self) -> AsyncIterator[bytes]:
         """The decoded bytes of a base64 JSON string whose opening quote was just consumed."""

@@ -55,6 +55,18 @@ def etag_matches(if_none_match: str | None, etag: str) -> bool:
     return etag in candidates or f"W/{etag}" in candidates
 
 
+def accepts(accept: str | None, media_type: str) -> bool:
+    """Whether an `Accept` header lists `media_type` itself (not through a wildcard) without
+    refusing it with `q=0`: how a client asks for a format's special form of a document."""
+    if not accept:
+        return False
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if media.lower() == media_type:
+            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
+    return False
+
+
 def gzipped(body: bytes) -> bytes | None:
     """The gzip form of `body`, or None when it is too small to be worth one (pure: may run in a
     worker process, see `batlehub.offload`)."""

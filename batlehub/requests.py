@@ -10,18 +10,35 @@ matched applications instead of parsing the path again.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote
 
 from aiohttp import web
 
 from batlehub import appkeys, jsondoc
 from batlehub.auth import ANONYMOUS, Identity, check_permission
 from batlehub.config import RegistrySettings
-from batlehub.errors import Forbidden, PayloadTooLarge, RequestTimeout, Unauthorized
+from batlehub.errors import (
+    BadRequest,
+    BatleHubError,
+    Forbidden,
+    InvalidKey,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    Unauthorized,
+)
 from batlehub.net import is_trusted
+
+if TYPE_CHECKING:
+    from batlehub.coordination import FailOpenCache
+
+H = TypeVar("H")
 
 REGISTRY_MOUNT = "/registries/{name}/"
 """Where each registry's routes are mounted (the only place the prefix is spelled)."""
@@ -145,6 +162,44 @@ def registry_url(request: web.Request, name: str | None = None) -> str:
     return base_url(request) + registry_path(name).rstrip("/")
 
 
+def route_handler(routes: Mapping[tuple[str, str], H], kind: str, request: web.Request, path: str, what: str) -> H:
+    """The handler of a format's own route table, keyed by (route kind, method), for this
+    request (HEAD is served as GET): 404 naming `what` for a kind the table lacks, 405 with the
+    `Allow` header for a method it lacks. For formats that parse their raw paths themselves."""
+    handler = routes.get((kind, "GET" if request.method == "HEAD" else request.method))
+    if handler is not None:
+        return handler
+    allowed = sorted({method for known, method in routes if known == kind})
+    if not allowed:
+        raise NotFound(f"no such {what}: {request.method} {path}")
+    raise MethodNotAllowed(
+        f"{request.method} is not supported here (allowed: {', '.join(allowed)})",
+        headers={"Allow": ", ".join(allowed)},
+    )
+
+
+def refuse_path_escape(text: str, what: str) -> None:
+    """Refuse text from a URL that could walk out of a namespace once it names a row or a storage
+    key (`..`, a leading `.`-pair, control characters, backslashes, a `%` left after decoding),
+    whatever else is wrong with it: 400 naming the text as `what`."""
+    if "\x00" in text or "\\" in text or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise InvalidKey(f"invalid {what} {text!r}: control characters and backslashes are not allowed")
+    for part in text.split("/"):
+        if part in (".", "..") or part.startswith(".."):
+            raise InvalidKey(f"invalid {what} {text!r}: path traversal is not allowed")
+    if "%" in text:  # left over after decoding once: double-encoded, never a real name
+        raise InvalidKey(f"invalid {what} {text!r}: percent signs are not allowed")
+
+
+def decode_path_segment(raw: str) -> str:
+    """One raw (percent-encoded) path segment decoded once, strictly as UTF-8 (`UnicodeDecodeError`
+    otherwise); NUL and backslash are refused with a 400."""
+    text = unquote(raw, errors="strict")
+    if "\x00" in text or "\\" in text:
+        raise InvalidKey("invalid path: NUL and backslash are not allowed")
+    return text
+
+
 def body_reader(request: web.Request) -> Callable[[], Awaitable[bytes]]:
     """`request.content.readany`, answered 408 when the client sends nothing for
     `limits.body_idle_timeout_secs` (a stalled upload must not hold a connection forever)."""
@@ -184,6 +239,19 @@ async def read_json(request: web.Request, limit: int = SMALL_BODY_LIMIT, *, defa
     return parse_json(body)
 
 
+def gunzip(body: bytes, limit: int, what: str) -> bytes:
+    """`body` (gzip) uncompressed: 400 when it is not gzip, 413 as soon as it passes `limit`
+    bytes (a gzip bomb stops there). `what` names the body in messages ("audit request")."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        raw = inflate.decompress(body, limit + 1)
+    except zlib.error:
+        raise BadRequest(f"{what} body is not valid gzip") from None
+    if len(raw) > limit or inflate.unconsumed_tail:
+        raise PayloadTooLarge(f"{what} is larger than {limit} bytes uncompressed")
+    return raw
+
+
 def parse_json(raw: bytes | str) -> Any:
     """Strict JSON (`batlehub.jsondoc.loads`): no NaN or Infinity, no lone surrogates, no
     absurd nesting; anything else is a 400."""
@@ -194,3 +262,24 @@ def rfc3339(epoch: float) -> str:
     """A time as the admin API answers it: RFC 3339, UTC, milliseconds (`2026-12-02T16:25:21.250Z`)."""
     moment = datetime.fromtimestamp(epoch, UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def banner_header(cache: FailOpenCache, header: str) -> Any:
+    """Middleware for a format's application: the global banner rides on each of its responses,
+    errors too, as `header` (npm prints `npm-notice`); a handler's own value of it wins."""
+
+    @web.middleware
+    async def add_banner(request: web.Request, handler: Any) -> web.StreamResponse:
+        banner = await cache.get_banner()
+        notice = " ".join(banner.message.split()) if banner is not None and banner.message else None
+        try:
+            response: web.StreamResponse = await handler(request)
+        except BatleHubError as exc:
+            if notice:
+                exc.headers.setdefault(header, notice)
+            raise
+        if notice and not response.prepared:
+            response.headers.setdefault(header, notice)
+        return response
+
+    return add_banner

@@ -15,10 +15,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from aiohttp import web
+
 from batlehub.api import (
     DocumentSummary,
     Package,
     PackageRows,
+    accepts,
     content_etag,
     gzipped,
     json_may_need_repair,
@@ -174,15 +177,13 @@ def serialize(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=serialize(data), content_type="application/json", headers=headers)
+
+
 def wants_abbreviated(accept: str | None) -> bool:
     """True when the client prefers the install-only form (npm, pnpm and yarn all ask so)."""
-    if not accept:
-        return False
-    for part in accept.split(","):
-        media, *params = (p.strip() for p in part.split(";"))
-        if media.lower() == ABBREVIATED_TYPE:
-            return not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in params)
-    return False
+    return accepts(accept, ABBREVIATED_TYPE)
 
 
 # --- upstream packuments as bytes ---------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The digests npm metadata announces for a tarball: `dist.integrity` (Subresource Integrity,
-`sha512-<base64>`) and `dist.shasum` (hex sha1), as lowercase hex for storage to verify.
+`sha512-<base64>`, read by core's `sri_to_hex`) and `dist.shasum` (hex sha1), as lowercase hex
+for storage to verify.
 
 Publishes are checked strictly (a malformed value is the client's mistake: 400). Upstream metadata
 is read leniently (a malformed entry is left out; the tarball then fails verification or is
@@ -8,42 +9,13 @@ refused for having nothing to verify against, never stored unchecked).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from batlehub.api import VERIFIABLE, BadRequest, IntegrityError
+from batlehub.api import BadRequest, IntegrityError, sri_to_hex
 
-_HEX_LENGTH = {"sha512": 128, "sha256": 64, "sha1": 40}
 _SHASUM = re.compile(r"^[0-9a-fA-F]{40}$")
-
-
-def sri_to_hex(integrity: str, *, strict: bool = False) -> dict[str, str]:
-    """SRI (`sha512-<base64>`, possibly several space-separated, possibly with `?options`) to
-    {algorithm: lowercase hex}, for the algorithms storage can verify. Strict: a malformed entry
-    of such an algorithm raises `BadRequest`; lenient: it is left out."""
-    digests: dict[str, str] = {}
-    for token in (integrity or "").split():
-        algorithm, sep, value = token.partition("-")
-        algorithm = algorithm.lower()
-        if not sep or algorithm not in VERIFIABLE:
-            continue
-        try:
-            raw = base64.b64decode(value.split("?", 1)[0], validate=True)
-        except (binascii.Error, ValueError):
-            raw = b""
-        if len(raw) * 2 != _HEX_LENGTH[algorithm]:
-            if strict:
-                raise BadRequest(f"dist.integrity is not a valid SRI string: {token[:40]!r}")
-            continue
-        digests.setdefault(algorithm, raw.hex())
-    return digests
-
-
-def hex_to_sri(algorithm: str, hex_digest: str) -> str:
-    return f"{algorithm}-" + base64.b64encode(bytes.fromhex(hex_digest)).decode()
 
 
 def expected_digests(dist: Any, *, strict: bool) -> dict[str, str]:
@@ -63,7 +35,7 @@ def expected_digests(dist: Any, *, strict: bool) -> dict[str, str]:
         if strict:
             raise BadRequest("dist.integrity must be a string")
         integrity = None
-    expected = sri_to_hex(integrity or "", strict=strict)
+    expected = sri_to_hex(integrity or "", strict=strict, what="dist.integrity")
     shasum = dist.get("shasum")
     if shasum is not None:
         if not isinstance(shasum, str) or not _SHASUM.match(shasum):

@@ -24,9 +24,9 @@ from batlehub.api import (
     PackageWrite,
     RegistryPolicy,
     StoredBlob,
+    hex_to_sri,
 )
 from batlehub_npm.documents import make_rev
-from batlehub_npm.integrity import hex_to_sri
 from batlehub_npm.names import PackageName, latest_version, validate_tag
 from batlehub_npm.publish import PublishRequest
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from urllib.parse import unquote
 
-from batlehub.api import BadRequest, InvalidKey
+from batlehub.api import BadRequest, InvalidKey, decode_path_segment, refuse_path_escape
 
 MAX_NAME_LENGTH = 214
 AUDIT_ENDPOINTS = frozenset({"advisories/bulk", "audits/quick", "audits"})
@@ -69,23 +68,12 @@ class PackageName:
         return self.name
 
 
-def _refuse_escape(text: str, what: str) -> None:
-    """Refuse anything that could walk out of a namespace, whatever else is wrong with it."""
-    if "\x00" in text or "\\" in text or any(ord(c) < 32 or ord(c) == 127 for c in text):
-        raise InvalidKey(f"invalid {what} {text!r}: control characters and backslashes are not allowed")
-    for part in text.split("/"):
-        if part in (".", "..") or part.startswith(".."):
-            raise InvalidKey(f"invalid {what} {text!r}: path traversal is not allowed")
-    if "%" in text:  # left over after decoding once: double-encoded, never a real name
-        raise InvalidKey(f"invalid {what} {text!r}: percent signs are not allowed")
-
-
 def parse_package_name(text: str, *, new: bool = False) -> PackageName:
     """Validate a decoded package name. `new=True` applies the stricter rules for publishing
     (lowercase only, no `~)('!*`), the way npm itself checks names of new packages."""
     if not isinstance(text, str) or not text:
         raise InvalidPackageName("package name must not be empty")
-    _refuse_escape(text, "package name")
+    refuse_path_escape(text, "package name")
     if len(text) > MAX_NAME_LENGTH:
         raise InvalidPackageName(f"invalid package name: longer than {MAX_NAME_LENGTH} characters")
     if text != text.strip():
@@ -119,7 +107,7 @@ def validate_version(text: str) -> str:
     """A strict semver version (npm normalizes versions before publishing)."""
     if not isinstance(text, str) or not text:
         raise BadRequest("version must be a non-empty string")
-    _refuse_escape(text, "version")
+    refuse_path_escape(text, "version")
     if not is_semver(text) or text.startswith("v"):
         raise BadRequest(f"invalid version {text!r}: expected a semver version such as 1.2.3")
     return text
@@ -129,7 +117,7 @@ def validate_tag(text: str) -> str:
     """A dist-tag: URL-safe, and not something npm would read as a version or range."""
     if not isinstance(text, str) or not text:
         raise BadRequest("dist-tag must be a non-empty string")
-    _refuse_escape(text, "dist-tag")
+    refuse_path_escape(text, "dist-tag")
     if len(text) > MAX_TAG_LENGTH or not _TAG.match(text):
         raise BadRequest(f"invalid dist-tag {text!r}: use letters, digits, - . _ ~")
     if is_semver(text) or re.match(r"^v?\d+(\.\d+)?$", text, re.ASCII):
@@ -138,7 +126,7 @@ def validate_tag(text: str) -> str:
 
 
 def validate_version_or_tag(text: str) -> str:
-    _refuse_escape(text, "version or tag")
+    refuse_path_escape(text, "version or tag")
     if is_semver(text):
         return text
     return validate_tag(text)
@@ -193,13 +181,6 @@ class Route:
     segments: tuple[str, ...] = field(default=())
 
 
-def _decode_segment(raw: str) -> str:
-    text = unquote(raw, errors="strict")
-    if "\x00" in text or "\\" in text:
-        raise InvalidKey("invalid path: NUL and backslash are not allowed")
-    return text
-
-
 def _take_package(segments: list[str]) -> tuple[PackageName, list[str]]:
     """Read the package name off the front of the decoded segments (`@scope/name` may be one
     segment with an encoded slash, or two)."""
@@ -221,7 +202,7 @@ def parse_route(raw_path: str) -> Route:
     if not raw_path:
         return Route("unknown")
     try:
-        segments = [_decode_segment(s) for s in raw_path.split("/")]
+        segments = [decode_path_segment(s) for s in raw_path.split("/")]
     except UnicodeDecodeError:
         raise BadRequest("invalid path: not UTF-8") from None
     if segments and segments[-1] == "" and len(segments) > 1:
@@ -232,7 +213,7 @@ def parse_route(raw_path: str) -> Route:
     for segment in rest:
         if "/" in segment:
             raise InvalidKey("invalid path: encoded slashes are not allowed outside a scoped package name")
-        _refuse_escape(segment, "path segment")
+        refuse_path_escape(segment, "path segment")
     if not rest:
         return Route("package", package)
     if len(rest) == 1:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from batlehub.api import ArtifactStore, BadRequest, JsonStream, ReadChunk, SpooledBlob, StoredBlob
+from batlehub.api import BadRequest, IncomingBlob, JsonStream, ReadChunk
 from batlehub_npm.integrity import expected_digests
 from batlehub_npm.names import PackageName, validate_tag, validate_version
 
@@ -60,18 +60,11 @@ async def parse_document(
     document: dict[str, Any] = {}
     attachments: dict[str, dict[str, Any]] = {}
     stored: Any = None
-    await reader.expect(b"{")
-    if await reader.peek() == ord("}"):
-        reader.pos += 1
-    else:
-        while True:
-            key = await reader.key()
-            if key == "_attachments":
-                stored = await _attachments(reader, document, attachments, store_attachment)
-            else:
-                document[key] = await reader.value()
-            if not await reader.after_member(b"}"):
-                break
+    async for key in reader.members():
+        if key == "_attachments":
+            stored = await _attachments(reader, document, attachments, store_attachment)
+        else:
+            document[key] = await reader.value()
     if await reader.peek() is not None:
         raise malformed("unexpected data after the document")
     return ParsedBody(document, attachments, stored)
@@ -88,39 +81,25 @@ async def _attachments(
         if await reader.value() is not None:
             raise malformed("_attachments must be an object")
         return None
-    await reader.expect(b"{")
-    if await reader.peek() == ord("}"):
-        reader.pos += 1
-        return None
-    while True:
-        filename = await reader.key()
+    async for filename in reader.members():
         if attachments:
             raise BadRequest("a publish may carry only one tarball attachment")
         fields: dict[str, Any] = {}
         attachments[filename] = fields
-        await reader.expect(b"{")
-        if await reader.peek() == ord("}"):
-            reader.pos += 1
-        else:
-            while True:
-                key = await reader.key()
-                if key == "data":
-                    if await reader.peek() != ord('"'):
-                        raise BadRequest(f"attachment {filename!r}: data must be a base64 string")
-                    if store_attachment is None:
-                        raise BadRequest("attachments are only accepted when publishing a new version")
-                    reader.pos += 1
-                    chunks = reader.base64_string()
-                    stored = await store_attachment(document, filename, chunks)
-                    async for _ in chunks:  # a callback that stopped early: the string must still be valid
-                        pass
-                    fields["_has_data"] = True
-                else:
-                    fields[key] = await reader.value()
-                if not await reader.after_member(b"}"):
-                    break
-        if not await reader.after_member(b"}"):
-            break
+        async for key in reader.members():
+            if key == "data":
+                if await reader.peek() != ord('"'):
+                    raise BadRequest(f"attachment {filename!r}: data must be a base64 string")
+                if store_attachment is None:
+                    raise BadRequest("attachments are only accepted when publishing a new version")
+                reader.pos += 1
+                chunks = reader.base64_string()
+                stored = await store_attachment(document, filename, chunks)
+                async for _ in chunks:  # a callback that stopped early: the string must still be valid
+                    pass
+                fields["_has_data"] = True
+            else:
+                fields[key] = await reader.value()
     return stored
 
 
@@ -183,45 +162,13 @@ def single_manifest(document: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-class TarballSink:
-    """The attachment callback for publishes: streams straight into storage under its
-    content-addressed key when the manifest's sha512 is already known, else spools to a
-    temporary file first. `finish()` returns the stored blob either way."""
-
-    def __init__(self, artifacts: ArtifactStore) -> None:
-        self.artifacts = artifacts
-        self._result: StoredBlob | SpooledBlob | None = None
+class TarballSink(IncomingBlob):
+    """The attachment callback for publishes: the tarball streams straight into storage when the
+    manifest, read before it, announces its sha512; else core spools it until `finish`."""
 
     async def __call__(self, document: Mapping[str, Any], filename: str, chunks: AsyncIterator[bytes]) -> Any:
         manifest = single_manifest(document)
-        expected = expected_digests(manifest.get("dist"), strict=True) if manifest else {}
-        if "sha512" in expected:
-            self._result = await self.artifacts.put(chunks, expected)
-        else:
-            self._result = await self.artifacts.spool(chunks)
-        return self._result
-
-    @property
-    def size(self) -> int | None:
-        """Bytes received, before `finish` too; None if the body had no data."""
-        return None if self._result is None else self._result.size
-
-    async def finish(self, manifest: Mapping[str, Any]) -> StoredBlob | None:
-        """The stored tarball, verified against `manifest.dist`; None if the body had no data."""
-        result = self._result
-        if result is None or isinstance(result, StoredBlob):
-            return result
-        try:
-            blob = await self.artifacts.put_spooled(result, expected_digests(manifest.get("dist"), strict=True))
-        finally:
-            result.discard()
-        self._result = blob
-        return blob
-
-    def discard(self) -> None:
-        """The publish failed: drop what it received (see `ArtifactStore.discard`)."""
-        self.artifacts.discard(self._result)
-        self._result = None
+        return await self.receive(chunks, expected_digests(manifest.get("dist"), strict=True) if manifest else {})
 
 
 __all__ = [

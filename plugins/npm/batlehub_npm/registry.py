@@ -16,6 +16,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -24,7 +25,6 @@ from aiohttp import web
 from batlehub.api import (
     BadRequest,
     BatleHubError,
-    BlobMissing,
     Conflict,
     MethodNotAllowed,
     NotFound,
@@ -36,6 +36,7 @@ from batlehub.api import (
     UnprocessableEntity,
     UpstreamDocument,
     actor,
+    banner_header,
     base_url,
     body_reader,
     etag_matches,
@@ -48,23 +49,20 @@ from batlehub.api import (
     require,
     respond,
     revision_etag,
+    route_handler,
 )
 from batlehub_npm import accounts, documents, page
+from batlehub_npm.documents import json_response
+from batlehub_npm.integrity import expected_digests
 from batlehub_npm.local import LocalPackages
 from batlehub_npm.names import PackageName, Route, parse_package_name, parse_route, validate_version
 from batlehub_npm.options import NpmOptions
 from batlehub_npm.publish import TarballSink, max_body_bytes, parse_document, parse_publish, single_manifest
 from batlehub_npm.upstream import UpstreamProxy
 
-ARTIFACT_KEY_MEMO_ENTRIES = 100_000
-"""(package, revision stamp, version) -> storage key entries a process remembers (~200 bytes each)."""
 VARY = "Accept, Accept-Encoding"
 
 Handler = Callable[[web.Request, Route], Awaitable[web.StreamResponse]]
-
-
-def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=documents.serialize(data), content_type="application/json", headers=headers)
 
 
 class NpmRegistry:
@@ -89,8 +87,8 @@ class NpmRegistry:
                 warm_packages=list(self.options.cache.warm_packages),
                 guard_publishes=self.mode == "hybrid",
             )
+        self.accounts = accounts.Accounts(services, self.proxy, self.local)
         self._warm_task: asyncio.Task[None] | None = None
-        self._artifact_keys: dict[tuple[str, str, str], str] = {}
         self._routes: dict[tuple[str, str], Handler] = {
             ("package", "GET"): self.get_packument,
             ("package", "PUT"): self.put_package,
@@ -106,19 +104,19 @@ class NpmRegistry:
             ("search", "GET"): self.search,
             ("whoami", "GET"): accounts.whoami,
             ("ping", "GET"): accounts.ping,
-            ("web_login", "POST"): self.web_login,
-            ("web_login_done", "GET"): self.web_login_done,
+            ("web_login", "POST"): self.accounts.web_login,
+            ("web_login_done", "GET"): self.accounts.web_login_done,
             ("stars", "GET"): accounts.stars,
-            ("login", "PUT"): self.login,
-            ("login", "GET"): self.user_lookup,
-            ("logout", "DELETE"): self.logout,
-            ("audit", "POST"): self.audit,
+            ("login", "PUT"): self.accounts.login,
+            ("login", "GET"): self.accounts.user_lookup,
+            ("logout", "DELETE"): self.accounts.logout,
+            ("audit", "POST"): self.accounts.audit,
         }
 
     # --- Registry protocol ----------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
-        app = web.Application(middlewares=[accounts.npm_notice(self.services.cache)])
+        app = web.Application(middlewares=[banner_header(self.services.cache, "npm-notice")])
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         return app
 
@@ -145,16 +143,7 @@ class NpmRegistry:
                 raw = raw[len(mount) - 1 :]
         route = parse_route(raw)
         label_route(request, route.kind)
-        method = "GET" if request.method == "HEAD" else request.method
-        handler = self._routes.get((route.kind, method))
-        if handler is None:
-            if route.kind == "unknown" or not any(kind == route.kind for kind, _ in self._routes):
-                raise NotFound(f"no such npm endpoint: {request.method} {raw}")
-            allowed = sorted({m for kind, m in self._routes if kind == route.kind})
-            raise MethodNotAllowed(
-                f"{request.method} is not supported here (allowed: {', '.join(allowed)})",
-                headers={"Allow": ", ".join(allowed)},
-            )
+        handler = route_handler(self._routes, route.kind, request, raw, "npm endpoint")
         return await handler(request, route)
 
     def _refuse_writes_in_proxy_mode(self) -> None:
@@ -289,42 +278,18 @@ class NpmRegistry:
         filename = route.filename or package.tarball_filename(version)
         stamp = await self.local.stamp(package.name)
         if stamp is None:
-            return await self._get_proxied_tarball(request, package, version, filename)
+            fetch = partial(self._proxied_tarball, package, version)
+            return await self.artifacts.fetched_response(request, fetch, filename, what="tarball")
         # The artifact key of a version changes only with the package's revision (an unpublish
-        # bumps it), and the stamp is the shared revision: a remembered key is as good as a query.
-        memo = (package.name, stamp, version)
-        key = self._artifact_keys.get(memo)
-        if key is not None:
-            try:
-                return await self.artifacts.response(request, key, filename)
-            except BlobMissing:
-                del self._artifact_keys[memo]  # gone from storage under us: ask the database again
-        key = await self.local.tarball_key(package, version)
-        if key is None:
-            raise NotFound(f"{package.name}@{version} not found in registry {self.name!r}")
-        if len(self._artifact_keys) >= ARTIFACT_KEY_MEMO_ENTRIES:
-            self._artifact_keys.clear()
-        self._artifact_keys[memo] = key
-        try:
-            return await self.artifacts.response(request, key, filename)
-        except BlobMissing:
-            raise NotFound(f"tarball {filename} is missing from storage") from None
-
-    async def _get_proxied_tarball(
-        self, request: web.Request, package: PackageName, version: str, filename: str
-    ) -> web.StreamResponse:
-        key = await self._proxied_tarball(package, version)
-        try:
-            return await self.artifacts.response(request, key, filename)
-        except BlobMissing:
-            # Remembered as stored, but the storage sweep (or an operator) removed it since: look
-            # again, which fetches it anew if need be.
-            self.artifacts.forget(key)
-        key = await self._proxied_tarball(package, version)
-        try:
-            return await self.artifacts.response(request, key, filename)
-        except BlobMissing:
-            raise NotFound(f"tarball {filename} is missing from storage") from None
+        # bumps it): core remembers it under the stamp.
+        return await self.artifacts.local_response(
+            request,
+            (package.name, stamp, version),
+            partial(self.local.tarball_key, package, version),
+            filename,
+            not_found=f"{package.name}@{version} not found in registry {self.name!r}",
+            what="tarball",
+        )
 
     async def _proxied_tarball(self, package: PackageName, version: str) -> str:
         upstream = await self._upstream(package, abbreviated=True)
@@ -470,7 +435,7 @@ class NpmRegistry:
                     raise UnprocessableEntity(
                         f"attachment {filename} is {sink.size} bytes, but its length says {length}"
                     )
-            blob = await sink.finish(publish.manifest)
+            blob = await sink.finish(expected_digests(publish.manifest.get("dist"), strict=True))
             assert blob is not None
             warning = await self.local.publish(publish, blob, actor(request))
         except BaseException:
@@ -555,26 +520,6 @@ class NpmRegistry:
         await self.local.remove_dist_tag(package, route.version, actor=actor(request))
         self.rendered.drop_package(package.name)
         return json_response({"ok": True, "id": package.name})
-
-    # --- accounts and audit -----------------------------------------------------------------------
-
-    async def login(self, request: web.Request, route: Route) -> web.StreamResponse:
-        return await accounts.login(request, route, self.services)
-
-    async def web_login(self, request: web.Request, route: Route) -> web.StreamResponse:
-        return await accounts.web_login(request, self.services)
-
-    async def web_login_done(self, request: web.Request, route: Route) -> web.StreamResponse:
-        return await accounts.web_login_done(request, self.services)
-
-    async def user_lookup(self, request: web.Request, route: Route) -> web.StreamResponse:
-        return await accounts.user_lookup(request, route, self.services)
-
-    async def logout(self, request: web.Request, route: Route) -> web.StreamResponse:
-        return await accounts.logout(request, route, self.services)
-
-    async def audit(self, request: web.Request, route: Route) -> web.StreamResponse:
-        return await accounts.audit(request, route, self.proxy, self.local)
 
 
 def _package(route: Route) -> PackageName:

@@ -8,8 +8,6 @@ against the digests their metadata announces, forwards audit requests and warms 
 
 from __future__ import annotations
 
-import logging
-import uuid
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -22,6 +20,7 @@ from batlehub.api import (
     RegistryServices,
     UpstreamDocument,
     UpstreamError,
+    warm_up,
 )
 from batlehub_npm.documents import (
     check_packument,
@@ -33,8 +32,6 @@ from batlehub_npm.documents import (
 )
 from batlehub_npm.integrity import expected_digests
 from batlehub_npm.names import split_spec
-
-log = logging.getLogger(__name__)
 
 FULL = "full"
 ABBREVIATED = "abbreviated"
@@ -147,48 +144,22 @@ class UpstreamProxy:
     # --- warm-up --------------------------------------------------------------------------------
 
     async def warm(self) -> None:
-        """Fetch each `warm_packages` entry (packument + tarball) once across all replicas.
+        """Fetch each `warm_packages` entry (packument + tarball) once across all replicas (core's
+        `warm_up`: in the background after start, logging, never raising)."""
+        await warm_up(self.cache, "npm", self.registry, self.warm_packages, self._warm_one)
 
-        Meant to run in the background after start; logs progress and problems, never raises for
-        them. A replica that finds another one warming a package leaves it to that one.
-        """
-        total = len(self.warm_packages)
-        for index, spec in enumerate(self.warm_packages, 1):
-            try:
-                await self._warm_one(index, total, spec)
-            except Exception as exc:
-                log.warning("warm-up %d/%d: %s failed: %s", index, total, spec, exc)
-        if total:
-            log.info("registry %s: warm-up done (%d packages)", self.registry, total)
-
-    async def _warm_one(self, index: int, total: int, spec: str) -> None:
+    async def _warm_one(self, spec: str) -> tuple[str, float] | str:
         name, wanted = split_spec(spec)
-        marker = f"npm:warmed:{self.registry}:{spec}"
-        if await self.cache.get(marker):
-            log.info("warm-up %d/%d: %s already warm", index, total, spec)
-            return
-        owner = uuid.uuid4().hex
-        lease = f"npm:lease:warm:{self.registry}:{spec}"
-        if not await self.cache.acquire_lease(lease, owner, 15.0):
-            log.info("warm-up %d/%d: %s is being warmed by another replica", index, total, spec)
-            return
-        try:
-            doc = await self.packument(name)
-            if doc is None:
-                log.warning("warm-up %d/%d: %s is not on any upstream registry", index, total, name)
-                return
-            tags = await self.documents.extract(doc, upstream_tags)
-            version = tags.get(wanted or "latest", wanted)
-            dist = await self.documents.extract(doc, upstream_dist, version) if isinstance(version, str) else None
-            if not isinstance(version, str) or dist is None:
-                log.warning("warm-up %d/%d: %s has no version %s upstream", index, total, name, wanted or "latest")
-                return
-            await self.tarball(name, version, dist)
-            ttl = WARMED_PINNED_SECS if wanted and wanted not in tags else WARMED_LATEST_SECS
-            await self.cache.set(marker, version.encode(), ttl_secs=ttl)
-            log.info("warm-up %d/%d: %s@%s", index, total, name, version)
-        finally:
-            await self.cache.release_lease(lease, owner)
+        doc = await self.packument(name)
+        if doc is None:
+            return f"{name} is not on any upstream registry"
+        tags = await self.documents.extract(doc, upstream_tags)
+        version = tags.get(wanted or "latest", wanted)
+        dist = await self.documents.extract(doc, upstream_dist, version) if isinstance(version, str) else None
+        if not isinstance(version, str) or dist is None:
+            return f"{name} has no version {wanted or 'latest'} upstream"
+        await self.tarball(name, version, dist)
+        return f"{name}@{version}", WARMED_PINNED_SECS if wanted and wanted not in tags else WARMED_LATEST_SECS
 
 
 __all__ = ["ABBREVIATED", "FULL", "PACKUMENT", "UpstreamProxy", "upstream_path"]

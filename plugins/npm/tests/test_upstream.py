@@ -25,7 +25,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from batlehub_npm.integrity import sri_to_hex
 from batlehub_npm.upstream import UpstreamProxy
 
 from batlehub.artifacts import blob_key
@@ -37,6 +36,7 @@ from batlehub.db import PostgresDatabase, SqliteDatabase
 from batlehub.errors import IntegrityError, UpstreamError
 from batlehub.interfaces import CacheBackend
 from batlehub.registries import RegistryServices
+from batlehub.sri import sri_to_hex
 from batlehub.sweep import sweep_orphans
 from batlehub.testing.registries import registry_services
 from batlehub.upstream import STORED_BODY_MIN_BYTES
@@ -811,7 +811,7 @@ async def test_warm_up_runs_once_across_replicas(
     shared = MemoryCache()
     replicas = [proxies(make_services(shared), [verdaccio.url], warm=specs) for _ in range(2)]
 
-    caplog.set_level("INFO", logger="batlehub_npm.upstream")
+    caplog.set_level("INFO", logger="batlehub.coordination")
     await asyncio.gather(*(r.warm() for r in replicas))
 
     assert sum(r.stats.artifact_downloads for r in replicas) == 2

@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from aiohttp import web
 
 from batlehub.api import (
     BadRequest,
-    BlobMissing,
     MethodNotAllowed,
     NotFound,
     Package,
@@ -56,8 +56,6 @@ from batlehub_pypi.upload import check_upload, read_form
 from batlehub_pypi.upstream import UpstreamIndex
 
 VARY = "Accept, Accept-Encoding"
-FILE_KEY_MEMO_ENTRIES = 100_000
-"""(project, revision stamp, file name) -> storage key entries a process remembers (~200 bytes each)."""
 PROJECT_LIST_LIMIT = 100_000
 METADATA_TYPE = "text/plain; charset=utf-8"
 STALE_WARNING = '110 batlehub "served stale: upstream unavailable"'
@@ -74,7 +72,6 @@ class PypiRegistry:
         self.local = LocalProjects(services.packages, services.policy)
         self.artifacts = services.artifacts
         self.rendered = services.rendered_cache()
-        self._file_keys: dict[tuple[str, str, str], str] = {}
         self.upstream: UpstreamIndex | None = None
         if self.mode != "local" and self.options.upstreams:
             self.upstream = UpstreamIndex(
@@ -215,37 +212,22 @@ class PypiRegistry:
             await self.services.policy.require_visible(project, version, actor(request))
         stamp = await self.local.stamp(project)
         if stamp is not None:
-            # The stamp changes with every write on any replica, so a remembered key is as good
-            # as a query (an install asks for every file once per client, and for its .metadata).
-            memo = (project, stamp, filename)
-            key = self._file_keys.get(memo)
-            if key is None:
-                key = await self.local.file_key(project, filename)
-                if key is None:
-                    raise NotFound(f"file {filename} of {project} not found")
-                if len(self._file_keys) >= FILE_KEY_MEMO_ENTRIES:
-                    self._file_keys.clear()
-                self._file_keys[memo] = key
-            try:
-                return await self.artifacts.response(request, key, filename, content_type)
-            except BlobMissing:
-                self._file_keys.pop(memo, None)
-                raise NotFound(f"file {filename} is missing from storage") from None
-        if self.upstream is None:
+            return await self.artifacts.local_response(
+                request,
+                (project, stamp, filename),
+                partial(self.local.file_key, project, filename),
+                filename,
+                not_found=f"file {filename} of {project} not found",
+                content_type=content_type,
+            )
+        upstream = self.upstream
+        if upstream is None:
             raise self._not_found(project)
-        for attempt in (1, 2):
-            if metadata:
-                key = await self.upstream.metadata_key(project, dist_name)
-            else:
-                key = await self.upstream.file_key(project, filename)
-            try:
-                return await self.artifacts.response(request, key, filename, content_type)
-            except BlobMissing:
-                # Remembered as stored, but the sweep (or an operator) removed it since: fetch again.
-                self.artifacts.forget(key)
-                if attempt == 2:
-                    raise NotFound(f"file {filename} is missing from storage") from None
-        raise AssertionError("unreachable")
+        if metadata:
+            fetch = partial(upstream.metadata_key, project, dist_name)
+        else:
+            fetch = partial(upstream.file_key, project, filename)
+        return await self.artifacts.fetched_response(request, fetch, filename, content_type=content_type)
 
     # --- JSON API -------------------------------------------------------------------------------
 

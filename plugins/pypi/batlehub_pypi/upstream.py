@@ -18,6 +18,7 @@ from packaging.version import InvalidVersion, Version
 from yarl import URL
 
 from batlehub.api import (
+    VERIFIABLE,
     DocumentFormat,
     IntegrityError,
     NotFound,
@@ -28,8 +29,6 @@ from batlehub_pypi.names import file_version, normalize_name, version_id
 from batlehub_pypi.simple import UPSTREAM_ACCEPT, parse_project_page, render_html
 
 PAGE = "page"
-VERIFIED_DIGESTS = ("sha256", "sha512", "sha1")
-"""What `ArtifactStore.fetch` can check. An md5 alone proves nothing against a hostile upstream."""
 
 
 def page_path(name: str) -> str:
@@ -168,7 +167,8 @@ class UpstreamIndex:
     async def file_key(self, project: str, filename: str) -> str:
         """The storage key of the verified upstream file, downloading it first if need be."""
         doc, item = await self._find(project, filename)
-        expected = {k: v for k, v in (item.get("hashes") or {}).items() if k in VERIFIED_DIGESTS}
+        # Only what `ArtifactStore.fetch` can check: an md5 alone proves nothing against a hostile upstream.
+        expected = {k: v for k, v in (item.get("hashes") or {}).items() if k in VERIFIABLE}
         if not expected:
             raise IntegrityError(
                 f"cannot verify {filename}: the upstream index announces no sha256 for it, so it is not served"
@@ -179,7 +179,7 @@ class UpstreamIndex:
         """The storage key of the verified upstream `.metadata` file of `filename`."""
         doc, item = await self._find(project, filename)
         hashes = item.get("core-metadata")
-        expected = {k: v for k, v in hashes.items() if k in VERIFIED_DIGESTS} if isinstance(hashes, Mapping) else {}
+        expected = {k: v for k, v in hashes.items() if k in VERIFIABLE} if isinstance(hashes, Mapping) else {}
         if not expected:
             raise NotFound(f"the upstream index has no verifiable core metadata file for {filename}")
         url = file_url(doc.upstream, project, item) + ".metadata"
