@@ -24,6 +24,7 @@ from batlehub.api import (
     PackageStore,
     StoredBlob,
 )
+from batlehub_pypi.names import version_key
 
 METADATA_SUFFIX = ".metadata"
 
@@ -104,6 +105,9 @@ class LocalProjects:
                 await tx.add_version(upload.version, manifest, files)
                 tx.describe(target=f"{upload.project}@{upload.version}", file=upload.filename)
             tx.extra["name"] = upload.display_name
+            if all(version_key(upload.version) >= version_key(v) for v in await tx.versions()):
+                # The newest release's summary: what the package list shows and searches.
+                tx.extra["description"] = str(upload.metadata.get("summary") or "")
             tx.describe(size=upload.blob.size, sha256=upload.blob.sha256)
         return tx.quota_warning
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +29,7 @@ from batlehub.api import (
     MethodNotAllowed,
     NotFound,
     Package,
+    PackagePage,
     RegistryServices,
     RegistrySettings,
     Rendered,
@@ -42,7 +44,7 @@ from batlehub.api import (
     respond,
     revision_etag,
 )
-from batlehub_pypi import pages, simple
+from batlehub_pypi import pages, simple, web_page
 from batlehub_pypi.local import METADATA_SUFFIX, LocalProjects, Upload, file_exists
 from batlehub_pypi.names import check_safe_filename, normalize_name, normalize_version, parse_filename
 from batlehub_pypi.options import PypiOptions
@@ -50,6 +52,9 @@ from batlehub_pypi.upload import check_upload, read_form
 from batlehub_pypi.upstream import UpstreamIndex
 
 VARY = "Accept, Accept-Encoding"
+PAGE_MEMO_ENTRIES = 256
+"""Rendered package pages of local projects a process remembers (a reStructuredText README takes
+docutils milliseconds to render)."""
 FILE_KEY_MEMO_ENTRIES = 100_000
 """(project, revision stamp, file name) -> storage key entries a process remembers (~200 bytes each)."""
 PROJECT_LIST_LIMIT = 100_000
@@ -69,6 +74,7 @@ class PypiRegistry:
         self.artifacts = services.artifacts
         self.rendered = services.rendered_cache()
         self._file_keys: dict[tuple[str, str, str], str] = {}
+        self._pages: dict[tuple[str, str, str | None, str], PackagePage] = {}
         self.upstream: UpstreamIndex | None = None
         if self.mode != "local" and self.options.upstreams:
             self.upstream = UpstreamIndex(
@@ -260,6 +266,34 @@ class PypiRegistry:
 
     async def release_json(self, request: web.Request) -> web.StreamResponse:
         return await self._json(request, normalize_version(request.match_info["version"]))
+
+    # --- the web UI ---------------------------------------------------------------------------
+
+    async def package_page(self, request: web.Request, name: str, version: str | None) -> PackagePage:
+        """The web UI's page of a project (core checked the caller may read this registry)."""
+        project = normalize_name(name)
+        url = registry_url(request, self.name)
+        stamp = await self.local.stamp(project)
+        if stamp is not None:
+            memo = (project, stamp, version, url)
+            found = self._pages.get(memo)
+            if found is None:
+                package = await self.local.load(project)
+                if package is None:
+                    raise self._not_found(project)
+                size = sum(len(str(v.manifest.get("metadata", {}).get("description", ""))) for v in package.versions)
+                found = await self.services.offload.run(size, web_page.local_page, package, url, version)
+                if len(self._pages) >= PAGE_MEMO_ENTRIES:
+                    self._pages.clear()
+                self._pages[memo] = found
+            return found
+        doc = await self._upstream_page(project)
+        if doc is None or self.upstream is None:
+            raise self._not_found(project)
+        page = await self.upstream.documents.extract(doc, web_page.proxied_web_page, project, url, version)
+        if page is None:
+            raise NotFound(f"{project} has no version {version!r}")
+        return replace(page, notes=(*page.notes, web_page.STALE_NOTE)) if doc.stale else page
 
     # --- writing --------------------------------------------------------------------------------
 
