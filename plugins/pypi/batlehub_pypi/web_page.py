@@ -141,11 +141,7 @@ def _install_size(files: Sequence[FileInfo]) -> int | None:
 
 def _install(name: str, version: str | None, index_url: str) -> tuple[str, ...]:
     spec = f"{name}=={version}" if version else name
-    return (
-        f"pip install {spec}",
-        f"pip install --index-url {index_url} {name}",
-        f"uv pip install --index-url {index_url} {spec}",
-    )
+    return (f"pip install {spec}", f"pip install --index-url {index_url} {name}")
 
 
 def _links(metadata: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
