@@ -9,6 +9,7 @@ a file is accepted only when its name and version are the project's and the vers
 from __future__ import annotations
 
 import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +63,20 @@ def is_prerelease(version: str) -> bool:
         return Version(version).is_prerelease
     except InvalidVersion:
         return True
+
+
+def latest_release(versions: Iterable[str], yanked: Collection[str]) -> str | None:
+    """The release a bare `pip install` picks: the newest final one not yanked, else the newest
+    not yanked, else the newest (None for none)."""
+    ordered = sorted(versions, key=version_key)
+    for candidates in (
+        [v for v in ordered if v not in yanked and not is_prerelease(v)],
+        [v for v in ordered if v not in yanked],
+        ordered,
+    ):
+        if candidates:
+            return candidates[-1]
+    return None
 
 
 @dataclass(frozen=True)

@@ -14,14 +14,14 @@ file's metadata, which the page does not fetch.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 
 from batlehub.api import BadRequest, Dependency, FileInfo, NotFound, Package, PackagePage, VersionInfo
 from batlehub_pypi.local import is_metadata_file
-from batlehub_pypi.names import is_prerelease, normalize_version, parse_filename, version_key
+from batlehub_pypi.names import latest_release, normalize_version, parse_filename, version_key
 from batlehub_pypi.pages import file_url, proxied_page
 from batlehub_pypi.simple import parse_project_page
 
@@ -58,21 +58,9 @@ def readme_of(metadata: Mapping[str, Any]) -> tuple[str, str]:
     return (html, "html") if html else (text, "text")
 
 
-def _latest(versions: Iterable[str], yanked: set[str]) -> str | None:
-    ordered = sorted(versions, key=version_key)
-    for candidates in (
-        [v for v in ordered if v not in yanked and not is_prerelease(v)],
-        [v for v in ordered if v not in yanked],
-        ordered,
-    ):
-        if candidates:
-            return candidates[-1]
-    return None
-
-
 def _shown(asked: str | None, versions: Sequence[str], yanked: set[str], project: str) -> str | None:
     if asked is None:
-        return _latest(versions, yanked)
+        return latest_release(versions, yanked)
     try:
         wanted = normalize_version(asked)
     except BadRequest:

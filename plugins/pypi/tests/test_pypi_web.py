@@ -127,10 +127,17 @@ async def test_a_local_project_page_says_what_a_python_user_looks_for(client: Te
     assert (await client.get("/packages/py/no-such-project")).status == 404
 
     listing = text_of(await (await client.get("/?q=widgets")).text())
-    assert "1 package" in listing and "acme-widgets Broken widgets 1.2.0 pypi py local" in listing
-    assert "acme-widgets Broken widgets" in text_of(await (await client.get("/?q=broken")).text())  # by summary
-    gone = text_of(await (await client.get("/?q=everyone")).text())  # an older release's summary is not
-    assert "No package matches" in gone
+    # The list shows the release pip picks (1.2.0 is yanked) and its summary, and searches that.
+    assert "1 package" in listing and "acme-widgets Widgets for everyone 1.1.0 pypi py local" in listing
+    assert "No package matches" in text_of(await (await client.get("/?q=broken")).text())
+    unyank = await client.post("/registries/py/pypi/acme-widgets/1.2.0/unyank", headers=basic(ALICE))
+    assert unyank.status == 200
+    listing = text_of(await (await client.get("/?q=broken")).text())
+    assert "acme-widgets Broken widgets 1.2.0 pypi py local" in listing
+    delete = await client.delete("/registries/py/pypi/acme-widgets/1.2.0/", headers=basic(ALICE))
+    assert delete.status == 200
+    listing = text_of(await (await client.get("/?q=widgets")).text())
+    assert "acme-widgets Widgets for everyone 1.1.0 pypi py local" in listing
 
 
 def test_rest_is_rendered_by_pypis_renderer_without_raw_html_and_plain_text_stays_text() -> None:
