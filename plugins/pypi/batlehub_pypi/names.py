@@ -46,7 +46,7 @@ def normalize_version(version: str) -> str:
     """The PEP 440 normal form of a version; `BadRequest` for one that is not valid."""
     try:
         return str(Version(version))
-    except InvalidVersion:
+    except ValueError:  # InvalidVersion, or an integer too long for Python to convert
         raise BadRequest(f"invalid version {version[:100]!r}: not a PEP 440 version") from None
 
 
@@ -54,14 +54,14 @@ def version_key(version: str) -> tuple[int, Version | str]:
     """Sorts versions as pip does; an invalid one (from an upstream) sorts first."""
     try:
         return (1, Version(version))
-    except InvalidVersion:
+    except ValueError:  # InvalidVersion, or an integer too long for Python to convert
         return (0, version)
 
 
 def is_prerelease(version: str) -> bool:
     try:
         return Version(version).is_prerelease
-    except InvalidVersion:
+    except ValueError:  # InvalidVersion, or an integer too long for Python to convert
         return True
 
 

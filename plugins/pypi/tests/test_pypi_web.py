@@ -125,6 +125,11 @@ async def test_a_local_project_page_says_what_a_python_user_looks_for(client: Te
     assert (await client.get("/packages/py/acme-widgets?version=9.9")).status == 404
     assert (await client.get("/packages/py/acme-widgets?version=not a version")).status == 404
     assert (await client.get("/packages/py/no-such-project")).status == 404
+    for odd in ("-bad-", "a" * 300, "x%00y", "@scope/name"):
+        assert (await client.get(f"/packages/py/{odd}")).status == 400, odd
+    assert (await client.get("/packages/py/acme-widgets", params={"version": "9" * 5000})).status == 404
+    # A version too long for Python's int conversion is a bad version, not a server error.
+    assert (await client.get(f"/registries/py/pypi/acme-widgets/{'9' * 5000}/json")).status == 400
 
     listing = text_of(await (await client.get("/?q=widgets")).text())
     # The list shows the release pip picks (1.2.0 is yanked) and its summary, and searches that.
@@ -190,3 +195,16 @@ async def test_a_proxied_project_page_shows_the_upstream_files(
     assert "upstream-thing 0.1.0" in old
     assert (await client.get("/packages/mirror/upstream-thing?version=3.0")).status == 404
     assert (await client.get("/packages/mirror/no-such-thing")).status == 404
+
+
+async def test_a_big_rest_readme_is_rendered_off_the_event_loop(client: TestClient) -> None:
+    paragraphs = "".join(
+        f"Section {i}\n{'-' * (8 + len(str(i)))}\n\nText of *section* {i}. {'word ' * 50}\n\n" for i in range(1000)
+    )
+    description = "Big project\n===========\n\n" + paragraphs
+    assert len(description) > 256 * 1024  # past what core renders inline: a worker process does it
+    await upload(client, "big-rest", "1.0", description=description)
+    response = await client.get("/packages/py/big-rest")
+    assert response.status == 200
+    readme = readme_html(await response.text())
+    assert "Big project" in readme and "<em>section</em> 999" in readme
