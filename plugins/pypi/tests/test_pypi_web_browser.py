@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from batlehub_pypi_testing.clients import client_env, ok, twine_upload
 from batlehub_pypi_testing.packages import write_wheel
+from pypi_testdata import basic
 
 from batlehub.testing.hub import HubFactory, token_auth_toml
 
@@ -118,8 +120,13 @@ async def test_a_python_project_page_in_chromium_shows_what_pip_users_need_and_r
         "acme-widgets", "1.1.0", out, summary="Widgets for everyone", headers=headers,
         dependencies=deps, description=HOSTILE_README,
     )  # fmt: skip
+    broken = write_wheel("acme-widgets", "1.2.0", out, summary="Broken widgets", description="# broken")
     env = client_env(tmp_path)
-    ok(twine_upload(f"{server.url}/registries/python/", [old, wheel], env, ALICE))
+    ok(twine_upload(f"{server.url}/registries/python/", [old, wheel, broken], env, ALICE))
+    async with aiohttp.ClientSession(headers=basic(ALICE)) as session:
+        yank = {"reason": "the wheel misses a module"}
+        async with session.post(f"{server.url}/registries/python/pypi/acme-widgets/1.2.0/yank", json=yank) as r:
+            assert r.status == 200, await r.text()
     driver = browser
 
     # Find it in the package list, with its format and latest version.
@@ -170,6 +177,13 @@ async def test_a_python_project_page_in_chromium_shows_what_pip_users_need_and_r
     driver.set_window_size(1280, max(900, int(height)))
     driver.save_screenshot(str(SCREENSHOTS / "package-pypi.png"))
     driver.set_window_size(1280, 900)
+
+    versions = [row.text for row in driver.find_elements(By.CSS_SELECTOR, "table.versions tbody tr")]
+    assert (
+        len(versions) == 3
+        and versions[0].startswith("1.2.0 ")
+        and versions[0].endswith("yanked the wheel misses a module")
+    ), versions
 
     # Another version from the version list.
     driver.find_element(By.LINK_TEXT, "1.0.0").click()
