@@ -7,14 +7,16 @@ index URL.
 
 A local project is read from the package store (its release metadata came with the upload). A
 proxied one from the upstream index's project page, which lists files only (names, digests,
-sizes, upload times, Requires-Python, yanks): its summary, README and dependencies are in each
-file's metadata, which the page does not fetch.
+sizes, upload times, Requires-Python, yanks), completed from the shown release's core metadata
+file (PEP 658) when the upstream offers one with a digest: the hub fetches and verifies it as it
+does for pip, and reads the summary, README and dependencies in it.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
@@ -30,8 +32,8 @@ MAX_VERSIONS = 1000
 SHOWN_HASHES = ("sha256", "blake2b_256", "md5")
 """The digests a file row shows, in this order (PyPI's own set); others an upstream names follow."""
 PROXIED_NOTE = (
-    "The upstream index lists this project's files only: its summary, README and dependencies are"
-    " in the files' metadata, which pip reads when it installs."
+    "No metadata file of this release could be had from the upstream index: its summary, README"
+    " and dependencies are inside its files, which pip reads when it installs."
 )
 STALE_NOTE = "The upstream index did not answer: this is the last copy the hub has."
 _EXTRA_MARKER = re.compile(r"""\bextra\s*==\s*["']([^"']+)["']""")
@@ -296,6 +298,39 @@ def upstream_page(data: Mapping[str, Any], project: str, registry_url: str, vers
         install=_install(name, shown, index_url),
         facts=_facts({}, requires_python, index_url),
         notes=(PROXIED_NOTE,),
+    )
+
+
+def metadata_file_of(page: PackagePage) -> str | None:
+    """The file of the shown release whose core metadata tells its summary, README and
+    dependencies: a pure-Python wheel, else any wheel (the sdist has no `.metadata` file)."""
+    shown = page.shown_version()
+    wheels = [f.filename for f in shown.files if f.filename.endswith(".whl")] if shown else []
+    pure = [w for w in wheels if w.endswith("-none-any.whl")]
+    found = pure or wheels
+    return found[0] if found else None
+
+
+def with_metadata(page: PackagePage, data: bytes) -> PackagePage:
+    """A proxied project's page completed from its shown release's core metadata file (`data`,
+    verified against the upstream's digest): summary, README, dependencies, license, links.
+    Pure (core may run it off the event loop: a reStructuredText README takes docutils time)."""
+    from batlehub_pypi.upload import parse_core_metadata, release_metadata
+
+    metadata = release_metadata(parse_core_metadata(data, "core metadata"))
+    readme, markup = readme_of(metadata)
+    requires_python = metadata.get("requires_python")
+    index_url = next(value for label, value in page.facts if label == "Index URL")
+    return replace(
+        page,
+        description=str(metadata.get("summary") or ""),
+        readme=readme,
+        readme_markup=markup,
+        dependencies=dependencies(metadata.get("requires_dist")),
+        license=_license(metadata),
+        links=_links(metadata),
+        facts=_facts(metadata, requires_python if isinstance(requires_python, str) else "", index_url),
+        notes=tuple(n for n in page.notes if n != PROXIED_NOTE),
     )
 
 

@@ -184,7 +184,7 @@ async def test_a_proxied_project_page_shows_the_upstream_files(
     assert response.status == 200
     seen = text_of(await response.text())
     assert "upstream-thing 0.2.0" in seen and "proxied from upstream" in seen
-    assert "lists this project's files only" in seen
+    assert "No metadata file of this release could be had" in seen  # pypiserver offers none
     assert "pip install upstream-thing==0.2.0" in seen and "Versions (2)" in seen
     assert f"sha256 {hashlib.sha256(second.read_bytes()).hexdigest()}" in seen
     assert (
@@ -208,3 +208,28 @@ async def test_a_big_rest_readme_is_rendered_off_the_event_loop(client: TestClie
     assert response.status == 200
     readme = readme_html(await response.text())
     assert "Big project" in readme and "<em>section</em> 999" in readme
+
+
+async def test_a_proxied_page_reads_the_metadata_file_the_upstream_offers(aiohttp_client: Any, tmp_path: Path) -> None:
+    # The upstream is another hub: its pages announce each wheel's core metadata with a digest.
+    upstream = await aiohttp_client(create_app(settings(tmp_path / "upstream")))
+    headers = ["Description-Content-Type: text/markdown", "Requires-Python: >=3.10", "License: BSD"]
+    readme = "# Chained\n\nFrom **upstream**.\n\n<script>alert(1)</script><img src=x onerror=alert(2)>"
+    await upload(
+        upstream, "chained", "2.0", summary="Proxied summary", headers=headers, dependencies=("attrs>=23",),
+        description=readme,
+    )  # fmt: skip
+    index = str(upstream.make_url("/registries/py/simple/"))
+    proxy = await aiohttp_client(create_app(settings(tmp_path / "proxy", index)))
+    response = await proxy.get("/packages/mirror/chained")
+    assert response.status == 200
+    page = await response.text()
+    seen = text_of(page)
+    assert "chained 2.0" in seen and "proxied from upstream" in seen and "Proxied summary" in seen
+    assert "Requires-Python >=3.10" in seen and "License BSD" in seen and "attrs >=23" in seen
+    assert "No metadata file" not in seen
+    html_readme = readme_html(page)
+    assert "<strong>upstream</strong>" in html_readme and "<script" not in html_readme
+    assert "onerror" not in html_readme
+    again = await proxy.get("/packages/mirror/chained")  # remembered: the same page
+    assert text_of(await again.text()) == seen
