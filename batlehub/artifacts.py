@@ -381,6 +381,20 @@ class ArtifactStore:
 
     # --- serving --------------------------------------------------------------------------------
 
+    async def read(self, key: str, max_bytes: int) -> bytes:
+        """A small stored blob's bytes (a format reads e.g. a package's metadata file it fetched
+        and verified). Raises `BlobMissing` when storage does not have it, `PayloadTooLarge` past
+        `max_bytes`."""
+        data = bytearray()
+        try:
+            async for chunk in self.storage.get(key):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise PayloadTooLarge(f"the stored blob {key} is larger than {max_bytes} bytes")
+        except NotFound:
+            raise BlobMissing(key) from None
+        return bytes(data)
+
     async def response(
         self, request: web.Request, key: str, filename: str, content_type: str = "application/octet-stream"
     ) -> web.StreamResponse:

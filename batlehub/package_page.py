@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-README_MARKUPS = ("markdown", "text")
+README_MARKUPS = ("markdown", "html", "text")
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class FileInfo:
     """None unless yanked; then the reason ("" for none given)."""
     note: str = ""
     """One short line the format adds (a wheel's tags, a digest)."""
+    hashes: Mapping[str, str] = field(default_factory=dict)
+    """Algorithm -> hex digest a user can check the download against (`sha256`, ...), shown in
+    full; empty for none."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,9 @@ class PackagePage:
     description: str = ""
     readme: str = ""
     readme_markup: str = "markdown"
-    """How `readme` is written: "markdown" (rendered, then sanitized) or "text" (shown as is)."""
+    """How `readme` is written: "markdown" (rendered, then sanitized), "html" (HTML the format
+    rendered from its own markup, e.g. reStructuredText; sanitized like rendered Markdown) or
+    "text" (shown as is)."""
     versions: tuple[VersionInfo, ...] = ()
     """Newest first."""
     tags: Mapping[str, str] = field(default_factory=dict)

@@ -47,12 +47,21 @@ def get_plugin_manager(load_entrypoints: bool = True) -> pluggy.PluginManager:
 
 
 async def gather_hook(results: Iterable[Any]) -> list[Any]:
-    """Resolve a hook call's results, awaiting the ones that async implementations returned."""
+    """Resolve a hook call's results, awaiting the ones that async implementations returned.
+    When one raises, the others not awaited yet are closed (two formats' async hooks: one
+    answering 404 must not leave the other's coroutine behind, never awaited)."""
+    pending = list(results)
     resolved = []
-    for result in results:
-        if inspect.isawaitable(result):
-            result = await result
-        resolved.append(result)
+    try:
+        for result in pending:
+            if inspect.isawaitable(result):
+                result = await result
+            resolved.append(result)
+    except BaseException:
+        for rest in pending[len(resolved) + 1 :]:
+            if inspect.iscoroutine(rest):
+                rest.close()
+        raise
     return resolved
 
 

@@ -272,3 +272,20 @@ def test_disable_autoload_skips_entry_points(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("BATLEHUB_DISABLE_PLUGIN_AUTOLOAD", "1")
     names = {name for name, _ in get_plugin_manager().list_name_plugin()}
     assert names == set(BUILTIN_PLUGINS)
+
+
+async def test_an_async_hook_that_raises_leaves_no_other_coroutine_unawaited() -> None:
+    ran: list[str] = []
+
+    async def refuses() -> None:
+        raise web.HTTPNotFound()
+
+    async def answers() -> str:
+        ran.append("answers")
+        return "page"
+
+    later = answers()
+    with pytest.raises(web.HTTPNotFound):
+        await gather_hook([refuses(), later])
+    assert ran == [] and inspect.getcoroutinestate(later) == inspect.CORO_CLOSED
+    assert await gather_hook([None, answers()]) == [None, "page"]

@@ -50,11 +50,27 @@ class HubStartError(ServiceStartError):
     """`batlehub serve` exited or did not become healthy; the message ends with its log."""
 
 
+CLOSED_UPSTREAM = "http://127.0.0.1:9/"
+"""Where a test's `batlehub serve` finds the user's npm and pip pointing: a closed port on this
+machine (the discard port, nothing listens there), so a config without `[[registries]]` never
+proxies a public registry (the clients' own defaults) from a test."""
+_CLIENT_INDEX_VARIABLES = (
+    "NPM_CONFIG_REGISTRY",
+    "npm_config_registry",
+    "PIP_INDEX_URL",
+    "UV_DEFAULT_INDEX",
+    "UV_INDEX_URL",
+)
+
+
 def serve_env(overrides: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a `batlehub serve` started for a test: this process's own without its
-    `BATLEHUB_*` variables (a developer's settings must not leak into what a test sees), plus
+    `BATLEHUB_*` variables (a developer's settings must not leak into what a test sees), with npm
+    and pip pointing at `CLOSED_UPSTREAM` (the embedded default proxies what they point at), plus
     `overrides`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATLEHUB_") and k not in _CLIENT_INDEX_VARIABLES}
+    env["NPM_CONFIG_REGISTRY"] = CLOSED_UPSTREAM
+    env["PIP_INDEX_URL"] = CLOSED_UPSTREAM + "simple/"
     env.update(overrides or {})
     return env
 
@@ -269,10 +285,12 @@ class HubFactory:
             process_env = {
                 **base_env,
                 "BATLEHUB_SERVER__PORT": str(hub_port),
-                # A config without [[registries]] proxies the registry the npm client is configured
-                # with; a test hub must not reach one outside this machine: by default it is the
-                # hub itself, which it detects and proxies nothing (a test can pass its own).
+                # A config without [[registries]] proxies the registries the npm and pip clients
+                # are configured with; a test hub must not reach one outside this machine: by
+                # default it is the hub itself, which it detects and proxies nothing (a test can
+                # pass its own).
                 "NPM_CONFIG_REGISTRY": f"http://{LOOPBACK}:{hub_port}/registries/npm/",
+                "PIP_INDEX_URL": f"http://{LOOPBACK}:{hub_port}/registries/pypi/simple/",
                 **(env or {}),
             }
             if "BATLEHUB_SERVER__PORT" in (env or {}):

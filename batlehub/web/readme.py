@@ -64,7 +64,8 @@ def sanitize(html: str) -> str:
 
 
 def render_readme(text: str, markup: str = "markdown") -> str:
-    """A README as sanitized HTML: Markdown rendered, or plain text in a `<pre>`."""
+    """A README as sanitized HTML: Markdown rendered, HTML a format rendered from its own markup,
+    or plain text in a `<pre>`."""
     if not text:
         return ""
     cut = len(text) > MAX_README_CHARS
@@ -76,6 +77,8 @@ def render_readme(text: str, markup: str = "markdown") -> str:
         return html
     if markup == "markdown":
         html = sanitize(_markdown.render(text))
+    elif markup == "html":
+        html = sanitize(text)
     else:
         html = "<pre>" + nh3.clean_text(text) + "</pre>"
     if cut:

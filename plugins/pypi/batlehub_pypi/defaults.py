@@ -3,14 +3,16 @@ named `pypi` that proxies the index the user's own pip (or uv) is configured wit
 that point pip, uv and twine at it.
 
 The upstream is read from the user's configuration (`PIP_INDEX_URL`, `UV_DEFAULT_INDEX`,
-`UV_INDEX_URL`, else `pip config get global.index-url`): the project names no index itself. A
-configuration that already points at this hub would make it its own upstream; that is detected
-and said instead.
+`UV_INDEX_URL`, else `pip config get global.index-url`), and with none set it is the index the
+installed pip uses by default, as that pip itself says (`pip install --help` names it): the project
+names no index itself. A configuration that already points at this hub would make it its own
+upstream; that is detected and said instead.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -18,6 +20,9 @@ from batlehub.api import DefaultRegistry, Settings, points_at_this_hub
 
 NAME = "pypi"
 _ENV_KEYS = ("PIP_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX_URL")
+_PIP_DEFAULT = re.compile(r"--index-url\b.{0,300}?\(default\s+(https?://[^\s)]+)\)", re.DOTALL)
+"""pip's own help for `--index-url`: "Base URL of the Python Package Index (default <url>)"."""
+_PIP_TIMEOUT_SECS = 15
 _ADD_UPSTREAM = (
     'add a [[registries]] entry (type = "pypi", name = "pypi", mode = "hybrid",'
     ' upstreams = ["<your upstream index URL>/simple/"]) or set PIP_INDEX_URL before starting'
@@ -59,12 +64,42 @@ def user_index() -> tuple[str | None, str]:
         return None, "pip is not installed"
     try:
         found = subprocess.run(
-            [pip, "config", "get", "global.index-url"], capture_output=True, text=True, timeout=15, check=False
+            [pip, "config", "get", "global.index-url"],
+            capture_output=True,
+            text=True,
+            timeout=_PIP_TIMEOUT_SECS,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None, "pip config get global.index-url failed"
     value = found.stdout.strip()
-    return (value if found.returncode == 0 and _is_url(value) else None), "pip config get global.index-url"
+    if found.returncode == 0 and value:
+        return (value if _is_url(value) else None), "pip config get global.index-url"
+    default = pip_default_index(pip)
+    if default is None:
+        return None, "pip names no default index"
+    return default, f"pip's own default, as `{pip} install --help` names it"
+
+
+def pip_default_index(pip: str) -> str | None:
+    """The index `pip` installs from when nothing is configured, as that pip's own help names it
+    (read with its configuration files and PIP_* variables switched off, so it is pip's default,
+    not a setting); None when it cannot tell."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("PIP_")}
+    env.update({"PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "COLUMNS": "200"})
+    try:
+        found = subprocess.run(
+            [pip, "install", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=_PIP_TIMEOUT_SECS,
+            check=False,
+            env=env,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = _PIP_DEFAULT.search(found.stdout) if found.returncode == 0 else None
+    return match.group(1) if match else None
 
 
 def usage(registry_url: str) -> list[str]:

@@ -22,9 +22,11 @@ from batlehub.api import (
     NotFound,
     Package,
     PackageStore,
+    PackageWrite,
     RegistryPolicy,
     StoredBlob,
 )
+from batlehub_pypi.names import latest_release
 
 METADATA_SUFFIX = ".metadata"
 
@@ -111,6 +113,7 @@ class LocalProjects:
                 await tx.add_version(upload.version, manifest, files)
                 tx.describe(target=f"{upload.project}@{upload.version}", file=upload.filename)
             tx.extra["name"] = upload.display_name
+            await _follow_latest(tx)
             tx.describe(size=upload.blob.size, sha256=upload.blob.sha256)
         return tx.quota_warning
 
@@ -131,12 +134,14 @@ class LocalProjects:
                 manifest["yanked"] = True
                 manifest["yanked_reason"] = reason
             await tx.set_manifest(version, manifest)
+            await _follow_latest(tx)
             tx.describe("yank" if reason is not None else "unyank", target=f"{project}@{version}", reason=reason)
 
     async def remove_release(self, project: str, version: str, actor: Actor) -> None:
         async with self.store.write(project, actor, permission="releases:delete") as tx:
             if not await tx.remove_version(version):
                 raise NotFound(f"release {version} of {project} does not exist")
+            await _follow_latest(tx)
             tx.describe(target=f"{project}@{version}")
 
     async def remove_file(self, project: str, filename: str, actor: Actor) -> None:
@@ -146,6 +151,20 @@ class LocalProjects:
                 raise NotFound(f"file {filename} of {project} does not exist")
             await tx.remove_file(filename + METADATA_SUFFIX)
             tx.describe("file.remove", target=project, file=filename)
+
+
+async def _follow_latest(tx: PackageWrite) -> None:
+    """Core's `latest` tag names the release a bare `pip install` picks, and the package's
+    description is that release's summary: what the web UI's package list shows and searches."""
+    versions = await tx.versions()
+    latest = latest_release(versions, {v for v, r in versions.items() if r.manifest.get("yanked")})
+    if latest is None:
+        await tx.remove_tag("latest")
+        return
+    await tx.set_tag("latest", latest)
+    metadata = versions[latest].manifest.get("metadata")
+    summary = metadata.get("summary") if isinstance(metadata, Mapping) else None
+    tx.extra["description"] = summary if isinstance(summary, str) else ""
 
 
 def file_exists(filename: str) -> FileExists:

@@ -9,7 +9,7 @@ a file is accepted only when its name and version are the project's and the vers
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -47,7 +47,7 @@ def normalize_version(version: str) -> str:
     """The PEP 440 normal form of a version; `BadRequest` for one that is not valid."""
     try:
         return str(Version(version))
-    except InvalidVersion:
+    except ValueError:  # InvalidVersion, or an integer too long for Python to convert
         raise BadRequest(f"invalid version {version[:100]!r}: not a PEP 440 version") from None
 
 
@@ -55,15 +55,29 @@ def version_key(version: str) -> tuple[int, Version | str]:
     """Sorts versions as pip does; an invalid one (from an upstream) sorts first."""
     try:
         return (1, Version(version))
-    except InvalidVersion:
+    except ValueError:  # InvalidVersion, or an integer too long for Python to convert
         return (0, version)
 
 
 def is_prerelease(version: str) -> bool:
     try:
         return Version(version).is_prerelease
-    except InvalidVersion:
+    except ValueError:  # InvalidVersion, or an integer too long for Python to convert
         return True
+
+
+def latest_release(versions: Iterable[str], yanked: Collection[str]) -> str | None:
+    """The release a bare `pip install` picks: the newest final one not yanked, else the newest
+    not yanked, else the newest (None for none)."""
+    ordered = sorted(versions, key=version_key)
+    for candidates in (
+        [v for v in ordered if v not in yanked and not is_prerelease(v)],
+        [v for v in ordered if v not in yanked],
+        ordered,
+    ):
+        if candidates:
+            return candidates[-1]
+    return None
 
 
 @dataclass(frozen=True)

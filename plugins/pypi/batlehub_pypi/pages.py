@@ -9,14 +9,14 @@ or the upstream copy's content id, the content type, the base URL).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
 from batlehub.api import BadRequest, Package, VersionRecord
 from batlehub_pypi.local import is_metadata_file
-from batlehub_pypi.names import check_safe_filename, is_prerelease, parse_filename, version_key
+from batlehub_pypi.names import check_safe_filename, latest_release, parse_filename, version_key
 from batlehub_pypi.simple import page_versions, sorted_versions
 
 
@@ -136,18 +136,6 @@ def _json_file(item: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -
     }
 
 
-def _latest(versions: Sequence[str], yanked: set[str]) -> str | None:
-    ordered = sorted(versions, key=version_key)
-    for candidates in (
-        [v for v in ordered if v not in yanked and not is_prerelease(v)],
-        [v for v in ordered if v not in yanked],
-        ordered,
-    ):
-        if candidates:
-            return candidates[-1]
-    return None
-
-
 def json_document(
     *,
     name: str,
@@ -163,7 +151,7 @@ def json_document(
     `metadata`: version -> the release's core metadata, as far as known."""
     yanked = {v for v, files in releases.items() if files and all(f["yanked"] for f in files)}
     yanked |= {v for v, m in metadata.items() if m.get("yanked")}
-    shown = version if version is not None else _latest(list(releases), yanked)
+    shown = version if version is not None else latest_release(list(releases), yanked)
     if version is not None and version not in releases:
         return None
     meta = dict((metadata.get(shown) or {}).get("metadata") or {}) if shown else {}

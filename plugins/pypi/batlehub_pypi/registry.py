@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -25,9 +27,12 @@ from aiohttp import web
 
 from batlehub.api import (
     BadRequest,
+    BatleHubError,
+    BlobMissing,
     MethodNotAllowed,
     NotFound,
     Package,
+    PackagePage,
     RegistryServices,
     RegistrySettings,
     Rendered,
@@ -42,7 +47,7 @@ from batlehub.api import (
     respond,
     revision_etag,
 )
-from batlehub_pypi import pages, simple
+from batlehub_pypi import pages, simple, web_page
 from batlehub_pypi.local import METADATA_SUFFIX, LocalProjects, Upload, file_exists
 from batlehub_pypi.names import (
     check_safe_filename,
@@ -52,10 +57,14 @@ from batlehub_pypi.names import (
     parse_filename,
 )
 from batlehub_pypi.options import PypiOptions
-from batlehub_pypi.upload import check_upload, read_form
+from batlehub_pypi.upload import MAX_CORE_METADATA_BYTES, check_upload, read_form
 from batlehub_pypi.upstream import UpstreamIndex
 
+log = logging.getLogger(__name__)
 VARY = "Accept, Accept-Encoding"
+PAGE_MEMO_ENTRIES = 256
+"""Rendered package pages of local projects a process remembers (a reStructuredText README takes
+docutils milliseconds to render)."""
 PROJECT_LIST_LIMIT = 100_000
 METADATA_TYPE = "text/plain; charset=utf-8"
 STALE_WARNING = '110 batlehub "served stale: upstream unavailable"'
@@ -72,6 +81,7 @@ class PypiRegistry:
         self.local = LocalProjects(services.packages, services.policy)
         self.artifacts = services.artifacts
         self.rendered = services.rendered_cache()
+        self._pages: dict[tuple[str | None, ...], PackagePage] = {}
         self.upstream: UpstreamIndex | None = None
         if self.mode != "local" and self.options.upstreams:
             self.upstream = UpstreamIndex(
@@ -255,6 +265,57 @@ class PypiRegistry:
 
     async def release_json(self, request: web.Request) -> web.StreamResponse:
         return await self._json(request, normalize_version(request.match_info["version"]))
+
+    # --- the web UI ---------------------------------------------------------------------------
+
+    async def package_page(self, request: web.Request, name: str, version: str | None) -> PackagePage:
+        """The web UI's page of a project (core checked the caller may read this registry)."""
+        project = normalize_name(name)
+        url = registry_url(request, self.name)
+        stamp = await self.local.stamp(project)
+        if stamp is not None:
+            memo = (project, stamp, version, url)
+            found = self._pages.get(memo)
+            if found is None:
+                package = await self.local.load(project)
+                if package is None:
+                    raise self._not_found(project)
+                size = sum(len(str(v.manifest.get("metadata", {}).get("description", ""))) for v in package.versions)
+                found = await self.services.offload.run(size, web_page.local_page, package, url, version)
+                if len(self._pages) >= PAGE_MEMO_ENTRIES:
+                    self._pages.clear()
+                self._pages[memo] = found
+            return found
+        doc = await self._upstream_page(project)
+        if doc is None or self.upstream is None:
+            raise self._not_found(project)
+        page = await self.upstream.documents.extract(doc, web_page.proxied_web_page, project, url, version)
+        if page is None:
+            raise NotFound(f"{project} has no version {version!r}")
+        page = await self._with_metadata(project, page, (doc.content_id, url))
+        return replace(page, notes=(*page.notes, web_page.STALE_NOTE)) if doc.stale else page
+
+    async def _with_metadata(self, project: str, page: PackagePage, source: tuple[str, str]) -> PackagePage:
+        """The page completed from the shown release's core metadata file, fetched and verified
+        as for pip; the page as it is when the upstream offers none or it cannot be had now."""
+        filename = web_page.metadata_file_of(page)
+        if filename is None or self.upstream is None:
+            return page
+        memo = (project, *source, page.version)
+        found = self._pages.get(memo)
+        if found is not None:
+            return found
+        try:
+            key = await self.upstream.metadata_key(project, filename)
+            data = await self.artifacts.read(key, MAX_CORE_METADATA_BYTES)
+            found = await self.services.offload.run(len(data), web_page.with_metadata, page, data)
+        except (BatleHubError, BlobMissing) as exc:  # none offered, upstream down, not valid metadata
+            log.debug("the page of %s shows no metadata of %s: %s", project, filename, exc)
+            return page
+        if len(self._pages) >= PAGE_MEMO_ENTRIES:
+            self._pages.clear()
+        self._pages[memo] = found
+        return found
 
     # --- writing --------------------------------------------------------------------------------
 

@@ -69,15 +69,27 @@ def _record_hash(data: bytes) -> str:
     return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
-def write_wheel(name: str, version: str, out: Path, *, dependencies: Sequence[str] = (), payload: bytes = b"") -> Path:
-    """A pure-Python wheel of a one-module project, written directly (no build backend)."""
+def write_wheel(
+    name: str,
+    version: str,
+    out: Path,
+    *,
+    dependencies: Sequence[str] = (),
+    payload: bytes = b"",
+    summary: str = "a bench package",
+    headers: Sequence[str] = (),
+    description: str = "",
+) -> Path:
+    """A pure-Python wheel of a one-module project, written directly (no build backend).
+    `headers` are more METADATA lines (`Requires-Python: >=3.9`); `description` its body (the long
+    description, the README a project page shows)."""
     module = module_name(name)
     dist_info = f"{module}-{version}.dist-info"
-    metadata = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", "Summary: a bench package"]
+    metadata = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", f"Summary: {summary}", *headers]
     metadata += [f"Requires-Dist: {d}" for d in dependencies]
     files = {
         f"{module}/__init__.py": f'VERSION = "{version}"\n'.encode() + payload,
-        f"{dist_info}/METADATA": ("\n".join(metadata) + "\n\n").encode(),
+        f"{dist_info}/METADATA": ("\n".join(metadata) + "\n\n" + description).encode(),
         f"{dist_info}/WHEEL": WHEEL,
     }
     record = "".join(f"{path},{_record_hash(data)},{len(data)}\n" for path, data in files.items())
