@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from batlehub.config import Settings
@@ -37,6 +38,9 @@ class ClientConfig:
     """The note's words when no URL is configured: "no npm client configuration found"."""
     add_upstream: str
     """The setting to add for a proxy when none could be read."""
+    fallback: Callable[[str], tuple[str | None, str]] | None = None
+    """Asked with the client's executable when its configuration names no URL: the URL the client
+    uses by default, as the client itself says (pip's own default index), and where it came from."""
 
     def configured_url(self) -> tuple[str | None, str]:
         """The URL the user's client is configured with (None when none is), and where it came from."""
@@ -53,7 +57,11 @@ class ClientConfig:
         except (OSError, subprocess.SubprocessError):
             return None, f"{command} failed"
         value = found.stdout.strip()
-        return (value if found.returncode == 0 and _is_url(value) else None), command
+        if found.returncode == 0 and value:
+            return (value if _is_url(value) else None), command
+        if self.fallback is not None:
+            return self.fallback(program)
+        return None, command
 
     def default_registry(self, name: str, settings: Settings) -> DefaultRegistry:
         """One hybrid registry named `name` that proxies the client's configured URL, when there

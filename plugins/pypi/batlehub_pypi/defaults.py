@@ -13,72 +13,40 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 
-from batlehub.api import DefaultRegistry, Settings, points_at_this_hub
+from batlehub.api import ClientConfig, DefaultRegistry, Settings
 
 NAME = "pypi"
-_ENV_KEYS = ("PIP_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX_URL")
 _PIP_DEFAULT = re.compile(r"--index-url\b.{0,300}?\(default\s+(https?://[^\s)]+)\)", re.DOTALL)
 """pip's own help for `--index-url`: "Base URL of the Python Package Index (default <url>)"."""
 _PIP_TIMEOUT_SECS = 15
-_ADD_UPSTREAM = (
-    'add a [[registries]] entry (type = "pypi", name = "pypi", mode = "hybrid",'
-    ' upstreams = ["<your upstream index URL>/simple/"]) or set PIP_INDEX_URL before starting'
-)
 
 
-def default_registry(settings: Settings) -> DefaultRegistry:
-    url, source = user_index()
-    if url is None:
-        return DefaultRegistry(
-            NAME,
-            {"mode": "hybrid", "upstreams": []},
-            note=f"no pip or uv index configuration found, so nothing is proxied: {_ADD_UPSTREAM}",
-        )
-    if points_at_this_hub(url, settings):
-        return DefaultRegistry(
-            NAME,
-            {"mode": "hybrid", "upstreams": []},
-            note=(
-                f"your pip already uses this hub ({url}, from {source}), so it cannot be the upstream"
-                f" and nothing is proxied: {_ADD_UPSTREAM}"
-            ),
-        )
-    return DefaultRegistry(
-        NAME,
-        {"mode": "hybrid", "upstreams": [url]},
-        note=f"proxying {url}, the index your pip uses (from {source})",
-    )
-
-
-def user_index() -> tuple[str | None, str]:
-    """The index URL the user's pip (or uv) is configured with, and where it came from."""
-    for key in _ENV_KEYS:
-        value = os.environ.get(key, "").strip()
-        if value:
-            return (value if _is_url(value) else None), key
-    pip = shutil.which("pip3") or shutil.which("pip")
-    if pip is None:
-        return None, "pip is not installed"
-    try:
-        found = subprocess.run(
-            [pip, "config", "get", "global.index-url"],
-            capture_output=True,
-            text=True,
-            timeout=_PIP_TIMEOUT_SECS,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None, "pip config get global.index-url failed"
-    value = found.stdout.strip()
-    if found.returncode == 0 and value:
-        return (value if _is_url(value) else None), "pip config get global.index-url"
+def _pip_default(pip: str) -> tuple[str | None, str]:
     default = pip_default_index(pip)
     if default is None:
         return None, "pip names no default index"
     return default, f"pip's own default, as `{pip} install --help` names it"
+
+
+PIP_CLIENT = ClientConfig(
+    env_keys=("PIP_INDEX_URL", "UV_DEFAULT_INDEX", "UV_INDEX_URL"),
+    programs=("pip3", "pip"),
+    config_get=("config", "get", "global.index-url"),
+    client="your pip",
+    noun="index",
+    missing="no pip or uv index configuration found",
+    add_upstream=(
+        'add a [[registries]] entry (type = "pypi", name = "pypi", mode = "hybrid",'
+        ' upstreams = ["<your upstream index URL>/simple/"]) or set PIP_INDEX_URL before starting'
+    ),
+    fallback=_pip_default,
+)
+
+
+def default_registry(settings: Settings) -> DefaultRegistry:
+    return PIP_CLIENT.default_registry(NAME, settings)
 
 
 def pip_default_index(pip: str) -> str | None:
@@ -111,7 +79,3 @@ def usage(registry_url: str) -> list[str]:
         f"uv: UV_DEFAULT_INDEX={base}/simple/",
         f"twine: twine upload --repository-url {base}/ -u __token__ -p <a token> dist/*",
     ]
-
-
-def _is_url(value: str) -> bool:
-    return value.startswith(("http://", "https://"))
