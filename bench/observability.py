@@ -223,7 +223,7 @@ class ObservabilityBench:
         )
 
     def profile(self, variants: list[Variant], seconds: float) -> dict[str, Any]:
-        """py-spy samples of each metrics hub (and `off`) under c=64 load: the share of samples
+        """py-spy samples of `metrics`, `off` and the baselines under c=64 load: the share of samples
         spent counting (prometheus-client, batlehub/metrics.py, the middleware's `_count`). A
         share of samples does not depend on how much CPU the busy machine gave the hub, unlike
         requests/s."""
@@ -233,7 +233,7 @@ class ObservabilityBench:
         headers = {**NPM_HEADERS, "Accept": NPM_ABBREVIATED_ACCEPT}
         found: dict[str, Any] = {}
         for variant in variants:
-            if variant.name not in ("off", "metrics") or variant.hub is None:
+            if variant.hub is None or not (variant.name in ("off", "metrics") or variant.name.startswith("base")):
                 continue
             raw = self.scratch / f"profile-{variant.name}.txt"
             load = threading.Thread(
@@ -432,6 +432,22 @@ def report(results: dict[str, Any]) -> tuple[list[str], bool]:
                 f"| {name} | {row['rps']:.0f} | {row['p99_ms']:.2f} | {row['rps_per_cpu'] or 0:.0f} |"
                 f" {v['base'] if name != v['base'] else '—'} | {ratio_text} | {paired_text} | {per_cpu} | {verdict} |"
             )
+    for conns, rows in results["summary"].items():
+        spread = rows.get("off-2", {}).get("ratio")
+        if spread is not None and abs(spread - 1) > 1 - TARGET:
+            lines += [
+                "",
+                f"c={conns}: the A/A spread ({spread:.3f}) is wider than the margin of the target: at this"
+                " noise level a PASS or FAIL by requests/s says little; see the profile share below.",
+            ]
+    profile = results["evidence"].get("profile", {})
+    if profile:
+        lines.append("")
+    for name, shares in profile.items():
+        lines.append(
+            f"py-spy, `{name}` at c=64: {shares['samples']} samples, {100 * shares['counting']:.1f}% of them"
+            f" counting (prometheus-client {100 * shares['prometheus_client']:.1f}%)."
+        )
     size = meta["packument_bytes"]
     lines += [
         "",
@@ -457,7 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scrape-interval", type=float, default=15.0, help="seconds between scrapes; 0: none")
     parser.add_argument("--workers2", action="store_true", help="also the pair with [server] workers = 2")
     parser.add_argument(
-        "--profile", type=float, metavar="SECONDS", help="then sample 'metrics' and 'off' with py-spy this long"
+        "--profile",
+        type=float,
+        metavar="SECONDS",
+        help="then py-spy 'metrics', 'off', 'base*' this long",
     )
     parser.add_argument("--no-otel", action="store_true", help="leave out the hub that exports traces")
     parser.add_argument(
@@ -467,7 +486,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", metavar="FILE", help="also write the tables as Markdown")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the target is missed")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (hub logs) afterwards")
+    parser.add_argument("--render", metavar="JSON", help="only print the tables of an earlier run's JSON file")
     args = parser.parse_args(argv)
+    if args.render:
+        print("\n".join(report(json.loads(Path(args.render).read_text()))[0]))
+        return 0
     try:
         results = ObservabilityBench(args).run()
     except BenchError as exc:
