@@ -438,7 +438,8 @@ def report(results: dict[str, Any]) -> tuple[list[str], bool]:
             lines += [
                 "",
                 f"c={conns}: the A/A spread ({spread:.3f}) is wider than the margin of the target: at this"
-                " noise level a PASS or FAIL by requests/s says little; see the profile share below.",
+                " noise level a PASS or FAIL by requests/s says little; py-spy's counting share (`--profile`)"
+                " does not depend on the noise.",
             ]
     profile = results["evidence"].get("profile", {})
     if profile:
