@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -29,6 +30,7 @@ from pypi_policy_upstream import DAY, HOUR, JSON_V1, PolicyIndex, running_index
 from pypi_testdata import basic, upload_form, wheel_bytes
 from yarl import URL
 
+from batlehub import appkeys
 from batlehub.app import create_app
 from batlehub.config import parse_settings
 from batlehub.errors import ConfigError
@@ -394,6 +396,42 @@ async def test_the_json_api_document_is_rendered_once_per_upstream_copy_and_rele
     for _ in range(5):
         assert (await client.get(api)).headers["ETag"] == response.headers["ETag"]
     assert runs == [None, "1.1", None]
+
+
+async def test_big_json_api_documents_are_rendered_in_the_worker_process_alike(
+    make_hub: Hub, index: PolicyIndex
+) -> None:
+    young_and_old(index)
+    paths = (
+        "/registries/mirror/pypi/gated/json",
+        "/registries/mirror/pypi/gated/1.1/json",
+        "/registries/own/pypi/mine/json",
+        "/registries/own/pypi/mine/1.0/json",
+    )
+    wheels = {version: wheel_bytes("mine", version) for version in ("1.0", "2.0")}
+    answers = []
+    for in_worker in (False, True):
+        client = await make_hub({"min_release_age": "3d"})
+        offload = client.app[appkeys.REGISTRY_SERVICES]["own"].offload
+        if in_worker:
+            offload.inline_max_bytes = 0  # every document counts as big
+        for version, (filename, data) in wheels.items():
+            form = upload_form("mine", version, filename, data)
+            response = await client.post("/registries/own/legacy/", data=form, headers=basic(ALICE))
+            assert response.status == 200, await response.text()
+        await add_rule(client, "blocks", registry="own", package="mine", versions=">=2", reason="withdrawn")
+        bodies = []
+        for path in paths:
+            response = await client.get(path, headers={"Accept-Encoding": "gzip"})
+            assert response.status == 200, await response.text()
+            body = (await response.text()).replace(str(client.make_url("")), "HUB")
+            bodies.append(re.sub(r'"(upload_time(_iso_8601)?)":"[^"]*"', r'"\1":""', body))  # when each hub got them
+        assert (await client.get("/registries/own/pypi/mine/2.0/json")).status == 403
+        assert set(json.loads(bodies[0])["releases"]) == {"1.0", "1.1"}
+        assert set(json.loads(bodies[2])["releases"]) == {"1.0"}
+        assert (offload._pool is not None) == in_worker
+        answers.append(bodies)
+    assert answers[0] == answers[1]
 
 
 # --- end to end: pip and uv against `batlehub serve` ----------------------------------------------
