@@ -269,10 +269,10 @@ def serialize(doc: Mapping[str, Any]) -> bytes:
         return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def proxied_releases(body: bytes, project: str) -> list[str]:
+def proxied_releases(body: bytes, project: str) -> frozenset[str]:
     """The releases the JSON API document of an upstream page lists (to answer 404 for any other
     release without rendering anything)."""
-    return sorted(_proxied_releases(proxied_page(parse_project_page(body), project, "")))
+    return frozenset(_proxied_releases(proxied_page(parse_project_page(body), project, "")))
 
 
 def render_proxied_json(
