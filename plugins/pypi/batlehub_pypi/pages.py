@@ -9,15 +9,16 @@ or the upstream copy's content id, the content type, the base URL).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from batlehub.api import BadRequest, Package, VersionRecord
+from batlehub.api import BadRequest, Package, PackageRows, VersionRecord, content_etag, gzipped, package_of
 from batlehub_pypi.local import is_metadata_file
 from batlehub_pypi.names import check_safe_filename, latest_release, parse_filename, version_key
-from batlehub_pypi.simple import page_versions, sorted_versions
+from batlehub_pypi.simple import page_versions, parse_project_page, sorted_versions
 
 
 def iso_time(ts: float) -> str:
@@ -217,16 +218,21 @@ def local_json(package: Package, registry_url: str, version: str | None = None) 
     )
 
 
-def proxied_json(
-    data: Mapping[str, Any], project: str, registry_url: str, version: str | None = None
-) -> dict[str, Any] | None:
-    page = proxied_page(data, project, registry_url)
+def _proxied_releases(page: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     releases: dict[str, list[dict[str, Any]]] = {v: [] for v in page["versions"]}
     for item in page["files"]:
         try:
             releases.setdefault(parse_filename(item["filename"]).version, []).append(_json_file(item))
         except BadRequest:
             continue
+    return releases
+
+
+def proxied_json(
+    data: Mapping[str, Any], project: str, registry_url: str, version: str | None = None
+) -> dict[str, Any] | None:
+    page = proxied_page(data, project, registry_url)
+    releases = _proxied_releases(page)
     return json_document(
         name=page["name"],
         project=project,
@@ -236,3 +242,48 @@ def proxied_json(
         serial=0,
         version=version,
     )
+
+
+# --- JSON API documents as bytes ------------------------------------------------------------------
+# Pure functions: core runs them in a worker process for big documents (`RegistryServices.offload`),
+# and the registry keeps what they make in its `RenderedCache`, so a document is rendered once per
+# upstream content id (or revision stamp) and release, never per request.
+
+
+def serialize(doc: Mapping[str, Any]) -> bytes:
+    try:
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:  # an upstream's lone surrogate (`\ud800`): ASCII escapes encode it
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def proxied_releases(body: bytes, project: str) -> frozenset[str]:
+    """The releases the JSON API document of an upstream page lists (to answer 404 for any other
+    release without rendering anything)."""
+    return frozenset(_proxied_releases(proxied_page(parse_project_page(body), project, "")))
+
+
+def render_proxied_json(
+    body: bytes, project: str, registry_url: str, version: str | None
+) -> tuple[bytes, bytes | None, str] | None:
+    """The JSON API document (of the project, or of one release) of an upstream page: its bytes,
+    their gzip form and their ETag; None when the page has no such release."""
+    doc = proxied_json(parse_project_page(body), project, registry_url, version)
+    if doc is None:
+        return None
+    out = serialize(doc)
+    return out, gzipped(out), content_etag(out)
+
+
+def render_local_json(
+    rows: PackageRows, registry_url: str, version: str | None, withheld: tuple[str, ...] = (), view: str = ""
+) -> tuple[bytes, bytes | None, str] | None:
+    """The JSON API document of a local project as clients may see it (without the releases the
+    policies withhold): its bytes, their gzip form and the stamp of what they show; None when
+    there is no such release."""
+    package = package_of(rows, withheld, view)
+    doc = local_json(package, registry_url, version)
+    if doc is None:
+        return None
+    out = serialize(doc)
+    return out, gzipped(out), package.stamp

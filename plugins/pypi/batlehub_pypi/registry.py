@@ -16,7 +16,6 @@ for a fast refusal and again by core on every write, with ownership.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
@@ -31,7 +30,6 @@ from batlehub.api import (
     BlobMissing,
     MethodNotAllowed,
     NotFound,
-    Package,
     PackagePage,
     RegistryServices,
     RegistrySettings,
@@ -68,6 +66,10 @@ docutils milliseconds to render)."""
 PROJECT_LIST_LIMIT = 100_000
 METADATA_TYPE = "text/plain; charset=utf-8"
 STALE_WARNING = '110 batlehub "served stale: upstream unavailable"'
+JSON_TYPE = "application/json"
+JSON_VARIANT = "pypi-json"
+"""The JSON API's variant in rendered-cache keys and ETags (with the release, for one release)."""
+JSON_BYTES_PER_FILE = 600
 
 
 class PypiRegistry:
@@ -143,12 +145,6 @@ class PypiRegistry:
         if self.upstream is None:
             return None
         return await self.upstream.page(project)
-
-    async def _local_package(self, project: str) -> Package | None:
-        """The local project, or None when it is not published here (one cache read then)."""
-        if await self.local.stamp(project) is None:
-            return None
-        return await self.local.load(project)
 
     # --- the simple index -----------------------------------------------------------------------
 
@@ -242,23 +238,62 @@ class PypiRegistry:
     # --- JSON API -------------------------------------------------------------------------------
 
     async def _json(self, request: web.Request, version: str | None) -> web.StreamResponse:
+        """A JSON API document, rendered once per revision stamp (local) or upstream content id
+        (proxied; a policy view has its own), release and base URL, like the project pages."""
         require(request, "releases:read")
         project = normalize_name(request.match_info["project"])
         if version is not None:
             await self.services.policy.require_visible(project, version, actor(request))
-        package = await self._local_package(project)
+        variant = JSON_VARIANT if version is None else f"{JSON_VARIANT} {version}"
+        base = base_url(request)
         url = registry_url(request)
-        if package is not None:
-            doc = pages.local_json(package, url, version)
-        else:
-            upstream = await self._upstream_page(project)
-            if upstream is None or self.upstream is None:
-                raise self._not_found(project)
-            doc = pages.proxied_json(await self.upstream.data(upstream), project, url, version)
-        if doc is None:
+        stamp = await self.local.stamp(project)
+        if stamp is not None:
+            etag = revision_etag(stamp, variant, base)
+            if etag_matches(request.headers.get("If-None-Match"), etag):  # no database read
+                return web.Response(status=304, headers={"ETag": etag, "Cache-Control": "no-cache", "Vary": VARY})
+
+            async def render_local() -> Rendered:
+                made = await self._render_local_json(project, url, version)
+                body, body_gzip, rendered_stamp = made
+                return Rendered.of(body, revision_etag(rendered_stamp, variant, base), JSON_TYPE, body_gzip)
+
+            # Keyed by the stamp read above; bytes of a write since then carry their own ETag.
+            rendered = await self.rendered.get_or_render((project, stamp, variant, base), render_local)
+            return self._respond(request, rendered)
+        doc = await self._upstream_page(project)
+        if doc is None or self.upstream is None:
+            raise self._not_found(project)
+        documents = self.upstream.documents
+        if version is not None and version not in await documents.extract(doc, pages.proxied_releases, project):
             raise NotFound(f"release {version} of {project} not found")
-        body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-        return self._respond(request, Rendered.of(body, content_etag(body), "application/json"))
+        offload = self.services.offload
+
+        async def render() -> Rendered:
+            # Once per upstream content, release and base URL; in a worker process when big.
+            body = await documents.read(doc)
+            made = await offload.run(len(body), pages.render_proxied_json, body, project, url, version)
+            if made is None:  # the release check above reads the same content
+                raise NotFound(f"release {version} of {project} not found")
+            out, out_gzip, out_etag = made
+            return Rendered.of(out, out_etag, JSON_TYPE, out_gzip)
+
+        key = (project, "upstream", doc.upstream, doc.content_id, variant, base)
+        rendered = await self.rendered.get_or_render(key, render)
+        return self._respond(request, rendered, {"Warning": STALE_WARNING} if doc.stale else None)
+
+    async def _render_local_json(self, project: str, url: str, version: str | None) -> tuple[bytes, bytes | None, str]:
+        rows = await self.local.store.load_rows(project)
+        if rows is None:
+            raise self._not_found(project)
+        view = await self.services.policy.local_view(project, rows.stamp)
+        # What decides where it runs: the manifests, and about this much JSON per file.
+        size = rows.size + JSON_BYTES_PER_FILE * len(rows.files)
+        run = self.services.offload.run
+        made = await run(size, pages.render_local_json, rows, url, version, view.hidden, view.digest)
+        if made is None:
+            raise NotFound(f"release {version} of {project} not found")
+        return made
 
     async def project_json(self, request: web.Request) -> web.StreamResponse:
         return await self._json(request, None)

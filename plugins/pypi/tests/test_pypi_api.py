@@ -108,6 +108,28 @@ async def test_etag_gives_304(client: TestClient) -> None:
         assert response.status == 304
 
 
+async def test_the_json_api_gives_304_until_a_write_changes_it(client: TestClient) -> None:
+    assert (await upload(client, "etag-api", "1.0"))[0] == 200
+    url = "/registries/py/pypi/etag-api/json"
+    async with client.get(url, headers={"Accept-Encoding": "gzip"}) as response:
+        etag = response.headers["ETag"]
+        assert list((await response.json())["releases"]) == ["1.0"]
+    async with client.get("/registries/py/pypi/etag-api/1.0/json") as response:
+        release_etag = response.headers["ETag"]
+        assert release_etag != etag
+    for path, known in ((url, etag), ("/registries/py/pypi/etag-api/1.0/json", release_etag)):
+        async with client.get(path, headers={"If-None-Match": known}) as response:
+            assert response.status == 304 and response.headers["ETag"] == known
+    async with client.get("/registries/py/pypi/etag-api/2.0/json") as response:
+        assert response.status == 404
+    assert (await upload(client, "etag-api", "2.0"))[0] == 200
+    async with client.get(url, headers={"If-None-Match": etag}) as response:
+        assert response.status == 200 and response.headers["ETag"] != etag
+        assert list((await response.json())["releases"]) == ["1.0", "2.0"]
+    async with client.get("/registries/py/pypi/etag-api/2.0/json") as response:
+        assert response.status == 200 and (await response.json())["info"]["version"] == "2.0"
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

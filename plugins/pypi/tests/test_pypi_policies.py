@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -17,8 +18,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
+from batlehub_pypi import pages as pypi_pages
 from batlehub_pypi import upstream as pypi_upstream
 from batlehub_pypi.names import file_version, pep440_range
+from batlehub_pypi.pages import render_proxied_json
 from batlehub_pypi.simple import parse_project_page
 from batlehub_pypi.upstream import published_times, without_versions
 from batlehub_pypi_testing.clients import client_env, output, pip_install, uv_pip_install
@@ -27,6 +30,7 @@ from pypi_policy_upstream import DAY, HOUR, JSON_V1, PolicyIndex, running_index
 from pypi_testdata import basic, upload_form, wheel_bytes
 from yarl import URL
 
+from batlehub import appkeys
 from batlehub.app import create_app
 from batlehub.config import parse_settings
 from batlehub.errors import ConfigError
@@ -51,9 +55,14 @@ def make_hub(aiohttp_client: Any, tmp_path: Path, index: PolicyIndex) -> Hub:
     """A hub with a proxy registry `mirror` of the index and a local registry `own`."""
     counter = iter(range(100))
 
-    async def make(policy: dict[str, Any] | None = None, local_policy: dict[str, Any] | None = None) -> TestClient:
+    async def make(
+        policy: dict[str, Any] | None = None,
+        local_policy: dict[str, Any] | None = None,
+        mirror_options: dict[str, Any] | None = None,
+    ) -> TestClient:
         every = ["releases:read", "source:read", "releases:publish", "releases:delete"]
         mirror: dict[str, Any] = {"type": "pypi", "name": "mirror", "mode": "proxy", "upstreams": [index.url]}
+        mirror.update(mirror_options or {})
         own: dict[str, Any] = {"type": "pypi", "name": "own", "mode": "local", "rbac": {"user": every}}
         if policy is not None:
             mirror["policy"] = policy
@@ -342,6 +351,87 @@ async def test_the_filtered_page_is_made_once_not_per_request(
         assert "gated-1.2" not in await (await client.get("/registries/mirror/simple/gated/", headers=HTML)).text()
         assert "1.2" not in (await (await client.get("/registries/mirror/pypi/gated/json")).json())["releases"]
     assert runs == [("1.2", "2.0")]
+
+
+async def test_the_json_api_document_is_rendered_once_per_upstream_copy_and_release(
+    make_hub: Hub, index: PolicyIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    young_and_old(index)
+    runs: list[str | None] = []
+
+    def counting(body: bytes, project: str, url: str, version: str | None) -> tuple[bytes, bytes | None, str] | None:
+        runs.append(version)
+        return render_proxied_json(body, project, url, version)
+
+    monkeypatch.setattr(pypi_pages, "render_proxied_json", counting)
+    ttl = 0.5
+    client = await make_hub({"min_release_age": "3d"}, mirror_options={"cache": {"metadata_ttl_secs": ttl}})
+    api = "/registries/mirror/pypi/gated/json"
+    etags = set()
+    for _ in range(10):
+        response = await client.get(api, headers={"Accept-Encoding": "gzip"})
+        assert response.status == 200 and response.headers["Content-Encoding"] == "gzip"
+        assert set((await response.json())["releases"]) == {"1.0", "1.1"}  # 1.2 and 2.0 are held back
+        etags.add(response.headers["ETag"])
+        release = await client.get("/registries/mirror/pypi/gated/1.1/json")
+        assert release.status == 200 and (await release.json())["info"]["version"] == "1.1"
+        assert (await client.get("/registries/mirror/pypi/gated/1.2/json")).status == 403
+        assert (await client.get("/registries/mirror/pypi/gated/9.9/json")).status == 404
+    assert runs == [None, "1.1"]
+    (etag,) = etags
+    assert (await client.get(api, headers={"If-None-Match": etag})).status == 304
+
+    # The upstream copy changes: a new document, once, with a new ETag.
+    index.projects["gated"]["1.0.1"] = time.time() - 20 * DAY
+    deadline = time.monotonic() + 10
+    while True:
+        await asyncio.sleep(ttl)
+        response = await client.get(api, headers={"If-None-Match": etag})
+        if response.status == 200:
+            break
+        assert response.status == 304 and time.monotonic() < deadline, "the new upstream copy never showed"
+    assert response.headers["ETag"] != etag
+    assert set((await response.json())["releases"]) == {"1.0", "1.0.1", "1.1"}
+    assert runs == [None, "1.1", None]
+    for _ in range(5):
+        assert (await client.get(api)).headers["ETag"] == response.headers["ETag"]
+    assert runs == [None, "1.1", None]
+
+
+async def test_big_json_api_documents_are_rendered_in_the_worker_process_alike(
+    make_hub: Hub, index: PolicyIndex
+) -> None:
+    young_and_old(index)
+    paths = (
+        "/registries/mirror/pypi/gated/json",
+        "/registries/mirror/pypi/gated/1.1/json",
+        "/registries/own/pypi/mine/json",
+        "/registries/own/pypi/mine/1.0/json",
+    )
+    wheels = {version: wheel_bytes("mine", version) for version in ("1.0", "2.0")}
+    answers = []
+    for in_worker in (False, True):
+        client = await make_hub({"min_release_age": "3d"})
+        offload = client.app[appkeys.REGISTRY_SERVICES]["own"].offload
+        if in_worker:
+            offload.inline_max_bytes = 0  # every document counts as big
+        for version, (filename, data) in wheels.items():
+            form = upload_form("mine", version, filename, data)
+            response = await client.post("/registries/own/legacy/", data=form, headers=basic(ALICE))
+            assert response.status == 200, await response.text()
+        await add_rule(client, "blocks", registry="own", package="mine", versions=">=2", reason="withdrawn")
+        bodies = []
+        for path in paths:
+            response = await client.get(path, headers={"Accept-Encoding": "gzip"})
+            assert response.status == 200, await response.text()
+            body = (await response.text()).replace(str(client.make_url("")), "HUB")
+            bodies.append(re.sub(r'"(upload_time(_iso_8601)?)":"[^"]*"', r'"\1":""', body))  # when each hub got them
+        assert (await client.get("/registries/own/pypi/mine/2.0/json")).status == 403
+        assert set(json.loads(bodies[0])["releases"]) == {"1.0", "1.1"}
+        assert set(json.loads(bodies[2])["releases"]) == {"1.0"}
+        assert (offload._pool is not None) == in_worker
+        answers.append(bodies)
+    assert answers[0] == answers[1]
 
 
 # --- end to end: pip and uv against `batlehub serve` ----------------------------------------------
