@@ -16,7 +16,6 @@ import base64
 import hashlib
 import io
 import json
-import shutil
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from batlehub.testing.browser import NEEDS_CHROMIUM, have_chromium, headless_chromium
 from batlehub.testing.hub import HubFactory, token_auth_toml
 
 pytest.importorskip("batlehub_npm")
@@ -34,12 +34,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-    reason="needs Debian's chromium and chromium-driver (scripts/test installs them)",
-)
+pytestmark = pytest.mark.skipif(not have_chromium(), reason=NEEDS_CHROMIUM)
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 
 ADMIN = "bh_admin-browser-token-0123456789"
@@ -61,12 +56,6 @@ This README tries everything a package author could slip into a page.
 It is **harmless** here.
 """
 # Runs before any script of every page (CDP bypasses the page's CSP): every dialog is recorded.
-DIALOG_HOOK = """
-window.__dialogs = [];
-for (const kind of ["alert", "confirm", "prompt"]) {
-  window[kind] = (message) => { window.__dialogs.push(kind + ": " + message); return null; };
-}
-"""
 
 
 def tarball(name: str, version: str) -> bytes:
@@ -145,34 +134,8 @@ async def publish_all(url: str) -> None:
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,900",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit driver path: selenium must never go and download a browser or driver.
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": DIALOG_HOOK})
-    # A person's browser lets a page they clicked on write the clipboard; headless asks nobody.
-    driver.execute_cdp_cmd(
-        "Browser.grantPermissions", {"permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]}
-    )
-    driver.implicitly_wait(3)
-    try:
+    with headless_chromium(tmp_path / "chromium-profile", clipboard=True) as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def shot(driver: Any, name: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from batlehub_pypi_testing.clients import client_env, ok, twine_upload
 from batlehub_pypi_testing.packages import write_wheel
 from pypi_testdata import basic
 
+from batlehub.testing.browser import NEEDS_CHROMIUM, have_chromium, headless_chromium
 from batlehub.testing.hub import HubFactory, token_auth_toml
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -31,12 +31,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
-    reason="needs Debian's chromium and chromium-driver (scripts/test installs them)",
-)
+pytestmark = pytest.mark.skipif(not have_chromium(), reason=NEEDS_CHROMIUM)
 SCREENSHOTS = Path(__file__).resolve().parents[3] / "docs" / "screenshots"
 ALICE = "bh_alice-pypi-browser-token-0123456789"
 HOSTILE_README = """# Acme widgets
@@ -57,40 +52,12 @@ Widgets for **everyone**. Install with pip.
 import acme_widgets
 ```
 """
-DIALOG_HOOK = """
-window.__dialogs = [];
-for (const kind of ["alert", "confirm", "prompt"]) {
-  window[kind] = (message) => { window.__dialogs.push(kind + ": " + message); return null; };
-}
-"""
 
 
 @pytest.fixture
 def browser(tmp_path: Path) -> Iterator[Any]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,900",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    # An explicit driver path: selenium must never go and download a browser or driver.
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": DIALOG_HOOK})
-    driver.implicitly_wait(3)
-    try:
+    with headless_chromium(tmp_path / "chromium-profile") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def no_dialogs(driver: Any) -> None:
