@@ -143,21 +143,20 @@ def route_of(request: web.Request) -> str:
 
 def _count(observed: HubMetrics, request: web.Request, status: int, seconds: float, response: Any) -> None:
     registry = registry_of(request)
-    method = request.method if request.method in METHODS else "other"
-    requests, latency, sent = observed.request_series(
-        registry.name if registry is not None else "",
-        registry.type if registry is not None else "",
-        route_of(request),
-        method,
-        status,
-    )
-    requests.inc()
-    latency.observe(seconds)
-    if response is not None and method != "HEAD" and status != 304:
-        # Known before sending for every answer but range and conditional file responses.
-        length = response.content_length
-        if length:
-            sent.inc(length)
+    method = request.method
+    if method not in METHODS:
+        method = "other"
+    # Body bytes are known before sending for every answer but range and conditional file
+    # responses; HEAD and 304 send none.
+    nbytes = response.content_length if response is not None and method != "HEAD" and status != 304 else None
+    if registry is None:
+        series = observed.request_series("", "", route_of(request), method, status)
+    else:  # `route_of` without looking for the registry again
+        route = request.get(appkeys.ROUTE)
+        series = observed.request_series(
+            registry.name, registry.type, "other" if route is None else route, method, status
+        )
+    series.record(seconds, nbytes)
 
 
 async def _after_refusal(request: web.Request, identity: Identity, ip: str, status: int) -> None:
