@@ -12,6 +12,11 @@ starts the workers, each worker writes its values to memory-mapped files there, 
 worker answers a scrape adds up every worker's files. So the counts of a scrape are the whole
 server's, whichever process the kernel hands the connection to.
 
+Counting on the request path costs: with one process, the request series and `Outcomes` add to
+plain attributes (`HubMetrics.series`) that `HubMetrics.flush` hands to prometheus-client before
+every scrape and on every loop-watch tick (50 ms), so a scrape is exact and cheaper to feed. With
+several workers every count is written to the files at once: a scrape can come to another worker.
+
 Labels are bounded: registry names, formats and route names come from the configuration and the
 code, upstream origins from the configuration; never a package name, a client address or a token.
 """
