@@ -176,7 +176,7 @@ class Bench:
         registries = []
         if proxy:
             registries.append(HubRegistry("proxy", "proxy", (self.verdaccio.url,)))
-            registries.append(HubRegistry("filtered", "proxy", (self.verdaccio.url,), FILTERED_POLICY))
+            registries.append(HubRegistry("filtered", "proxy", (self.verdaccio.url,), policy=FILTERED_POLICY))
         if local:
             registries.append(HubRegistry("local", "local"))
         env = {**self.hub_env, **kw.pop("env", {})}
