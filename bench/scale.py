@@ -187,6 +187,8 @@ class Scale:
         self.quick: bool = args.quick
         self.duration: float = args.duration or (2.0 if self.quick else 5.0)
         self.keep: bool = args.keep
+        self.hub_toml: str = "\n".join(args.hub_toml or []).replace("\\n", "\n")
+        self.hub_env: dict[str, str] = dict(item.split("=", 1) for item in args.hub_env or [])
         self.only: set[str] = set(args.scenario or ["stall", "rss", "retention", "redis", "raised"])
         self.scratch = Path(tempfile.mkdtemp(prefix="batlehub-scale-"))
         self.say = Progress()
@@ -249,6 +251,8 @@ class Scale:
 
     def hub(self, label: str, *, registries: list[HubRegistry] | None = None, workers: int = 1, **kw: Any) -> BenchHub:
         regs = registries or [HubRegistry("proxy", "proxy", (self.corpus.upstream_url + "/",))]
+        kw["extra"] = kw.get("extra", "") + self.hub_toml
+        kw["env"] = {**self.hub_env, **kw.get("env", {})}
         hub = BenchHub(self.scratch / label, regs, workers=workers, label=label, **kw)
         hub.start()
         self.stoppers.append(hub.stop)
@@ -745,6 +749,8 @@ class Scale:
             "quick": self.quick,
             "duration_s": self.duration,
             "git_commit": git.stdout.strip() or "unknown",
+            "hub_toml": self.hub_toml,
+            "hub_env": self.hub_env,
             "python": sys.version.split()[0],
         }
 
@@ -928,6 +934,13 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is not met")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder afterwards")
+    parser.add_argument(
+        "--hub-toml",
+        action="append",
+        metavar="TOML",
+        help="top-level TOML for every hub, e.g. '[limits]\\ncache_memory_bytes = 16777216' (repeatable)",
+    )
+    parser.add_argument("--hub-env", action="append", metavar="KEY=VALUE", help="environment of every hub")
     args = parser.parse_args(argv)
     scale = Scale(args)
     try:
