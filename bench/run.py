@@ -176,7 +176,7 @@ class Bench:
         registries = []
         if proxy:
             registries.append(HubRegistry("proxy", "proxy", (self.verdaccio.url,)))
-            registries.append(HubRegistry("filtered", "proxy", (self.verdaccio.url,), FILTERED_POLICY))
+            registries.append(HubRegistry("filtered", "proxy", (self.verdaccio.url,), policy=FILTERED_POLICY))
         if local:
             registries.append(HubRegistry("local", "local"))
         env = {**self.hub_env, **kw.pop("env", {})}
@@ -710,6 +710,18 @@ def render_markdown(json_file: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--render-markdown":
         return render_markdown(sys.argv[2])
+    args_in = sys.argv[1:] if argv is None else argv
+    if "--suite" in args_in:  # `--suite scale`: issue 14's scenarios (bench/scale.py); `--suite load`: this
+        at = args_in.index("--suite")
+        suite = args_in[at + 1] if at + 1 < len(args_in) else ""
+        rest = args_in[:at] + args_in[at + 2 :]
+        if suite == "scale":
+            import scale
+
+            return scale.main(rest)
+        if suite != "load":
+            raise SystemExit(f"bench: unknown suite {suite!r} (expected load or scale)")
+        argv = rest
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter runs, concurrencies 1 and 64 (~3 minutes)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.json"), help="JSON results file")

@@ -211,6 +211,9 @@ class HubRegistry:
     type: str = "npm"
     policy: str = ""
     """TOML lines of its `[registries.policy]` (tables included), or "" for none."""
+    extra: str = ""
+    """More TOML lines of the entry: its own keys first, then sub-tables such as
+    `[registries.retention]`, `[registries.rbac]` or `[registries.rate_limit]`."""
 
 
 class BenchHub:
@@ -226,6 +229,8 @@ class BenchHub:
         label: str = "hub",
         data_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        cache: str = 'type = "memory"',
+        extra: str = "",
     ) -> None:
         """Config and log go to `root`; data (SQLite, blobs) to `data_dir`, by default `root` too,
         so a second hub can serve the first one's data."""
@@ -234,6 +239,8 @@ class BenchHub:
         self.label = label
         self.port = free_port()
         self.workers = workers
+        self.cache = cache
+        self.extra = extra
         root.mkdir(parents=True, exist_ok=True)
         self.config = root / "batlehub.toml"
         self.config.write_text(self._config_text(registries))
@@ -256,7 +263,7 @@ class BenchHub:
             'type = "sqlite"',
             "",
             "[cache]",
-            'type = "memory"',
+            self.cache,
             "",
             "[storage]",
             'type = "filesystem"',
@@ -268,12 +275,15 @@ class BenchHub:
             f'value = "{ADMIN_TOKEN}"',
             'role = "admin"',
             'user_id = "bench"',
+            self.extra,
         ]
         for registry in registries:
             lines += ["", "[[registries]]", f'type = "{registry.type}"', f'name = "{registry.name}"']
             lines.append(f'mode = "{registry.mode}"')
             if registry.upstreams:
                 lines.append(f"upstreams = {json.dumps(list(registry.upstreams))}")
+            if registry.extra:
+                lines.append(registry.extra)
             if registry.policy:
                 lines.append(registry.policy)
         return "\n".join(lines) + "\n"
