@@ -140,6 +140,7 @@ class RegistryServices:
             origins=self.origins,
             http=http,
             forget_artifact=self.artifacts.forget,
+            uses=self.uses,
         )
         """Evicts proxied content per `[registries.retention]` (run on a schedule only when set)."""
         if rules is None:  # a registry built alone (tests): its own book, its configured rules only

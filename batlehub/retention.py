@@ -14,7 +14,10 @@ expired (`batlehub.artifacts.STORED_MEMO_SECS`), so no replica serves or redirec
 has just gone; one fetched again meanwhile is kept.
 
 Uses are remembered in memory and written in batches (`UseLog`), at most once per item per
-`USE_PRECISION_SECS`: least recently used is exact to a few minutes, at no cost per request.
+`USE_PRECISION_SECS` (a later use waits for the next write, it is never dropped), at no cost per
+request. The replica that runs retention writes all it has first, so what it served a moment ago is
+never taken for idle; another replica's uses reach the database within `USE_FLUSH_SECS +
+USE_PRECISION_SECS`.
 One replica runs retention at a time (a lease in the cache backend), every `RUN_EVERY_SECS`, and
 an admin may run it (or a dry run) at once through the admin API.
 """
@@ -50,9 +53,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-USE_FLUSH_SECS = 60.0
-USE_PRECISION_SECS = 300.0
-"""A use of an item is written at most this often (least recently used is exact to this)."""
+USE_FLUSH_SECS = 20.0
+USE_PRECISION_SECS = 60.0
+"""A use of an item is written at most this often; one in between waits for the next write."""
 USE_BATCH = 100
 """Statements per transaction when writing uses: SQLite's one connection is never held long."""
 RUN_EVERY_SECS = 600.0
@@ -84,32 +87,40 @@ class UseLog:
     def document(self, name: str, variant: str) -> None:
         self._documents[(name, variant)] = time.time()
 
-    async def flush(self) -> None:
-        """Write the uses seen since the last flush (those not written within the precision)."""
-        artifacts, self._artifacts = self._artifacts, {}
-        documents, self._documents = self._documents, {}
+    async def flush(self, *, everything: bool = False) -> None:
+        """Write the uses seen since the last flush. One of an item written less than
+        `USE_PRECISION_SECS` ago stays pending for a later flush, unless `everything` (before a
+        retention run)."""
         now = time.time()
         if len(self._written) > 200_000:
             self._written = {k: t for k, t in self._written.items() if now - t < USE_PRECISION_SECS}
+
+        def due(key: object) -> bool:
+            if everything or now - self._written.get(key, 0.0) >= USE_PRECISION_SECS:
+                self._written[key] = now
+                return True
+            return False
+
+        artifacts = {k: v for k, v in self._artifacts.items() if due(k)}
+        documents = {k: v for k, v in self._documents.items() if due(k)}
+        for artifact in artifacts:
+            del self._artifacts[artifact]
+        for document in documents:
+            del self._documents[document]
         statements: list[tuple[str, tuple[Any, ...]]] = []
         for key, (used, url, what) in artifacts.items():
-            if now - self._written.get(key, 0.0) < USE_PRECISION_SECS:
-                continue
-            self._written[key] = now
             # The claim exists once the download is recorded; before that, it is made here from
             # the `artifacts` row (an artifact another registry fetched, or fetched before retention).
             statements.append(
                 (
                     "INSERT INTO cached_artifacts (registry, storage_key, url, what, size, fetched, last_used)"
                     " SELECT $1, storage_key, $3, $4, size, created, $5 FROM artifacts WHERE storage_key = $2"
-                    " ON CONFLICT (registry, storage_key) DO UPDATE SET last_used = excluded.last_used",
+                    " ON CONFLICT (registry, storage_key) DO UPDATE SET last_used = excluded.last_used"
+                    " WHERE cached_artifacts.last_used < excluded.last_used",
                     (self.registry, key, url, what, used),
                 )
             )
         for (name, variant), used in documents.items():
-            if now - self._written.get((name, variant), 0.0) < USE_PRECISION_SECS:
-                continue
-            self._written[(name, variant)] = now
             statements.append(
                 (
                     "UPDATE upstream_documents SET last_used = $1"
@@ -197,8 +208,10 @@ class Retention:
         origins: UpstreamOrigins,
         http: Callable[[], aiohttp.ClientSession],
         forget_artifact: Callable[[str], None],
+        uses: UseLog | None = None,
     ) -> None:
         self.registry = registry
+        self.uses = uses
         self.settings = settings
         self.db = db
         self.storage = storage
@@ -312,6 +325,8 @@ class Retention:
         report = RetentionReport(
             self.registry, dry, time.time(), max_bytes=settings.max_bytes, max_idle_days=settings.max_idle_days
         )
+        if self.uses is not None:
+            await self.uses.flush(everything=True)  # what this replica served a moment ago is in use
         candidates = await self._candidates()
         total = sum(c.size for c in candidates)
         report.bytes_before = report.bytes_after = total

@@ -300,6 +300,34 @@ async def test_content_used_during_the_run_stays(make_registry: Any, storage: Fi
     assert (await registry.retention.usage())["artifacts"]["count"] == 1
 
 
+async def test_what_was_served_a_moment_ago_is_in_use(make_registry: Any) -> None:
+    """A use not yet written (uses are written at most once a minute per item) still counts: the
+    run writes what this replica has first. Here d0 was used last, d1 only before it."""
+    registry = make_registry()
+    now = time.time()
+    await registry.used("d0", at=now - 2000)
+    await registry.used("d1", at=now - 1000)
+    await registry.doc("d0")  # a client asks again; the use waits for the next write
+
+    report = await registry.run(max_bytes=25_000)
+
+    assert [item["what"] for item in report.evicted] == ["d1 (doc)"]
+
+
+async def test_a_use_within_the_precision_waits_and_is_not_lost(make_registry: Any) -> None:
+    registry = make_registry()
+    await registry.used("d0", at=time.time() - 1000)
+    uses, db = registry.services.uses, registry.services._db
+    await registry.doc("d0")
+    await uses.flush()  # written less than USE_PRECISION_SECS ago: not now
+    row = await db.fetchrow("SELECT last_used FROM upstream_documents WHERE name = 'd0'")
+    assert row["last_used"] < time.time() - 900
+    uses._written.clear()  # the precision has passed
+    await uses.flush()
+    row = await db.fetchrow("SELECT last_used FROM upstream_documents WHERE name = 'd0'")
+    assert row["last_used"] > time.time() - 60
+
+
 async def test_one_replica_runs_it_at_a_time(make_registry: Any) -> None:
     cache = MemoryCache()
     first, second = make_registry(cache=cache), make_registry(cache=cache)
