@@ -18,7 +18,19 @@ import pluggy
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from batlehub import accounts, admin, appkeys, loopwatch, metrics, policy_admin, replicas, retention, sweep, tracing
+from batlehub import (
+    accounts,
+    admin,
+    appkeys,
+    loopwatch,
+    memory,
+    metrics,
+    policy_admin,
+    replicas,
+    retention,
+    sweep,
+    tracing,
+)
 from batlehub import web as web_ui
 from batlehub.accesslog import LoggingAccessLog
 from batlehub.auth import Authenticator
@@ -326,6 +338,7 @@ def create_app(settings: Settings, pm: pluggy.PluginManager | None = None) -> we
     observe = metrics.loop_observer(observed, lambda: state.in_flight) if observed is not None else None
     app[appkeys.LOOP_WATCH] = watch = loopwatch.LoopWatch(observe=observe)
     app.cleanup_ctx.append(loopwatch.ctx(watch))
+    app.cleanup_ctx.append(memory.ctx(memory.Trimmer()))
     app.cleanup_ctx.append(_database_ctx)
     app.cleanup_ctx.append(_backend_ctx(appkeys.CACHE, "cache"))
     app[appkeys.BLOCKS] = ip_blocks = BlockList(cache)

@@ -228,13 +228,14 @@ def _worker_main(settings: Settings, log_level: str, log_format: str = "text") -
 async def _serve_one(settings: Settings, *, reuse_port: bool, log_format: str = "text") -> int:
     from aiohttp import web
 
-    from batlehub import appkeys, tracing
+    from batlehub import appkeys, memory, tracing
     from batlehub.accesslog import StreamAccessLog
     from batlehub.app import create_app
     from batlehub.server import make_runner, raise_open_file_limit
 
     tracing.configure_tracing(settings.otel)
     raise_open_file_limit()
+    memory.cap_arenas()  # before the threads start: see batlehub.memory
     app = create_app(settings)
     if logging.getLogger("batlehub.access").isEnabledFor(logging.INFO):
         app[appkeys.ACCESS_LOG] = StreamAccessLog(sys.stderr, json_lines=log_format == "json")

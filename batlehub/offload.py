@@ -19,6 +19,8 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from batlehub import memory
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -46,6 +48,7 @@ class Offloader:
         if size <= self.inline_max_bytes:
             return fn(*args)
         loop = asyncio.get_running_loop()
+        memory.note_big_work(size)  # its input and output pass through this process's helper threads
         for attempt in (1, 2):
             try:
                 return await loop.run_in_executor(self._executor(), fn, *args)
