@@ -235,7 +235,7 @@ async def _serve_one(settings: Settings, *, reuse_port: bool, log_format: str = 
 
     tracing.configure_tracing(settings.otel)
     raise_open_file_limit()
-    memory.cap_arenas()  # before the threads start: see batlehub.memory
+    memory.tune()  # before the threads start: see batlehub.memory
     app = create_app(settings)
     if logging.getLogger("batlehub.access").isEnabledFor(logging.INFO):
         app[appkeys.ACCESS_LOG] = StreamAccessLog(sys.stderr, json_lines=log_format == "json")

@@ -6,9 +6,12 @@ rendered, spilled or cached, and dropped. glibc's malloc serves threads from are
 served a few big documents kept 230 MiB resident for good, although its caches held a third of
 that (`bench/README.md`, the `rss` scenario). Two measures bring it to what the caches hold:
 
-- `cap_arenas()`, at start: at most `ARENAS` arenas (the event loop's thread, plus one for the
-  helper threads that receive worker results and run storage and SQLite calls). An operator's own
-  `MALLOC_ARENA_MAX` wins: glibc reads it before any of this runs.
+- `tune()`, at start: at most `ARENAS` arenas (the event loop's thread, plus one for the helper
+  threads that receive worker results and run storage and SQLite calls), and a fixed trim
+  threshold, which also keeps the mmap threshold fixed: by default glibc raises it to the size of
+  the largest block freed, so after one 16 MB document every later big body comes from the heap
+  and stays there. An operator's own `MALLOC_ARENA_MAX` / `MALLOC_TRIM_THRESHOLD_` win: glibc reads
+  them before any of this runs.
 - `Trimmer`: after big work (`note_big_work`), `malloc_trim(0)` in a thread, at most every
   `TRIM_EVERY_SECS`. It returns freed pages inside the heaps too, not only at their top. ctypes
   drops the GIL for the call, so requests go on meanwhile.
@@ -31,8 +34,10 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 ARENAS = 2
+TRIM_THRESHOLD_BYTES = 1024 * 1024
+M_TRIM_THRESHOLD = -1
 M_ARENA_MAX = -8
-"""`mallopt` parameter number (glibc's malloc.h)."""
+"""`mallopt` parameter numbers (glibc's malloc.h)."""
 TRIM_EVERY_SECS = 2.0
 """At most one trim per this interval, however much big work happens."""
 BIG_BYTES = 1024 * 1024
@@ -55,12 +60,17 @@ def _libc() -> Any | None:
 _LIBC = _libc()
 
 
-def cap_arenas(arenas: int = ARENAS) -> bool:
-    """Cap malloc's arenas, before the process starts its threads; False when this libc has no
-    such setting or the operator chose through `MALLOC_ARENA_MAX`."""
-    if _LIBC is None or "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    return bool(_LIBC.mallopt(M_ARENA_MAX, arenas))
+def tune(arenas: int = ARENAS, trim_threshold: int = TRIM_THRESHOLD_BYTES) -> list[str]:
+    """Set malloc's arenas and trim threshold, before the process starts its threads; the
+    settings made (none where this libc has no such settings, or the operator chose them)."""
+    if _LIBC is None:
+        return []
+    made = []
+    if "MALLOC_ARENA_MAX" not in os.environ and _LIBC.mallopt(M_ARENA_MAX, arenas):
+        made.append("arenas")
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ and _LIBC.mallopt(M_TRIM_THRESHOLD, trim_threshold):
+        made.append("trim_threshold")
+    return made
 
 
 def trim() -> bool:
@@ -81,7 +91,7 @@ class Trimmer:
     def __init__(self, *, every_secs: float = TRIM_EVERY_SECS, trim: Callable[[], bool] = trim) -> None:
         self.every_secs = every_secs
         self._trim = trim
-        self._seen = _big_work
+        self._seen = _big_work - 1  # the first tick hands back what starting up left behind
         self.trims = 0
         self.last_secs = 0.0
 

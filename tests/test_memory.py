@@ -16,16 +16,23 @@ glibc = pytest.mark.skipif(memory._LIBC is None, reason="glibc only")
 
 
 @glibc
-@pytest.mark.parametrize(("env", "capped"), [({}, "True"), ({"MALLOC_ARENA_MAX": "4"}, "False")])
-def test_arenas_are_capped_unless_the_operator_chose(env: dict[str, str], capped: str) -> None:
+@pytest.mark.parametrize(
+    ("env", "made"),
+    [
+        ({}, "arenas trim_threshold"),
+        ({"MALLOC_ARENA_MAX": "4"}, "trim_threshold"),
+        ({"MALLOC_ARENA_MAX": "4", "MALLOC_TRIM_THRESHOLD_": "0"}, ""),
+    ],
+)
+def test_malloc_is_tuned_unless_the_operator_chose(env: dict[str, str], made: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-c", "from batlehub import memory; print(memory.cap_arenas())"],
+        [sys.executable, "-c", "from batlehub import memory; print(*memory.tune())"],
         env={"PATH": "/usr/bin:/bin", **env},
         capture_output=True,
         text=True,
         check=True,
     )
-    assert out.stdout.strip() == capped
+    assert out.stdout.strip() == made
 
 
 @glibc
@@ -41,6 +48,8 @@ async def test_trims_follow_big_work_only() -> None:
         return True
 
     trimmer = memory.Trimmer(trim=fake_trim)
+    assert await trimmer.tick() is True  # once after start
+    calls.clear()
     assert await trimmer.tick() is False  # nothing big happened
     memory.note_big_work(memory.BIG_BYTES - 1)
     assert await trimmer.tick() is False  # small work does not count
@@ -49,11 +58,12 @@ async def test_trims_follow_big_work_only() -> None:
     assert await trimmer.tick() is True
     assert await trimmer.tick() is False  # one trim for all the work since the last tick
     assert len(calls) == 1 and calls[0] != threading.main_thread().name  # never on the event loop
-    assert trimmer.trims == 1
+    assert trimmer.trims == 2
 
 
 async def test_work_sent_to_the_worker_process_counts_as_big() -> None:
     trimmer = memory.Trimmer(trim=lambda: True)
+    await trimmer.tick()
     offload = Offloader(inline_max_bytes=10)
     try:
         assert await offload.run(5, len, b"small") == 5
