@@ -27,12 +27,14 @@ from pydantic import AfterValidator, Field
 from batlehub.configmodel import ConfigModel
 from batlehub.interfaces import CacheBackendType
 from batlehub.plugins import hookimpl
-from batlehub_cache_redis.backend import DEFAULT_PREFIX, RedisCache
 
 if TYPE_CHECKING:
     from batlehub.config import Settings
+    from batlehub_cache_redis.backend import RedisCache
 
-__all__ = ["RedisCache", "RedisCacheConfig", "register_cache_backends"]
+__all__ = ["DEFAULT_PREFIX", "RedisCache", "RedisCacheConfig", "register_cache_backends"]
+
+DEFAULT_PREFIX = "batlehub:"
 
 
 def _redis_url(url: str) -> str:
@@ -51,7 +53,17 @@ class RedisCacheConfig(ConfigModel):
 
 def _factory(config: RedisCacheConfig, settings: Settings) -> RedisCache:
     """Build from the validated `[cache]` table (no connection is made until `open`)."""
+    from batlehub_cache_redis.backend import RedisCache  # the Redis client library: only when used
+
     return RedisCache(config.url, prefix=config.prefix)
+
+
+def __getattr__(name: str) -> object:
+    if name == "RedisCache":
+        from batlehub_cache_redis.backend import RedisCache
+
+        return RedisCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @hookimpl

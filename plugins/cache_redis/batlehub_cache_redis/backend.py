@@ -38,10 +38,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from batlehub.errors import ServiceUnavailable, StartupError
 from batlehub.interfaces import Banner, IpBlock, WindowCount
+from batlehub_cache_redis import DEFAULT_PREFIX
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = "batlehub:"
 SOCKET_TIMEOUT_SECS = 1.5
 """A request never waits longer than this (plus one quick retry) on a Redis that stopped answering."""
 MAX_CONNECTIONS = 50

@@ -13,17 +13,28 @@ from typing import TYPE_CHECKING
 
 from batlehub.interfaces import StorageBackendType
 from batlehub.plugins import hookimpl
-from batlehub_storage_s3.backend import S3Options, S3Storage
+from batlehub_storage_s3.options import S3Options
 
 if TYPE_CHECKING:
     from batlehub.config import Settings
+    from batlehub_storage_s3.backend import S3Storage
 
 __all__ = ["S3Options", "S3Storage", "register_storage_backends"]
 
 
 def make_s3_storage(config: S3Options, settings: Settings) -> S3Storage:
     """Build from the validated `[storage]` table (no connection is made until `open`)."""
+    from batlehub_storage_s3.backend import S3Storage  # the S3 client library: only when used
+
     return S3Storage(config)
+
+
+def __getattr__(name: str) -> object:
+    if name == "S3Storage":
+        from batlehub_storage_s3.backend import S3Storage
+
+        return S3Storage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @hookimpl
