@@ -12,10 +12,12 @@ starts the workers, each worker writes its values to memory-mapped files there, 
 worker answers a scrape adds up every worker's files. So the counts of a scrape are the whole
 server's, whichever process the kernel hands the connection to.
 
-Counting on the request path costs: with one process, the request series and `Outcomes` add to
-plain attributes (`HubMetrics.series`) that `HubMetrics.flush` hands to prometheus-client before
-every scrape and on every loop-watch tick (50 ms), so a scrape is exact and cheaper to feed. With
-several workers every count is written to the files at once: a scrape can come to another worker.
+Counting on the request path costs: the request series and `Outcomes` add to plain attributes
+(`HubMetrics.series`) that `HubMetrics.flush` hands to prometheus-client before every scrape and on
+every loop-watch tick (50 ms), so a scrape is exact in one process and cheaper to feed. With
+several workers, the worker that answers a scrape shows the others' counts as of their last tick
+(at most 50 ms old); writing each count to the shared files at once cost every request a lock and
+a write into the memory-mapped file per series (a histogram: per bucket read back at scrape).
 
 Labels are bounded: registry names, formats and route names come from the configuration and the
 code, upstream origins from the configuration; never a package name, a client address or a token.
@@ -226,16 +228,15 @@ class HubMetrics:
         self.info = Gauge(
             "batlehub_build_info", "Always 1; the version in a label.", ["version"], multiprocess_mode="max", registry=r
         )
-        self.deferred = not os.environ.get(MULTIPROCESS_ENV)
-        """True in one process: request-path counts wait in `_Tally`s for `flush` (every scrape and
-        loop-watch tick). Several workers write prometheus-client's files at once: whichever worker
-        answers a scrape reads the others' files, which must be current when a response leaves."""
+        self.deferred = True
+        """Request-path counts wait in `_Tally`s for `flush` (False: every count goes to
+        prometheus-client at once, what the tally is checked against)."""
         self._tallies: list[_Tally] = []
         self._requests: dict[tuple[str, str, str, str, int], _RequestSeries] = {}
 
     def series(self, metric: Any, *labels: str) -> Any:
-        """`metric.labels(*labels)`, or in one process a `_Tally` that hands its counts to it at
-        `flush`: to be looked up once and kept (`labels()` costs more than counting)."""
+        """A `_Tally` that hands its counts to `metric.labels(*labels)` at `flush`: to be looked up
+        once and kept (`labels()` costs more than counting)."""
         child = metric.labels(*labels)
         if not self.deferred:
             return child

@@ -336,7 +336,12 @@ async def test_two_workers_add_up(hub: HubFactory, upstream: Upstream, tmp_path:
                 total += 1
             if len([n for n in per_worker() if n > 0]) == 2:
                 break
-    counts = per_worker()
+    # Each worker hands its counts to its file on its loop-watch tick (50 ms).
+    for _ in range(40):
+        counts = per_worker()
+        if sum(counts) == total:
+            break
+        await asyncio.sleep(0.05)
     assert len(counts) == 2 and all(n > 0 for n in counts) and sum(counts) == total, counts
     for _ in range(6):
         got = await scrape(server.url + "/metrics")
