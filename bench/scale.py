@@ -121,6 +121,42 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[3]), access_log=None,
 """The ceiling of our own stack: aiohttp answering every GET with the hub's prepared bytes and
 headers, no middleware, no access log."""
 
+BARE_DUTIES = r"""
+import json, sys, time
+from pathlib import Path
+from aiohttp import web
+from batlehub.accesslog import StreamAccessLog
+from batlehub.metrics import HubMetrics
+from batlehub.net import client_ip
+
+body = Path(sys.argv[1]).read_bytes()
+headers = json.loads(Path(sys.argv[2]).read_text())
+access = StreamAccessLog(open(sys.argv[4], "a"))
+observed = HubMetrics()
+
+@web.middleware
+async def duties(request, handler):
+    ip = client_ip(request.remote, request.headers, ())
+    started = time.perf_counter()
+    response = await handler(request)
+    elapsed = time.perf_counter() - started
+    observed.request_series("proxy", "npm", "packument", request.method, response.status).record(
+        elapsed, response.content_length
+    )
+    access.write(request.method, request.rel_url.raw_path, response.status, elapsed * 1000, None, ip)
+    return response
+
+async def handle(request):
+    return web.Response(body=body, headers=headers)
+
+app = web.Application(middlewares=[duties])
+app.router.add_get("/{tail:.*}", handle)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[3]), access_log=None,
+            print=lambda *_: print("ready", flush=True))
+"""
+"""The same, plus only what the hub must do for every request whatever it serves: find the client
+IP, write one access line (the hub's own writer, to a file), count the request in the metrics."""
+
 
 class Progress:
     def __init__(self) -> None:
@@ -622,6 +658,19 @@ class Scale:
         )
         bare.start()
         self.stoppers.append(bare.stop)
+        duties_port = free_port()
+        duties = Child(
+            BARE_DUTIES,
+            [
+                str(self.scratch / "bare.body"),
+                str(self.scratch / "bare.headers"),
+                str(duties_port),
+                str(self.scratch / "bare-duties.access.log"),
+            ],
+            self.scratch / "bare-duties.log",
+        )
+        duties.start()
+        self.stoppers.append(duties.stop)
         big = self.corpus.packages[corpus.BIG_TARBALL_NAME]
         _, _, body = http_get(hub.registry_url("proxy") + big.name, abbreviated)
         hub_tarball = json.loads(_decoded(body))["versions"][big.latest]["dist"]["tarball"]
@@ -644,6 +693,12 @@ class Scale:
                     f"http://127.0.0.1:{bare_port}/{MID}",
                     abbreviated,
                     lambda: [bare.proc.pid] if bare.proc else [],
+                ),
+                (
+                    "bare-duties",
+                    f"http://127.0.0.1:{duties_port}/{MID}",
+                    abbreviated,
+                    lambda: [duties.proc.pid] if duties.proc else [],
                 ),
                 ("verdaccio", verdaccio.url + MID, {**abbreviated, **vd}, lambda: [verdaccio.process.proc.pid]),  # type: ignore[union-attr]
             ],
@@ -677,6 +732,20 @@ class Scale:
                     + ", ".join(f"{s} {r['rps']:.0f} req/s (p99 {r['p99_ms']:.1f} ms)" for s, r in best.items())
                 )
         self.results["raised"] = {"load": load}
+        for conns in (1, 64) if self.quick else (1, 16, 64):
+            rates = {
+                s: max(
+                    r["rps"]
+                    for r in load
+                    if r["case"] == "abbreviated" and r["server"] == s and r["connections"] == conns
+                )
+                for s in ("bare-aiohttp", "bare-duties", "hub-proxy")
+            }
+            say(
+                f"reference c={conns}: bare aiohttp + the per-request duties / bare aiohttp"
+                f" {rates['bare-duties'] / rates['bare-aiohttp']:.2f}x; hub-proxy / bare + duties"
+                f" {rates['hub-proxy'] / rates['bare-duties']:.2f}x"
+            )
         # Workers: the same document from a second hub with two worker processes on the same data.
         hub2 = self.hub(
             "hub-raised-2w",
