@@ -1,8 +1,10 @@
-"""A small npm upstream registry for policy tests: packuments whose versions carry the publish times
-a test chooses (or none), and real tarballs, so a client can install what the hub lets through."""
+"""A small npm upstream registry for policy and retention tests: packuments whose versions carry the
+publish times a test chooses (or none), and real tarballs, so a client can install what the hub
+lets through; it can be taken down (503) or made slow to answer `HEAD` (retention's checks)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import time
@@ -39,6 +41,10 @@ class PolicyUpstream:
         self.packages: dict[str, UpstreamPackage] = {}
         self.requests: list[tuple[str, str, str]] = []
         self.url = ""
+        self.down = False
+        """Answer 503 to everything, as an upstream in an outage."""
+        self.head_delay = 0.0
+        """Seconds to wait before answering a `HEAD` (retention asks before it evicts)."""
         self._tarballs: dict[tuple[str, str], bytes] = {}
 
     def tarball(self, name: str, version: str) -> bytes:
@@ -56,13 +62,17 @@ class PolicyUpstream:
         app.router.add_get("/{tail:.*}", self.answer)
         return app
 
-    def tarball_requests(self, name: str, version: str) -> int:
+    def tarball_requests(self, name: str, version: str, method: str = "GET") -> int:
         basename = name.rsplit("/", 1)[-1]
-        return sum(1 for _, path, _ in self.requests if path.endswith(f"/-/{basename}-{version}.tgz"))
+        return sum(1 for m, path, _ in self.requests if m == method and path.endswith(f"/-/{basename}-{version}.tgz"))
 
     async def answer(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         self.requests.append((request.method, path, request.headers.get("Accept", "")))
+        if self.down:
+            return web.json_response({"error": "down for maintenance"}, status=503)
+        if request.method == "HEAD" and self.head_delay:
+            await asyncio.sleep(self.head_delay)
         if "/-/" in path:
             name, _, filename = path.lstrip("/").partition("/-/")
             package = self.packages.get(name)
