@@ -25,7 +25,6 @@ import ctypes.util
 import logging
 import os
 import sys
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -93,16 +92,13 @@ class Trimmer:
         self._trim = trim
         self._seen = _big_work - 1  # the first tick hands back what starting up left behind
         self.trims = 0
-        self.last_secs = 0.0
 
     async def tick(self) -> bool:
         """Trim if big work happened since the last tick; whether it trimmed."""
         if _big_work == self._seen:
             return False
         self._seen = _big_work
-        started = time.perf_counter()
         await asyncio.get_running_loop().run_in_executor(None, self._trim)
-        self.last_secs = time.perf_counter() - started
         self.trims += 1
         return True
 
