@@ -264,6 +264,21 @@ def rfc3339(epoch: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
+def epoch_of(value: Any) -> float | None:
+    """An ISO 8601 time from a document (`2026-12-02T16:25:21.250Z`; without a zone, UTC) as epoch
+    seconds, or None when it is missing or unreadable: what formats read from upstream documents,
+    where a bad time must not stop the rest."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
 def banner_header(cache: FailOpenCache, header: str) -> Any:
     """Middleware for a format's application: the global banner rides on each of its responses,
     errors too, as `header` (npm prints `npm-notice`); a handler's own value of it wins."""

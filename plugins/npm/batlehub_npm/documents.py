@@ -23,6 +23,7 @@ from batlehub.api import (
     PackageRows,
     accepts,
     content_etag,
+    epoch_of,
     gzipped,
     json_may_need_repair,
     package_of,
@@ -276,10 +277,7 @@ def published_times(body: bytes) -> dict[str, float | None]:
     times = data.get("time") if isinstance(data.get("time"), dict) else {}
     out: dict[str, float | None] = {}
     for version in data.get("versions") or {}:
-        try:
-            out[version] = datetime.fromisoformat(times[version]).timestamp()
-        except (KeyError, TypeError, ValueError):
-            out[version] = None
+        out[version] = epoch_of(times.get(version))
     return out
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
 
 from batlehub.api import (
@@ -20,6 +19,7 @@ from batlehub.api import (
     Package,
     PackagePage,
     VersionInfo,
+    epoch_of,
 )
 from batlehub_npm.documents import proxied_packument
 from batlehub_npm.names import PackageName, latest_version, version_sort_key
@@ -106,20 +106,11 @@ def _version(
     deprecated = manifest.get("deprecated")
     return VersionInfo(
         version=version,
-        published=_epoch(published) if record is None else record.created,
+        published=epoch_of(published) if record is None else record.created,
         deprecated=deprecated if isinstance(deprecated, str) and deprecated else None,
         size=size,
         files=(FileInfo(package.tarball_filename(version), size, tarball, note=note),),
     )
-
-
-def _epoch(value: Any) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def _dependencies(manifest: Mapping[str, Any]) -> tuple[Dependency, ...]:

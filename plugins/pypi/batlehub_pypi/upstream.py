@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from packaging.version import InvalidVersion, Version
@@ -24,6 +23,7 @@ from batlehub.api import (
     NotFound,
     RegistryServices,
     UpstreamDocument,
+    epoch_of,
 )
 from batlehub_pypi.names import file_version, normalize_name, version_id
 from batlehub_pypi.simple import UPSTREAM_ACCEPT, parse_project_page, render_html
@@ -42,20 +42,6 @@ def check_project_page(body: bytes) -> bytes:
     return body
 
 
-def upload_time(value: Any) -> float | None:
-    """PEP 700's `upload-time` (ISO 8601; without a zone it is UTC) as epoch seconds, or None
-    when it is missing or unreadable."""
-    if not isinstance(value, str) or len(value) > 64:
-        return None
-    try:
-        moment = datetime.fromisoformat(value.strip())
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
-
-
 def published_times(body: bytes) -> dict[str, float | None]:
     """Policies: the versions a project page names (by its files' names, and PEP 700's `versions`),
     each published at the earliest `upload-time` of its files; None for a version none of whose
@@ -70,7 +56,7 @@ def published_times(body: bytes) -> dict[str, float | None]:
         version = file_version(item["filename"])
         if version is None:
             continue
-        times[version] = _earliest(times.get(version), upload_time(item.get("upload-time")))
+        times[version] = _earliest(times.get(version), epoch_of(item.get("upload-time")))
     releases: dict[Version, float | None] = {}
     for form, published in times.items():
         try:

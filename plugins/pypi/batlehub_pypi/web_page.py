@@ -21,7 +21,7 @@ from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from batlehub.api import BadRequest, Dependency, FileInfo, NotFound, Package, PackagePage, VersionInfo
+from batlehub.api import BadRequest, Dependency, FileInfo, NotFound, Package, PackagePage, VersionInfo, epoch_of
 from batlehub_pypi.local import is_metadata_file
 from batlehub_pypi.names import latest_release, normalize_version, parse_filename, version_key
 from batlehub_pypi.pages import file_url, proxied_page
@@ -234,17 +234,6 @@ def local_page(package: Package, registry_url: str, version: str | None) -> Pack
 # --- proxied --------------------------------------------------------------------------------------
 
 
-def _epoch(value: Any) -> float | None:
-    from datetime import datetime
-
-    if not isinstance(value, str):
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-
-
 def proxied_web_page(body: bytes, project: str, registry_url: str, version: str | None) -> PackagePage | None:
     """The page of a proxied project from its upstream project page's bytes, or None when it has
     no such version. Pure (core runs it off the event loop for big pages, and remembers it)."""
@@ -281,7 +270,7 @@ def upstream_page(data: Mapping[str, Any], project: str, registry_url: str, vers
             )
             for item in items
         )
-        times = [t for t in (_epoch(i.get("upload-time")) for i in items) if t is not None]
+        times = [t for t in (epoch_of(i.get("upload-time")) for i in items) if t is not None]
         reason = next((f.yanked for f in files if f.yanked is not None), None) if number in yanked else None
         infos.append(
             VersionInfo(number, min(times) if times else None, yanked=reason, size=_install_size(files), files=files)
