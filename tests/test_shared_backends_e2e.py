@@ -19,7 +19,7 @@ import pytest
 import redis
 from batlehub_npm_testing.clients import make_package, npm_env, run_npm
 
-from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
+from batlehub.testing.hub import Hub, HubFactory, shared_backends_toml, token_auth_toml
 
 pytestmark = [pytest.mark.npm_cli]
 
@@ -28,26 +28,9 @@ ALICE = "shared-alice-token-0123456789"
 
 
 def config(postgres_url: str, redis_url: str, s3: dict[str, Any], prefix: str, upstream: str) -> str:
-    return f"""
-[database]
-type = "postgresql"
-url = "{postgres_url}"
-
-[cache]
-type = "redis"
-url = "{redis_url}"
-prefix = "{prefix}:"
-
-[storage]
-type = "s3"
-endpoint = "{s3["endpoint"]}"
-region = "{s3["region"]}"
-bucket = "{s3["bucket"]}"
-access_key_id = "{s3["access_key_id"]}"
-secret_access_key = "{s3["secret_access_key"]}"
-force_path_style = true
-prefix = "{prefix}"
-
+    return (
+        shared_backends_toml(postgres_url, redis_url, s3, prefix)
+        + f"""
 {token_auth_toml({"admin": (ADMIN, "admin"), "alice": (ALICE, "user")})}
 
 [[registries]]
@@ -56,6 +39,7 @@ name = "npm"
 mode = "hybrid"
 upstreams = ["{upstream}"]
 """
+    )
 
 
 def npm(args: list[str], cwd: Path, hub: Hub, scratch: Path, token: str | None = None) -> str:

@@ -23,7 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 import pytest
@@ -335,3 +335,29 @@ def token_auth_toml(tokens: Mapping[str, tuple[str, str]]) -> str:
     for user_id, (token, role) in tokens.items():
         lines += ["[[auth.tokens]]", f'value = "{token}"', f'role = "{role}"', f'user_id = "{user_id}"']
     return "\n".join(lines) + "\n"
+
+
+def shared_backends_toml(postgres_url: str, redis_url: str, s3: Mapping[str, Any], prefix: str) -> str:
+    """`[database]`, `[cache]` and `[storage]` for replicas sharing PostgreSQL, Redis and an S3
+    bucket (`s3`: the `s3_config` fixture), with `prefix` keeping this test's keys and objects
+    apart from the session's other users of the same Redis and bucket."""
+    return f"""
+[database]
+type = "postgresql"
+url = "{postgres_url}"
+
+[cache]
+type = "redis"
+url = "{redis_url}"
+prefix = "{prefix}:"
+
+[storage]
+type = "s3"
+endpoint = "{s3["endpoint"]}"
+region = "{s3["region"]}"
+bucket = "{s3["bucket"]}"
+access_key_id = "{s3["access_key_id"]}"
+secret_access_key = "{s3["secret_access_key"]}"
+force_path_style = true
+prefix = "{prefix}"
+"""

@@ -26,7 +26,7 @@ from batlehub_npm_testing.clients import npm_env, run_npm
 from policy_upstream import DAY, PolicyUpstream, running_upstream
 
 from batlehub.retention import DELETE_GRACE_SECS
-from batlehub.testing.hub import Hub, HubFactory, token_auth_toml
+from batlehub.testing.hub import Hub, HubFactory, shared_backends_toml, token_auth_toml
 from batlehub.testing.services import s3_client
 
 pytestmark = [pytest.mark.npm_cli, pytest.mark.slow]
@@ -47,26 +47,9 @@ async def upstream() -> AsyncIterator[PolicyUpstream]:
 
 def config(postgres_url: str, redis_url: str, s3: dict[str, Any], prefix: str, upstream: str) -> str:
     # `dry_run = true`: the periodic run only reports, so the test's own runs are the only evictions.
-    return f"""
-[database]
-type = "postgresql"
-url = "{postgres_url}"
-
-[cache]
-type = "redis"
-url = "{redis_url}"
-prefix = "{prefix}:"
-
-[storage]
-type = "s3"
-endpoint = "{s3["endpoint"]}"
-region = "{s3["region"]}"
-bucket = "{s3["bucket"]}"
-access_key_id = "{s3["access_key_id"]}"
-secret_access_key = "{s3["secret_access_key"]}"
-force_path_style = true
-prefix = "{prefix}"
-
+    return (
+        shared_backends_toml(postgres_url, redis_url, s3, prefix)
+        + f"""
 {token_auth_toml({"admin": (ADMIN, "admin")})}
 
 [[registries]]
@@ -78,6 +61,7 @@ upstreams = ["{upstream}"]
 max_bytes = 1
 dry_run = true
 """
+    )
 
 
 async def install(root: Path, label: str, hub: Hub, names: list[str]) -> subprocess.CompletedProcess[str]:
