@@ -28,7 +28,7 @@ from batlehub.errors import BatleHubError, Forbidden, RateLimited, RequestTimeou
 from batlehub.interfaces import IpBlock
 from batlehub.metrics import METHODS, HubMetrics, count_ip_block
 from batlehub.net import client_ip, is_trusted
-from batlehub.requests import identity, registry_of, registry_subpath
+from batlehub.requests import hub_app, identity, registry_of, registry_subpath
 
 log = logging.getLogger("batlehub.server")
 
@@ -44,7 +44,7 @@ def loggable_path(request: web.Request) -> str:
     registry = registry_of(request)
     if registry is None:
         return path
-    services = request.config_dict[appkeys.REGISTRY_SERVICES].get(registry.name)
+    services = hub_app(request)[appkeys.REGISTRY_SERVICES].get(registry.name)
     redact = services.format_type.redact_path if services is not None else None
     if redact is None:
         return path
@@ -82,10 +82,10 @@ def json_error(
 
 @web.middleware
 async def access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
-    settings = request.config_dict[appkeys.SETTINGS]
+    settings = hub_app(request)[appkeys.SETTINGS]
     ip = client_ip(request.remote, request.headers, settings.server.trusted_proxies)
     request[appkeys.CLIENT_IP] = ip
-    if not request.config_dict[appkeys.STATE].tracing:
+    if not hub_app(request)[appkeys.STATE].tracing:
         return await _logged(request, handler, ip, None)
     # The client's `traceparent`, if any, makes this request's span a child of its own.
     attributes = {"http.request.method": request.method, "url.path": loggable_path(request), "client.address": ip}
@@ -118,11 +118,11 @@ async def _logged(request: web.Request, handler: Handler, ip: str, span: Any) ->
             span.set_attribute("http.route", route)
             span.set_attribute("http.response.status_code", status)
             trace_id = format(span.get_span_context().trace_id, "032x")
-        observed = request.config_dict[appkeys.METRICS]
+        observed = hub_app(request)[appkeys.METRICS]
         if observed is not None:
             _count(observed, request, status, elapsed, response)
         caller = identity(request)
-        request.config_dict[appkeys.ACCESS_LOG].write(
+        hub_app(request)[appkeys.ACCESS_LOG].write(
             request.method, loggable_path(request), status, elapsed * 1000, caller.user_id, ip, trace_id
         )
         if status >= 400:
@@ -162,7 +162,7 @@ def _count(observed: HubMetrics, request: web.Request, status: int, seconds: flo
 async def _after_refusal(request: web.Request, identity: Identity, ip: str, status: int) -> None:
     if status in (401, 403) and not request.get(_BLOCKED):
         await _audit_denied(request, identity, ip, status)
-    blocking = request.config_dict[appkeys.SETTINGS].ip_blocking
+    blocking = hub_app(request)[appkeys.SETTINGS].ip_blocking
     # A request refused by a block is not a new violation: counting it would let a blocked
     # client replace an administrator's longer block with an automatic one.
     if (
@@ -180,13 +180,13 @@ async def _audit_denied(request: web.Request, identity: Identity, ip: str, statu
     hammering us must not turn into a database write per request). One client's refusals are
     written at most once per `HubState.denied_audits` interval per process, the row counting the
     others (a client hammering with a bad token must not be a database write per request)."""
-    suppressed = request.config_dict[appkeys.STATE].denied_audits.admit(f"{ip} {identity.user_id}")
+    suppressed = hub_app(request)[appkeys.STATE].denied_audits.admit(f"{ip} {identity.user_id}")
     if suppressed is None:
         return
     registry = registry_of(request)
     try:
         await audit.record(
-            request.config_dict[appkeys.DATABASE],
+            hub_app(request)[appkeys.DATABASE],
             "request.denied",
             registry=registry.name if registry else None,
             user_id=identity.user_id,
@@ -200,11 +200,11 @@ async def _audit_denied(request: web.Request, identity: Identity, ip: str, statu
 
 
 async def _count_violation(request: web.Request, ip: str) -> None:
-    settings = request.config_dict[appkeys.SETTINGS]
+    settings = hub_app(request)[appkeys.SETTINGS]
     if is_trusted(ip, settings.server.trusted_proxies):
         return  # a proxy we trust is never banned: that would ban everyone behind it
     blocking = settings.ip_blocking
-    cache = request.config_dict[appkeys.CACHE]
+    cache = hub_app(request)[appkeys.CACHE]
     try:
         count = await cache.record_violation(ip, blocking.violation_window_secs)
         if count < blocking.violation_threshold:
@@ -213,7 +213,7 @@ async def _count_violation(request: web.Request, ip: str) -> None:
         reason = f"{count} violations within {blocking.violation_window_secs:g}s"
         block = IpBlock(ip=ip, reason=reason, expires_at=now + blocking.ban_duration_secs, created_at=now)
         await cache.block_ip(block)
-        request.config_dict[appkeys.BLOCKS].put(block)
+        hub_app(request)[appkeys.BLOCKS].put(block)
         count_ip_block("banned")
         log.warning("blocked %s for %gs after %d violations", ip, blocking.ban_duration_secs, count)
     except Exception:  # the cache being down must not turn a response into an error
@@ -221,7 +221,7 @@ async def _count_violation(request: web.Request, ip: str) -> None:
         return
     try:  # an automatic ban is an IP-block change like an administrator's: it goes to the audit log
         await audit.record(
-            request.config_dict[appkeys.DATABASE],
+            hub_app(request)[appkeys.DATABASE],
             "ip_block.add",
             target=ip,
             client_ip=ip,
@@ -260,7 +260,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    allowed = request.config_dict[appkeys.SETTINGS].server.cors_allowed_origins
+    allowed = hub_app(request)[appkeys.SETTINGS].server.cors_allowed_origins
     origin = request.headers.get("Origin")
     if not origin or not allowed or ("*" not in allowed and origin not in allowed):
         return await handler(request)
@@ -293,7 +293,7 @@ async def cors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path == HEALTH_PATH:
         return await handler(request)  # never blocked, never authenticated, never limited
-    app = request.config_dict
+    app = hub_app(request)
     cache = app[appkeys.FAIL_OPEN_CACHE]
     ip = request[appkeys.CLIENT_IP]
     block = app[appkeys.BLOCKS].get(ip)
