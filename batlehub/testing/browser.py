@@ -70,3 +70,36 @@ def headless_chromium(profile: Path, *, clipboard: bool = False) -> Iterator[Any
         yield driver
     finally:
         driver.quit()
+
+
+def no_dialogs(driver: Any) -> None:
+    """Assert the page opened no JS dialog (neither a real one nor one caught by `DIALOG_HOOK`)."""
+    from selenium.common.exceptions import NoAlertPresentException
+
+    try:
+        alert = driver.switch_to.alert
+        raise AssertionError(f"a JS dialog opened: {alert.text}")
+    except NoAlertPresentException:
+        pass
+    assert driver.execute_script("return window.__dialogs") == []
+
+
+_README_THREATS = (
+    "const r = document.querySelector('.readme');"
+    "return [r.querySelectorAll('script, iframe, svg, [onerror], [onload]').length,"
+    " [...r.querySelectorAll('a')].filter(a => (a.getAttribute('href') || '').match(/^\\s*javascript:/i)).length,"
+    " [...document.images].filter(i => i.src.includes('tracker.example')).length]"
+)
+
+
+def assert_readme_runs_nothing(driver: Any, page_path: str) -> None:
+    """On a package page showing a hostile README (scripts, event handlers, a `javascript:` link
+    titled "a javascript: link", a tracker image, code that logs "pwned"): none of it survived,
+    clicking the link leaves the browser on `page_path`, and nothing ran."""
+    from selenium.webdriver.common.by import By
+
+    assert driver.execute_script(_README_THREATS) == [0, 0, 0]
+    driver.find_element(By.XPATH, "//div[@class='readme']//a[text()='a javascript: link']").click()
+    no_dialogs(driver)
+    assert driver.current_url.endswith(page_path)
+    assert not [e for e in driver.get_log("browser") if "pwned" in e["message"]]

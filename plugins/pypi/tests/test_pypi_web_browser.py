@@ -22,11 +22,16 @@ from batlehub_pypi_testing.clients import client_env, ok, twine_upload
 from batlehub_pypi_testing.packages import write_wheel
 from pypi_testdata import basic
 
-from batlehub.testing.browser import NEEDS_CHROMIUM, have_chromium, headless_chromium
+from batlehub.testing.browser import (
+    NEEDS_CHROMIUM,
+    assert_readme_runs_nothing,
+    have_chromium,
+    headless_chromium,
+    no_dialogs,
+)
 from batlehub.testing.hub import HubFactory, token_auth_toml
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -58,15 +63,6 @@ import acme_widgets
 def browser(tmp_path: Path) -> Iterator[Any]:
     with headless_chromium(tmp_path / "chromium-profile") as driver:
         yield driver
-
-
-def no_dialogs(driver: Any) -> None:
-    try:
-        alert = driver.switch_to.alert
-        raise AssertionError(f"a JS dialog opened: {alert.text}")
-    except NoAlertPresentException:
-        pass
-    assert driver.execute_script("return window.__dialogs") == []
 
 
 def text(driver: Any) -> str:
@@ -127,17 +123,7 @@ async def test_a_python_project_page_in_chromium_shows_what_pip_users_need_and_r
     readme = driver.find_element(By.CSS_SELECTOR, ".readme")
     assert readme.find_element(By.TAG_NAME, "h1").text == "Acme widgets"
     assert readme.find_element(By.CSS_SELECTOR, "pre code").text == "import acme_widgets"
-    found = driver.execute_script(
-        "const r = document.querySelector('.readme');"
-        "return [r.querySelectorAll('script, iframe, svg, [onerror], [onload]').length,"
-        " [...r.querySelectorAll('a')].filter(a => (a.getAttribute('href') || '').match(/^\\s*javascript:/i)).length,"
-        " [...document.images].filter(i => i.src.includes('tracker.example')).length]"
-    )
-    assert found == [0, 0, 0]
-    driver.find_element(By.XPATH, "//div[@class='readme']//a[text()='a javascript: link']").click()
-    no_dialogs(driver)
-    assert driver.current_url.endswith("/packages/python/acme-widgets")
-    assert not [e for e in driver.get_log("browser") if "pwned" in e["message"]]
+    assert_readme_runs_nothing(driver, "/packages/python/acme-widgets")
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     height = driver.execute_script("return Math.min(document.documentElement.scrollHeight, 2400)")
