@@ -24,7 +24,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -48,6 +47,7 @@ from benchkit.servers import (
     start_verdaccio,
     verdaccio_version,
 )
+from benchkit.session import BenchSession
 
 MIB = 1024 * 1024
 HUGE_TARBALL_BYTES = 50 * MIB
@@ -63,31 +63,19 @@ POLICY_ROUNDS = 5
 """Alternated runs of each side in the policy comparison (the best of each counts)."""
 
 
-class Progress:
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-
-    def __call__(self, message: str) -> None:
-        elapsed = int(time.monotonic() - self.started)
-        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {message}", flush=True)
-
-
-class Bench:
+class Bench(BenchSession):
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(prefix="batlehub-bench-", keep=args.keep)
         self.quick: bool = args.quick
         self.duration: float = args.duration or (2.0 if self.quick else 5.0)
         self.concurrencies: list[int] = args.concurrency or ([1, 64] if self.quick else [1, 16, 64])
         self.npm_repeats: int = args.npm_repeats or (1 if self.quick else 3)
-        self.keep: bool = args.keep
         self.hub_env: dict[str, str] = _env_pairs(getattr(args, "hub_env", None))
         self.variant_env: dict[str, str] = _env_pairs(getattr(args, "variant_env", None))
         self.variant: BenchHub | None = None
         self.only: set[str] = set(getattr(args, "only", None) or ["load", "npm", "publish", "workers", "policy"])
         self.case_filter: set[str] = set(getattr(args, "case", None) or [])
-        self.scratch = Path(tempfile.mkdtemp(prefix="batlehub-bench-"))
-        self.say = Progress()
         self.load_at_start = os.getloadavg()
-        self.stoppers: list[Callable[[], None]] = []
         self.results: dict[str, Any] = {"load": [], "npm_install": {}, "publish": {}, "rss": {}}
 
     # --- orchestration ------------------------------------------------------------------------
@@ -115,16 +103,6 @@ class Bench:
         if "policy" in self.only:
             self._policy_pair()
         self.results["meta"] = self._meta()
-
-    def close(self) -> None:
-        for stop in reversed(self.stoppers):
-            with contextlib.suppress(Exception):
-                stop()
-        self.stoppers.clear()
-        if self.keep:
-            self.say(f"scratch folder kept: {self.scratch}")
-        else:
-            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def setup(self) -> None:
         """Tools, data, and every server loaded with the same packages (the proxy warmed)."""

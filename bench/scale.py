@@ -20,10 +20,8 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +42,7 @@ from benchkit.servers import (
     start_static_nginx,
     start_verdaccio,
 )
+from benchkit.session import BenchSession
 
 from batlehub.retention import DELETE_GRACE_SECS
 
@@ -158,15 +157,6 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[3]), access_log=None,
 IP, write one access line (the hub's own writer, to a file), count the request in the metrics."""
 
 
-class Progress:
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-
-    def __call__(self, message: str) -> None:
-        elapsed = int(time.monotonic() - self.started)
-        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {message}", flush=True)
-
-
 class Child:
     """A Python helper process (the upstream, the bare handler) that prints "ready" when it listens."""
 
@@ -218,17 +208,14 @@ def _du(path: Path) -> int:
     return total
 
 
-class Scale:
+class Scale(BenchSession):
     def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(prefix="batlehub-scale-", keep=args.keep)
         self.quick: bool = args.quick
         self.duration: float = args.duration or (2.0 if self.quick else 5.0)
-        self.keep: bool = args.keep
         self.hub_toml: str = "\n".join(args.hub_toml or []).replace("\\n", "\n")
         self.hub_env: dict[str, str] = dict(item.split("=", 1) for item in args.hub_env or [])
         self.only: set[str] = set(args.scenario or ["stall", "rss", "retention", "redis", "raised"])
-        self.scratch = Path(tempfile.mkdtemp(prefix="batlehub-scale-"))
-        self.say = Progress()
-        self.stoppers: list[Callable[[], None]] = []
         self.results: dict[str, Any] = {"errors": {}}
         self.load_at_start = os.getloadavg()
 
@@ -250,16 +237,6 @@ class Scale:
             self.close()
         self.results["meta"] = self._meta()
         return self.results
-
-    def close(self) -> None:
-        for stop in reversed(self.stoppers):
-            with contextlib.suppress(Exception):
-                stop()
-        self.stoppers.clear()
-        if self.keep:
-            self.say(f"scratch folder kept: {self.scratch}")
-        else:
-            shutil.rmtree(self.scratch, ignore_errors=True)
 
     def setup(self) -> None:
         self.say(f"scratch folder {self.scratch}; {os.cpu_count()} CPUs; {'quick' if self.quick else 'full'} run")
