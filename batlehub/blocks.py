@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from batlehub.coordination import LogThrottle
+from batlehub.coordination import LogThrottle, in_background
 from batlehub.interfaces import CacheBackend, IpBlock
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,7 @@ def ctx(blocks: BlockList) -> Callable[[web.Application], AsyncIterator[None]]:
     async def run(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(blocks.refresh(), FIRST_LOAD_SECS)
-        task = asyncio.create_task(blocks.run(), name="batlehub-ip-blocks")
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        async with in_background(blocks.run, "batlehub-ip-blocks"):
+            yield
 
     return run

@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -265,6 +266,18 @@ async def _keep_lease(cache: FailOpenCache, lease_key: str, owner: str) -> None:
     while True:
         await asyncio.sleep(LEASE_TTL_SECS / 3)
         await cache.extend_lease(lease_key, owner, LEASE_TTL_SECS)
+
+
+@contextlib.asynccontextmanager
+async def in_background(work: Callable[[], Coroutine[Any, Any, Any]], name: str) -> AsyncIterator[None]:
+    """Run `work()` as a task for the duration of the block (a `cleanup_ctx`'s life: `async with
+    in_background(watch.run, "batlehub-loop-watch"): yield`), cancelled and awaited at its end."""
+    task = asyncio.create_task(work(), name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 class BackgroundWrites:

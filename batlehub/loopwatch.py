@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from batlehub.coordination import LogThrottle
+from batlehub.coordination import LogThrottle, in_background
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,7 @@ class LoopWatch:
 
 def ctx(watch: LoopWatch) -> Callable[[web.Application], AsyncIterator[None]]:
     async def run(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(watch.run(), name="batlehub-loop-watch")
-        yield
-        task.cancel()
+        async with in_background(watch.run, "batlehub-loop-watch"):
+            yield
 
     return run

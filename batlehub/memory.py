@@ -30,6 +30,8 @@ from typing import Any
 
 from aiohttp import web
 
+from batlehub.coordination import in_background
+
 log = logging.getLogger(__name__)
 
 ARENAS = 2
@@ -113,8 +115,7 @@ class Trimmer:
 
 def ctx(trimmer: Trimmer) -> Callable[[web.Application], AsyncIterator[None]]:
     async def run(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(trimmer.run(), name="batlehub-memory-trim")
-        yield
-        task.cancel()
+        async with in_background(trimmer.run, "batlehub-memory-trim"):
+            yield
 
     return run

@@ -469,6 +469,8 @@ def health_ctx(check: Callable[[web.Application], Any]) -> Callable[[web.Applica
     records it too)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
+        from batlehub.coordination import in_background  # coordination counts through this module
+
         async def loop() -> None:
             while True:
                 await asyncio.sleep(HEALTH_EVERY_SECS)
@@ -477,10 +479,8 @@ def health_ctx(check: Callable[[web.Application], Any]) -> Callable[[web.Applica
                 except Exception as exc:  # never let the metrics task die
                     log.debug("backend health check for metrics failed: %s", exc)
 
-        task = asyncio.create_task(loop(), name="batlehub-metrics-health")
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        async with in_background(loop, "batlehub-metrics-health"):
+            yield
 
     return ctx
 

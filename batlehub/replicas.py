@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from batlehub import appkeys
+from batlehub.coordination import in_background
 from batlehub.db import Database
 from batlehub.interfaces import CacheBackendType, StorageBackendType
 
@@ -139,10 +140,8 @@ def heartbeat_ctx(
             await check()
         except Exception as exc:
             log.warning("could not register this replica's heartbeat: %s", exc)
-        task = asyncio.create_task(loop(), name="batlehub-replica-heartbeat")
-        yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        async with in_background(loop, "batlehub-replica-heartbeat"):
+            yield
         with contextlib.suppress(Exception):
             await asyncio.wait_for(heartbeat.leave(), 3)
 

@@ -27,6 +27,7 @@ from aiohttp import web
 
 from batlehub import appkeys, metrics
 from batlehub.artifacts import is_blob_key, is_referenced
+from batlehub.coordination import in_background
 from batlehub.db import Database
 from batlehub.interfaces import CacheBackend, StorageBackend
 
@@ -116,7 +117,5 @@ async def sweep_ctx(app: web.Application) -> AsyncIterator[None]:
             if result is not None and result.deleted:
                 log.info("sweep: %d of %d blobs were unreferenced and deleted", len(result.deleted), result.examined)
 
-    task = asyncio.create_task(loop(), name="batlehub-storage-sweep")
-    yield
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with in_background(loop, "batlehub-storage-sweep"):
+        yield
